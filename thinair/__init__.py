@@ -1,0 +1,12 @@
+"""thinair: run virtual machines out of thin air.
+
+Start a VM in seconds on a temporary copy-on-write disk whose data lives on a
+remote image, copy the data home in the background, or roll it all back.
+
+The public Python SDK is re-exported here: ``thinair.Client``.
+"""
+
+from thinair.client import Client, ThinairAPIError
+
+__all__ = ["Client", "ThinairAPIError"]
+__version__ = "0.1.0"

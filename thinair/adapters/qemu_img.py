@@ -1,0 +1,93 @@
+"""qemu-img: probe images, create overlays, compare, convert.
+
+Plain functions building argv lists; the binary can be overridden with
+THINAIR_QEMU_IMG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from thinair.adapters._process import CommandFailed, run
+
+
+def _qemu_img() -> str:
+    return os.environ.get("THINAIR_QEMU_IMG", "qemu-img")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    virtual_size: int
+    actual_size: int | None
+    backing_filename: str | None
+    raw: dict[str, Any]
+
+
+def info(
+    filename: str, fmt: str | None = None, timeout: float | None = None, backing_chain: bool = False
+) -> ImageInfo:
+    argv = [_qemu_img(), "info", "--output=json"]
+    if fmt:
+        argv += ["-f", fmt]
+    if backing_chain:
+        argv.append("--backing-chain")
+    argv.append(filename)
+    data = json.loads(run(argv, timeout=timeout))
+    top = data[0] if isinstance(data, list) else data
+    return ImageInfo(
+        format=top["format"],
+        virtual_size=int(top["virtual-size"]),
+        actual_size=top.get("actual-size"),
+        backing_filename=top.get("backing-filename"),
+        raw=top,
+    )
+
+
+def create_overlay(path: str, backing: str, backing_format: str, size: int) -> None:
+    """A qcow2 overlay on `backing`. The size is given (-u) so the backing is not
+    opened again: it was probed already, and some NBD servers take one client only."""
+    run(
+        [
+            _qemu_img(),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            backing_format,
+            path,
+            str(size),
+        ]
+    )
+
+
+def create(path: str, fmt: str, size: int) -> None:
+    run([_qemu_img(), "create", "-q", "-f", fmt, path, str(size)])
+
+
+def compare(
+    a: str, b: str, a_format: str | None = None, b_format: str | None = None, strict: bool = False
+) -> bool:
+    """True if the images hold the same data (qemu-img compare exits 1 when they differ)."""
+    argv = [_qemu_img(), "compare", "-q"]
+    if a_format:
+        argv += ["-f", a_format]
+    if b_format:
+        argv += ["-F", b_format]
+    if strict:
+        argv.append("-s")
+    argv += [a, b]
+    try:
+        run(argv)
+    except CommandFailed as e:
+        if e.returncode == 1:
+            return False
+        raise
+    return True

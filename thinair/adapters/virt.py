@@ -1,0 +1,250 @@
+"""libvirt: domain XML, define/start/stop/undefine, and who owns a domain.
+
+Every domain thinair defines carries its VM id in <metadata> (namespace NS), so
+the reconciler can tell thinair's domains from anyone else's and never touches a
+domain it did not create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import libvirt
+
+from thinair.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+NS = "https://thinair.dev/xmlns/vm/1"
+NS_PREFIX = "thinair"
+
+# libvirt prints every error to stderr by default; we raise them instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+@dataclass(frozen=True)
+class DiskDevice:
+    target: str  # vda, vdb, ...
+    path: str
+    format: str = "qcow2"
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    uuid: str
+    vm_id: str
+    engine_id: str
+    memory_mib: int
+    cpus: int
+    domain_type: str
+    console_log: str
+    disks: list[DiskDevice] = field(default_factory=list)
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    """The domain's XML. ElementTree escapes every value, so no name or path can
+    inject XML."""
+    dom = ET.Element("domain", type=spec.domain_type)
+    ET.SubElement(dom, "name").text = spec.name
+    ET.SubElement(dom, "uuid").text = spec.uuid
+    meta = ET.SubElement(dom, "metadata")
+    owner = ET.SubElement(meta, f"{{{NS}}}vm")
+    ET.SubElement(owner, f"{{{NS}}}id").text = spec.vm_id
+    ET.SubElement(owner, f"{{{NS}}}engine").text = spec.engine_id
+    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
+    ET.SubElement(dom, "vcpu").text = str(spec.cpus)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    for index, disk in enumerate(spec.disks):
+        d = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(d, "driver", name="qemu", type=disk.format, discard="unmap")
+        ET.SubElement(d, "source", file=disk.path)
+        ET.SubElement(d, "target", dev=disk.target, bus="virtio")
+        if index == 0:
+            ET.SubElement(d, "boot", order="1")
+    serial = ET.SubElement(devices, "serial", type="pty")
+    ET.SubElement(serial, "log", file=spec.console_log, append="off")
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="pty")
+    ET.SubElement(console, "target", type="serial", port="0")
+    ET.SubElement(devices, "memballoon", model="none")
+    ET.register_namespace(NS_PREFIX, NS)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def disk_target(index: int) -> str:
+    """vda, vdb, ... vdz, vdaa, ... as libvirt names virtio disks."""
+    letters = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return "vd" + letters
+
+
+class Virt:
+    """One libvirt connection, reopened when libvirtd went away."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                log.info("libvirt connection to %s lost; reconnecting", self.uri)
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise BackendError(f"cannot connect to libvirt at {self.uri}: {e}") from None
+            return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+
+    def choose_domain_type(self, setting: str) -> str:
+        """`kvm` where a guest can run under KVM, `qemu` (TCG) elsewhere."""
+        if setting in ("kvm", "qemu"):
+            return setting
+        if self.conn.getType() != "QEMU":
+            return "qemu"
+        # The paravirtual KVM of some sandboxes (kvm_pvm) runs SeaBIOS but hangs
+        # stock guest kernels: TCG is the only thing that boots there.
+        if os.path.exists("/sys/module/kvm_pvm") or not os.path.exists("/dev/kvm"):
+            return "qemu"
+        try:
+            self.conn.getDomainCapabilities(None, "x86_64", None, "kvm")
+        except libvirt.libvirtError:
+            return "qemu"
+        return "kvm"
+
+    def lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise BackendError(f"libvirt: {e}") from None
+
+    @staticmethod
+    def owner(dom: libvirt.virDomain) -> tuple[str, str] | None:
+        """(engine id, VM id) from a domain's metadata; None for a domain thinair
+        did not define."""
+        try:
+            text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS)
+        except libvirt.libvirtError:
+            return None
+        root = ET.fromstring(text)
+        vm_id, engine_id = root.findtext("id"), root.findtext("engine")
+        if not vm_id or not engine_id:
+            return None
+        return engine_id, vm_id
+
+    def owned_domains(self, engine_id: str) -> dict[str, str]:
+        """{VM id: domain name} for every domain the given engine defined."""
+        owned = {}
+        for dom in self.conn.listAllDomains():
+            owner = self.owner(dom)
+            if owner and owner[0] == engine_id:
+                owned[owner[1]] = dom.name()
+        return owned
+
+    def define(self, xml: str) -> None:
+        try:
+            self.conn.defineXML(xml)
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt refused the domain: {e}") from None
+
+    def state(self, name: str) -> str:
+        dom = self.lookup(name)
+        if dom is None:
+            return "missing"
+        return _STATES.get(dom.state()[0], "unknown")
+
+    def start(self, name: str) -> None:
+        dom = self._get(name)
+        try:
+            dom.create()
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not start {name}: {e}") from None
+
+    def stop(self, name: str, force: bool, timeout: float) -> None:
+        """Shut down (ACPI, waiting up to `timeout`) or destroy with `force`."""
+        dom = self._get(name)
+        if not dom.isActive():
+            return
+        try:
+            if force:
+                dom.destroy()
+                return
+            dom.shutdown()
+        except libvirt.libvirtError as e:
+            if not dom.isActive():
+                return
+            raise BackendError(f"libvirt could not stop {name}: {e}") from None
+        deadline = time.monotonic() + timeout
+        while dom.isActive():
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"{name} did not shut down within {timeout:g} s; stop it with --force"
+                )
+            time.sleep(0.2)
+
+    def undefine(self, name: str) -> None:
+        dom = self.lookup(name)
+        if dom is None:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(0)
+        except libvirt.libvirtError as e:
+            if self.lookup(name) is None:
+                return
+            raise BackendError(f"libvirt could not remove {name}: {e}") from None
+
+    def xml(self, name: str) -> str:
+        return str(self._get(name).XMLDesc(0))
+
+    def _get(self, name: str) -> libvirt.virDomain:
+        dom = self.lookup(name)
+        if dom is None:
+            raise BackendError(f"libvirt has no domain {name}")
+        return dom
+
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "stopping",
+    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}

@@ -1,0 +1,1 @@
+"""The engine's REST API under /api/v1 (FastAPI), with bearer-token auth."""

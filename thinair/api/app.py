@@ -1,0 +1,220 @@
+"""The REST API: routes map onto the engine's flows; errors become JSON bodies
+with a stable `code` and a `message`, and HTTP statuses are chosen here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+import thinair
+from thinair import models
+from thinair.api import auth
+from thinair.config import Settings
+from thinair.db.models import ApiToken
+from thinair.engine import reconcile, storage, vms
+from thinair.engine.context import EngineContext
+from thinair.errors import (
+    BackendError,
+    Conflict,
+    ExternalDiskError,
+    InvalidInput,
+    NotFound,
+    StorageError,
+    ThinairError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    InvalidInput: 400,
+    NotFound: 404,
+    Conflict: 409,
+    ExternalDiskError: 422,
+    StorageError: 507,
+    BackendError: 502,
+}
+ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": models.Error} for status in (400, 401, 403, 404, 409, 422, 502, 507)
+}
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+class AuthError(ThinairError):
+    code = "unauthorized"
+
+
+class Forbidden(ThinairError):
+    code = "forbidden"
+
+
+def get_ctx(request: Request) -> EngineContext:
+    ctx: EngineContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[EngineContext, Depends(get_ctx)]
+
+
+def authenticated(
+    request: Request,
+    ctx: Ctx,
+    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiToken:
+    if cred is None or cred.scheme.lower() != "bearer":
+        raise AuthError("missing bearer token (Authorization: Bearer TOKEN)")
+    token = auth.verify(ctx, cred.credentials)
+    if token is None:
+        raise AuthError("invalid or revoked token")
+    if token.read_only and request.method not in ("GET", "HEAD", "OPTIONS"):
+        raise Forbidden(f"token {token.name!r} is read-only")
+    return token
+
+
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(authenticated)], responses=ERRORS)
+
+
+@router.get("/storage_domains", response_model=list[models.StorageDomain])
+def list_storage_domains(ctx: Ctx) -> list[models.StorageDomain]:
+    return storage.list_all(ctx)
+
+
+@router.post("/storage_domains", response_model=models.StorageDomain, status_code=201)
+def add_storage_domain(ctx: Ctx, req: models.StorageDomainCreate) -> models.StorageDomain:
+    return storage.add(ctx, req)
+
+
+@router.get("/storage_domains/{ref}", response_model=models.StorageDomain)
+def get_storage_domain(ctx: Ctx, ref: str) -> models.StorageDomain:
+    return storage.get(ctx, ref)
+
+
+@router.delete("/storage_domains/{ref}", status_code=204)
+def remove_storage_domain(ctx: Ctx, ref: str) -> Response:
+    storage.remove(ctx, ref)
+    return Response(status_code=204)
+
+
+@router.get("/vms", response_model=list[models.Vm])
+def list_vms(ctx: Ctx) -> list[models.Vm]:
+    return vms.list_all(ctx)
+
+
+@router.post("/vms", response_model=models.Vm, status_code=201)
+def create_vm(ctx: Ctx, req: models.VmCreate) -> models.Vm:
+    return vms.create(ctx, req)
+
+
+@router.get("/vms/{ref}", response_model=models.Vm)
+def get_vm(ctx: Ctx, ref: str) -> models.Vm:
+    return vms.get(ctx, ref)
+
+
+@router.delete("/vms/{ref}", status_code=204)
+def remove_vm(ctx: Ctx, ref: str, force: bool = False) -> Response:
+    vms.remove(ctx, ref, force=force)
+    return Response(status_code=204)
+
+
+@router.get("/vms/{ref}/disks", response_model=list[models.Disk])
+def list_vm_disks(ctx: Ctx, ref: str) -> list[models.Disk]:
+    return vms.get(ctx, ref).disks
+
+
+@router.post("/vms/{ref}/start", response_model=models.Vm)
+def start_vm(ctx: Ctx, ref: str) -> models.Vm:
+    return vms.start(ctx, ref)
+
+
+@router.post("/vms/{ref}/stop", response_model=models.Vm)
+def stop_vm(ctx: Ctx, ref: str, req: models.VmStop | None = None) -> models.Vm:
+    return vms.stop(ctx, ref, req or models.VmStop())
+
+
+@router.post("/vms/{ref}/rollback", status_code=204)
+def rollback_vm(ctx: Ctx, ref: str) -> Response:
+    vms.rollback(ctx, ref)
+    return Response(status_code=204)
+
+
+@router.get("/vms/{ref}/console", response_model=models.Console)
+def vm_console(ctx: Ctx, ref: str, offset: Annotated[int, Query(ge=0)] = 0) -> models.Console:
+    return vms.console(ctx, ref, offset)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.load()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = EngineContext(settings)
+        ctx.migrate()
+        auth.ensure_admin_token(ctx)
+        reconcile.reconcile(ctx)
+        app.state.ctx = ctx
+        log.info(
+            "engine ready at %s (libvirt %s, database %s)",
+            settings.listen,
+            settings.libvirt_uri,
+            settings.db_url,
+        )
+        yield
+        ctx.close()
+
+    app = FastAPI(
+        title="thinair",
+        version=thinair.__version__,
+        description="Run virtual machines out of thin air.",
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+
+    @app.get("/api/v1/health", response_model=models.Health, tags=["health"])
+    def health() -> models.Health:
+        return models.Health(
+            status="ok", version=thinair.__version__, libvirt_uri=settings.libvirt_uri
+        )
+
+    @app.exception_handler(ThinairError)
+    async def thinair_error(_request: Request, exc: ThinairError) -> JSONResponse:
+        status = 500
+        if isinstance(exc, AuthError):
+            status = 401
+        elif isinstance(exc, Forbidden):
+            status = 403
+        else:
+            for cls, code in STATUS.items():
+                if isinstance(exc, cls):
+                    status = code
+        return JSONResponse(status_code=status, content={"code": exc.code, "message": exc.message})
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=exc)
+        return JSONResponse(
+            status_code=500,
+            content={"code": "internal", "message": f"internal error: {type(exc).__name__}: {exc}"},
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse(
+            status_code=422,
+            content={"code": "invalid_input", "message": "; ".join(problems) or "invalid request"},
+        )
+
+    return app

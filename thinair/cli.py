@@ -1,0 +1,311 @@
+"""The `thinair` command line, built on the SDK (Typer + Rich).
+
+Every command takes --json for machine-readable output; errors are one line on
+stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from thinair.client import Client, ThinairAPIError
+from thinair.config import Settings
+from thinair.errors import ThinairError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Run virtual machines out of thin air."
+)
+storage_app = typer.Typer(no_args_is_help=True, help="Storage domains: where volumes live.")
+vm_app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
+app.add_typer(storage_app, name="storage")
+app.add_typer(vm_app, name="vm")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """One clear line and exit status 1 for any error the engine or input gives."""
+    try:
+        yield
+    except ThinairAPIError as e:
+        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except ThinairError as e:
+        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        err.print(f"[red]error:[/red] {problems}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _emit(
+    data: BaseModel | list[Any] | dict[str, Any] | None, as_json: bool, render: Callable[[], None]
+) -> None:
+    if as_json:
+        if isinstance(data, BaseModel):
+            print(data.model_dump_json(indent=2))
+        elif isinstance(data, list):
+            print(
+                json.dumps(
+                    [x.model_dump(mode="json") if isinstance(x, BaseModel) else x for x in data],
+                    indent=2,
+                )
+            )
+        else:
+            print(json.dumps(data, indent=2))
+    else:
+        render()
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return str(n)
+
+
+# -- engine ------------------------------------------------------------------
+
+
+@app.command()
+def engine(
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to serve the API on.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run the engine (REST API and jobs) in the foreground."""
+    import uvicorn
+
+    from thinair.api.app import create_app
+
+    settings = Settings.load()
+    if listen:
+        settings = Settings.load({**os.environ, "THINAIR_LISTEN": listen})
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        log_level=log_level,
+        access_log=log_level == "debug",
+    )
+
+
+# -- storage -----------------------------------------------------------------
+
+
+@storage_app.command("add")
+def storage_add(name: str, path: str, as_json: JsonOpt = False) -> None:
+    """Add a storage domain: an existing directory thinair keeps volumes in."""
+    with _errors():
+        sd = Client().storage_domains.add(name, os.path.abspath(path))
+    _emit(sd, as_json, lambda: out.print(f"storage domain {sd.name} at {sd.path}"))
+
+
+@storage_app.command("list")
+def storage_list(as_json: JsonOpt = False) -> None:
+    """List storage domains with their free space."""
+    with _errors():
+        domains = Client().storage_domains.list()
+
+    def render() -> None:
+        table = Table("NAME", "PATH", "FREE", "SIZE", box=None)
+        for sd in domains:
+            table.add_row(sd.name, sd.path, _size(sd.free_bytes), _size(sd.total_bytes))
+        out.print(table)
+
+    _emit(domains, as_json, render)
+
+
+@storage_app.command("remove")
+def storage_remove(name: str, as_json: JsonOpt = False) -> None:
+    """Forget a storage domain that holds no volumes (its directory stays)."""
+    with _errors():
+        Client().storage_domains.remove(name)
+    _emit({"removed": name}, as_json, lambda: out.print(f"removed storage domain {name}"))
+
+
+# -- vm ----------------------------------------------------------------------
+
+
+def _absolute_disk(option: str) -> str:
+    """A relative local path is relative to where the user stands, not the engine."""
+    url = option.split(",", 1)[0]
+    if "://" not in url and not url.startswith("/"):
+        return os.path.abspath(url) + option[len(url) :]
+    return option
+
+
+def _render_vm(vm: Any) -> None:
+    out.print(
+        f"[bold]{vm.name}[/bold]  {vm.state}  {vm.memory_mib} MiB  {vm.cpus} CPU  "
+        f"({vm.domain_type})  id {vm.id}",
+        highlight=False,
+    )
+    if vm.last_start_seconds is not None:
+        out.print(f"last start took {vm.last_start_seconds:.2f} s")
+    table = Table("DISK", "DATA", "SIZE", "VOLUME", "EXTERNAL", box=None)
+    for d in vm.disks:
+        ext = f"{d.external_disk.url} ({d.external_disk.format})" if d.external_disk else "-"
+        table.add_row(
+            d.target, d.location, _size(d.virtual_size), f"{d.storage_domain}:{d.volume_path}", ext
+        )
+    out.print(table)
+
+
+@vm_app.command("create")
+def vm_create(
+    name: str,
+    disk: Annotated[
+        list[str],
+        typer.Option(
+            "--disk", help="URL[,format=F][,storage=SD][,check-readonly=off]; repeat for more"
+        ),
+    ],
+    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 512,
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a VM whose disks are temporary overlays on external disks."""
+    with _errors():
+        vm = Client().vms.create(
+            name, [_absolute_disk(d) for d in disk], memory_mib=memory, cpus=cpus
+        )
+    _emit(vm, as_json, lambda: _render_vm(vm))
+
+
+@vm_app.command("start")
+def vm_start(name: str, as_json: JsonOpt = False) -> None:
+    """Start a VM: it runs at once, reading its external disks over the network."""
+    with _errors():
+        vm = Client().vms.start(name)
+    _emit(
+        vm,
+        as_json,
+        lambda: out.print(f"{vm.name} is {vm.state} (started in {vm.last_start_seconds:.2f} s)"),
+    )
+
+
+@vm_app.command("stop")
+def vm_stop(
+    name: str,
+    force: Annotated[bool, typer.Option("--force", help="Power off at once.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the guest.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Shut a VM down (ACPI), or power it off with --force."""
+    with _errors():
+        vm = Client().vms.stop(name, force=force, timeout=timeout)
+    _emit(vm, as_json, lambda: out.print(f"{vm.name} is {vm.state}"))
+
+
+@vm_app.command("show")
+def vm_show(name: str, as_json: JsonOpt = False) -> None:
+    """Show a VM and where each disk's data lives."""
+    with _errors():
+        vm = Client().vms.get(name)
+    _emit(vm, as_json, lambda: _render_vm(vm))
+
+
+@vm_app.command("list")
+def vm_list(as_json: JsonOpt = False) -> None:
+    """List VMs."""
+    with _errors():
+        vms = Client().vms.list()
+
+    def render() -> None:
+        table = Table("NAME", "STATE", "MEMORY", "CPUS", "DISKS", box=None)
+        for vm in vms:
+            disks = ", ".join(f"{d.target}:{d.location}" for d in vm.disks)
+            table.add_row(vm.name, vm.state, f"{vm.memory_mib} MiB", str(vm.cpus), disks)
+        out.print(table)
+
+    _emit(vms, as_json, render)
+
+
+@vm_app.command("remove")
+def vm_remove(
+    name: str,
+    force: Annotated[bool, typer.Option("--force", help="Power off a running VM first.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a VM and every volume thinair created for it."""
+    with _errors():
+        Client().vms.remove(name, force=force)
+    _emit({"removed": name}, as_json, lambda: out.print(f"removed {name}"))
+
+
+@vm_app.command("rollback")
+def vm_rollback(name: str, as_json: JsonOpt = False) -> None:
+    """Stop a VM and discard its temporary disks; the external disks stay untouched."""
+    with _errors():
+        Client().vms.rollback(name)
+    _emit(
+        {"rolled_back": name},
+        as_json,
+        lambda: out.print(f"rolled back {name}: VM, domain and temporary disks are gone"),
+    )
+
+
+@vm_app.command("console")
+def vm_console(
+    name: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the guest's serial console so far (--follow keeps following)."""
+    with _errors():
+        client = Client()
+        chunk = client.vms.console(name)
+        if as_json and not follow:
+            print(chunk.model_dump_json())
+            return
+        offset = chunk.offset
+        _write_console(chunk.text, as_json, offset)
+        while follow:
+            time.sleep(0.5)
+            chunk = client.vms.console(name, offset)
+            if chunk.offset < offset:  # the VM restarted: its log began anew
+                offset = 0
+            offset = chunk.offset
+            _write_console(chunk.text, as_json, offset)
+
+
+def _write_console(text: str, as_json: bool, offset: int) -> None:
+    if not text:
+        return
+    if as_json:
+        print(json.dumps({"text": text, "offset": offset}), flush=True)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The Python SDK: a typed client of the engine's REST API (httpx).
+
+import thinair
+c = thinair.Client()              # THINAIR_URL, THINAIR_TOKEN or the local token
+c.storage_domains.add("tmp", "/srv/thinair/tmp")
+vm = c.vms.create("web1", disks=["nbd://host/export"], memory_mib=256)
+c.vms.start("web1")
+"""
+
+from __future__ import annotations
+
+import builtins
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from thinair import models
+from thinair.config import Settings
+from thinair.external import parse_disk_option
+
+
+class ThinairAPIError(Exception):
+    """An error answer from the engine; `code` is the API's stable error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class EngineUnreachable(ThinairAPIError):
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            0,
+            "unreachable",
+            f"no thinair engine at {url} ({reason}); start one with `thinair engine`",
+        )
+
+
+def _local_token(settings: Settings) -> str | None:
+    try:
+        return Path(settings.token_file).read_text().strip() or None
+    except OSError:
+        return None
+
+
+class Client:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 600.0,
+        settings: Settings | None = None,
+    ) -> None:
+        settings = settings or Settings.load()
+        self.url = (url or settings.url).rstrip("/")
+        token = token or settings.token or _local_token(settings)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=timeout)
+        self.storage_domains = StorageDomains(self)
+        self.vms = Vms(self)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise EngineUnreachable(self.url, str(e) or type(e).__name__) from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                code, message = body["code"], body["message"]
+            except (ValueError, KeyError, TypeError):
+                code, message = "http_error", f"HTTP {r.status_code}: {r.text[:200]}"
+            raise ThinairAPIError(r.status_code, code, message)
+        if r.status_code == 204 or not r.content:
+            return None
+        return r.json()
+
+    def health(self) -> models.Health:
+        return models.Health.model_validate(self.request("GET", "/health"))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class StorageDomains:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> builtins.list[models.StorageDomain]:
+        return [
+            models.StorageDomain.model_validate(x)
+            for x in self._c.request("GET", "/storage_domains")
+        ]
+
+    def add(self, name: str, path: str) -> models.StorageDomain:
+        body = models.StorageDomainCreate(name=name, path=path).model_dump()
+        return models.StorageDomain.model_validate(
+            self._c.request("POST", "/storage_domains", json=body)
+        )
+
+    def get(self, ref: str) -> models.StorageDomain:
+        return models.StorageDomain.model_validate(
+            self._c.request("GET", f"/storage_domains/{ref}")
+        )
+
+    def remove(self, ref: str) -> None:
+        self._c.request("DELETE", f"/storage_domains/{ref}")
+
+
+def disk_from_option(option: str | models.DiskCreate) -> models.DiskCreate:
+    """A DiskCreate from a CLI-style ``URL[,format=F][,storage=SD]`` string."""
+    if isinstance(option, models.DiskCreate):
+        return option
+    spec = parse_disk_option(option)
+    return models.DiskCreate(
+        external_disk=models.ExternalDisk(url=spec.url, format=spec.format),
+        storage_domain=spec.storage,
+        check_readonly=spec.check_readonly,
+    )
+
+
+class Vms:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> builtins.list[models.Vm]:
+        return [models.Vm.model_validate(x) for x in self._c.request("GET", "/vms")]
+
+    def get(self, ref: str) -> models.Vm:
+        return models.Vm.model_validate(self._c.request("GET", f"/vms/{ref}"))
+
+    def create(
+        self,
+        name: str,
+        disks: builtins.list[str | models.DiskCreate],
+        memory_mib: int = 512,
+        cpus: int = 1,
+    ) -> models.Vm:
+        body = models.VmCreate(
+            name=name, memory_mib=memory_mib, cpus=cpus, disks=[disk_from_option(d) for d in disks]
+        )
+        return models.Vm.model_validate(
+            self._c.request("POST", "/vms", json=body.model_dump(mode="json"))
+        )
+
+    def start(self, ref: str) -> models.Vm:
+        return models.Vm.model_validate(self._c.request("POST", f"/vms/{ref}/start"))
+
+    def stop(self, ref: str, force: bool = False, timeout: float | None = None) -> models.Vm:
+        body = models.VmStop(force=force, timeout=timeout).model_dump()
+        return models.Vm.model_validate(self._c.request("POST", f"/vms/{ref}/stop", json=body))
+
+    def remove(self, ref: str, force: bool = False) -> None:
+        self._c.request("DELETE", f"/vms/{ref}", params={"force": force})
+
+    def rollback(self, ref: str) -> None:
+        self._c.request("POST", f"/vms/{ref}/rollback")
+
+    def console(self, ref: str, offset: int = 0) -> models.Console:
+        return models.Console.model_validate(
+            self._c.request("GET", f"/vms/{ref}/console", params={"offset": offset})
+        )

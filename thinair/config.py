@@ -1,0 +1,90 @@
+"""Settings: the environment first, then an optional TOML file, then defaults.
+
+One place for every knob, so the engine, the CLI and the tests agree.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_PORT = 8470
+
+
+def _default_home() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/thinair")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "thinair"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=_default_home)
+    url: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    token: str | None = None
+    libvirt_uri: str = "qemu:///system"
+    db: str | None = None  # SQLAlchemy URL; None means SQLite in home
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    # "auto" picks kvm where a guest can run under it, qemu (TCG) elsewhere.
+    domain_type: str = "auto"
+    # Seconds to wait for an external disk's server before calling it unreachable.
+    probe_timeout: float = 20.0
+    # A storage domain with less free space than this refuses new volumes.
+    min_free_mib: int = 256
+    # Seconds a graceful stop waits for the guest before giving up.
+    stop_timeout: float = 60.0
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.home / 'thinair.db'}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "token"
+
+    @property
+    def console_dir(self) -> Path:
+        return self.home / "console"
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @classmethod
+    def load(cls, env: dict[str, str] | None = None) -> Settings:
+        """Settings from THINAIR_* variables, then THINAIR_CONFIG (TOML), then defaults."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, object] = {}
+        config_path = env.get("THINAIR_CONFIG")
+        if config_path:
+            with open(config_path, "rb") as f:
+                values.update(tomllib.load(f))
+        for f_ in fields(cls):
+            key = "THINAIR_" + f_.name.upper()
+            if key in env and env[key] != "":
+                values[f_.name] = env[key]
+        known = {f_.name: f_ for f_ in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        converted: dict[str, object] = {}
+        for name, raw in values.items():
+            kind = known[name].type
+            if name == "home":
+                converted[name] = Path(str(raw)).expanduser()
+            elif kind in ("float",):
+                converted[name] = float(raw)  # type: ignore[arg-type]
+            elif kind in ("int",):
+                converted[name] = int(raw)  # type: ignore[call-overload]
+            else:
+                converted[name] = str(raw)
+        if "url" not in converted and "listen" in converted:
+            converted["url"] = f"http://{converted['listen']}"
+        return cls(**converted)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""The engine's database: SQLAlchemy models, sessions, Alembic migrations."""

@@ -1,0 +1,108 @@
+"""What the engine knows, one table per concept. Every resource thinair creates
+(volume, domain, export, token) is owned by a row here."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StorageDomain(Base):
+    __tablename__ = "storage_domains"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    cpus: Mapped[int] = mapped_column(Integer)
+    # creating -> ready -> removing; a crash leaves the phase that tells the
+    # reconciler what to finish or undo.
+    phase: Mapped[str] = mapped_column(String(16), default="creating")
+    domain_type: Mapped[str] = mapped_column(String(8))
+    console_log: Mapped[str] = mapped_column(Text)
+    last_start_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    disks: Mapped[list[Disk]] = relationship(
+        back_populates="vm", order_by="Disk.position", cascade="all, delete-orphan"
+    )
+
+
+class Disk(Base):
+    __tablename__ = "disks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    target: Mapped[str] = mapped_column(String(8))
+    storage_domain_id: Mapped[str] = mapped_column(ForeignKey("storage_domains.id"))
+    # The volume thinair owns: the temporary overlay while the disk is external,
+    # the final local volume after an import.
+    volume_path: Mapped[str] = mapped_column(Text)
+    volume_format: Mapped[str] = mapped_column(String(16), default="qcow2")
+    virtual_size: Mapped[int] = mapped_column(BigInteger)
+    # The external disk (never written). None once the disk is local.
+    external_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    external_format: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    external_read_only: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+
+    vm: Mapped[Vm] = relationship(back_populates="disks")
+    storage_domain: Mapped[StorageDomain] = relationship()
+
+    @property
+    def location(self) -> str:
+        return "external" if self.external_url else "local"
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(32))
+    vm_id: Mapped[str | None] = mapped_column(
+        ForeignKey("vms.id", ondelete="SET NULL"), nullable=True
+    )
+    # pending -> running -> succeeded | failed | cancelled
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    step: Mapped[str] = mapped_column(String(32), default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    read_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,42 @@
+"""On start, make what libvirt and the storage hold agree with the database.
+
+- a VM left in phase creating (the engine died while creating it) is undone;
+- a VM left in phase removing is removed to the end;
+- a ready VM whose domain libvirt lost is defined again from its record;
+- a domain this engine defined that has no record is undefined (its volumes went
+  with the record, so it could not run anyway).
+Only domains carrying this engine's id are touched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+
+from thinair.db.models import Vm
+from thinair.engine import vms
+from thinair.engine.context import EngineContext
+
+log = logging.getLogger(__name__)
+
+
+def reconcile(ctx: EngineContext) -> list[str]:
+    """Returns what it did, one line per action, for the log and the tests."""
+    actions: list[str] = []
+    with ctx.db.session() as s:
+        records = {vm.id: (vm.name, vm.phase) for vm in s.scalars(select(Vm))}
+    for vm_id, (name, phase) in records.items():
+        if phase in ("creating", "removing"):
+            vms._destroy(ctx, vm_id)
+            actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
+        elif ctx.virt.lookup(name) is None:
+            vms.redefine(ctx, vm_id)
+            actions.append(f"defined {name} again")
+    for vm_id, name in ctx.virt.owned_domains(ctx.engine_id).items():
+        if vm_id not in records:
+            ctx.virt.undefine(name)
+            actions.append(f"undefined orphan domain {name}")
+    for line in actions:
+        log.info("reconcile: %s", line)
+    return actions

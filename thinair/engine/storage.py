@@ -1,0 +1,123 @@
+"""Storage domains: named directories where thinair keeps its volumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from thinair import models
+from thinair.db.models import Disk, StorageDomain
+from thinair.engine.context import EngineContext
+from thinair.errors import Conflict, InvalidInput, NotFound, StorageError
+
+
+def _unreachable_parent(path: Path) -> Path | None:
+    """The first directory on the way to `path` that other users cannot enter.
+    QEMU runs as its own user under qemu:///system and must reach the volumes."""
+    for parent in [*reversed(path.parents), path]:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            return parent
+    return None
+
+
+def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDomain:
+    path = Path(req.path)
+    if not path.is_absolute():
+        raise InvalidInput(f"storage domain path must be absolute, not {req.path!r}")
+    path = Path(os.path.normpath(path))
+    if not path.is_dir():
+        raise StorageError(f"{path} is not an existing directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StorageError(f"{path} is not writable by the engine")
+    if ctx.settings.libvirt_uri.endswith("/system"):
+        closed = _unreachable_parent(path)
+        if closed is not None:
+            raise StorageError(
+                f"{path} is not reachable by QEMU's user: {closed} is not searchable by "
+                "others (chmod o+x it, or pick another directory)"
+            )
+    with ctx.db.session() as s:
+        if s.scalar(select(StorageDomain).where(StorageDomain.name == req.name)):
+            raise Conflict(f"storage domain {req.name!r} exists already")
+        for other in s.scalars(select(StorageDomain)):
+            other_path = Path(other.path)
+            if path == other_path or other_path in path.parents or path in other_path.parents:
+                raise Conflict(f"{path} overlaps storage domain {other.name!r} at {other.path}")
+        sd = StorageDomain(name=req.name, path=str(path))
+        s.add(sd)
+        s.flush()
+        return to_model(sd)
+
+
+def to_model(sd: StorageDomain) -> models.StorageDomain:
+    total: int | None
+    free: int | None
+    try:
+        usage = shutil.disk_usage(sd.path)
+        total, free, available = usage.total, usage.free, True
+    except OSError:
+        total = free = None
+        available = False
+    return models.StorageDomain(
+        id=sd.id,
+        name=sd.name,
+        path=sd.path,
+        total_bytes=total,
+        free_bytes=free,
+        available=available,
+        created_at=sd.created_at,
+    )
+
+
+def find(s: Session, ref: str) -> StorageDomain:
+    sd = s.scalar(
+        select(StorageDomain).where((StorageDomain.name == ref) | (StorageDomain.id == ref))
+    )
+    if sd is None:
+        raise NotFound(f"no storage domain {ref!r}")
+    return sd
+
+
+def list_all(ctx: EngineContext) -> list[models.StorageDomain]:
+    with ctx.db.session() as s:
+        return [
+            to_model(sd) for sd in s.scalars(select(StorageDomain).order_by(StorageDomain.name))
+        ]
+
+
+def get(ctx: EngineContext, ref: str) -> models.StorageDomain:
+    with ctx.db.session() as s:
+        return to_model(find(s, ref))
+
+
+def remove(ctx: EngineContext, ref: str) -> None:
+    with ctx.db.session() as s:
+        sd = find(s, ref)
+        used = s.scalar(select(Disk).where(Disk.storage_domain_id == sd.id).limit(1))
+        if used is not None:
+            raise Conflict(f"storage domain {sd.name!r} holds volumes of VM {used.vm.name!r}")
+        s.delete(sd)
+
+
+def check_space(ctx: EngineContext, sd: StorageDomain, needed: int = 0) -> None:
+    """Refuse a storage domain that is gone or has too little free space."""
+    try:
+        free = shutil.disk_usage(sd.path).free
+    except OSError as e:
+        raise StorageError(
+            f"storage domain {sd.name!r} at {sd.path} is not available: {e}"
+        ) from None
+    if not os.access(sd.path, os.W_OK):
+        raise StorageError(f"storage domain {sd.name!r} at {sd.path} is not writable")
+    wanted = needed + ctx.settings.min_free_mib * 1024 * 1024
+    if free < wanted:
+        raise StorageError(
+            f"storage domain {sd.name!r} is full: {free // 2**20} MiB free, "
+            f"{wanted // 2**20} MiB needed"
+        )

@@ -1,0 +1,318 @@
+"""VMs: create (probe, overlays, define), start, stop, remove and rollback.
+
+Each flow writes its intent (the VM's phase) before it touches anything, and
+each step is idempotent, so a crash anywhere leaves a state the reconciler can
+finish or undo. A flow that fails half way undoes what it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from thinair import models
+from thinair.adapters import qemu_img, virt
+from thinair.adapters._process import CommandFailed
+from thinair.db.models import Disk, StorageDomain, Vm, new_id
+from thinair.engine import storage
+from thinair.engine.context import EngineContext
+from thinair.engine.probe import Probed, probe
+from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
+from thinair.external import DiskSpec, parse_url, validate_format
+
+log = logging.getLogger(__name__)
+
+CONSOLE_CHUNK = 256 * 1024
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def find(s: Session, ref: str) -> Vm:
+    vm = s.scalar(select(Vm).where((Vm.name == ref) | (Vm.id == ref)))
+    if vm is None:
+        raise NotFound(f"no VM {ref!r}")
+    return vm
+
+
+def disk_model(disk: Disk) -> models.Disk:
+    external = None
+    if disk.external_url:
+        external = models.ExternalDisk(url=disk.external_url, format=disk.external_format)
+    return models.Disk(
+        id=disk.id,
+        vm_id=disk.vm_id,
+        target=disk.target,
+        storage_domain=disk.storage_domain.name,
+        volume_path=disk.volume_path,
+        volume_format=disk.volume_format,
+        virtual_size=disk.virtual_size,
+        location="external" if disk.external_url else "local",
+        external_disk=external,
+    )
+
+
+def to_model(ctx: EngineContext, vm: Vm) -> models.Vm:
+    return models.Vm(
+        id=vm.id,
+        name=vm.name,
+        state=ctx.virt.state(vm.name) if vm.phase != "creating" else "creating",
+        phase=vm.phase,
+        memory_mib=vm.memory_mib,
+        cpus=vm.cpus,
+        domain_type=vm.domain_type,
+        disks=[disk_model(d) for d in vm.disks],
+        last_start_seconds=vm.last_start_seconds,
+        created_at=vm.created_at,
+    )
+
+
+def list_all(ctx: EngineContext) -> list[models.Vm]:
+    with ctx.db.session() as s:
+        return [to_model(ctx, vm) for vm in s.scalars(select(Vm).order_by(Vm.name))]
+
+
+def get(ctx: EngineContext, ref: str) -> models.Vm:
+    with ctx.db.session() as s:
+        return to_model(ctx, find(s, ref))
+
+
+def console(ctx: EngineContext, ref: str, offset: int) -> models.Console:
+    """The guest's serial console from byte `offset` on (libvirt's virtlogd writes it)."""
+    if offset < 0:
+        raise InvalidInput("offset must be >= 0")
+    with ctx.db.session() as s:
+        path = find(s, ref).console_log
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset > size:  # the log was truncated by a new start
+                offset = 0
+            f.seek(offset)
+            data = f.read(CONSOLE_CHUNK)
+    except FileNotFoundError:
+        return models.Console(text="", offset=0)
+    return models.Console(text=data.decode(errors="replace"), offset=offset + len(data))
+
+
+# -- create ------------------------------------------------------------------
+
+
+def _resolve_storage(s: Session, ref: str | None) -> StorageDomain:
+    if ref is not None:
+        return storage.find(s, ref)
+    domains = list(s.scalars(select(StorageDomain)))
+    if len(domains) == 1:
+        return domains[0]
+    if not domains:
+        raise NotFound("no storage domain: add one with `thinair storage add NAME PATH`")
+    raise InvalidInput("several storage domains exist: say which one with storage=NAME")
+
+
+def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
+    """Check everything, then create the overlays and define the domain."""
+    specs = [
+        DiskSpec(
+            url=d.external_disk.url,
+            format=d.external_disk.format,
+            storage=d.storage_domain,
+            check_readonly=d.check_readonly,
+        )
+        for d in req.disks
+    ]
+    for spec in specs:  # cheap syntax checks first
+        parse_url(spec.url)
+        validate_format(spec.format)
+    with ctx.db.session() as s:
+        if s.scalar(select(Vm).where(Vm.name == req.name)):
+            raise Conflict(f"VM {req.name!r} exists already")
+        domains = [_resolve_storage(s, spec.storage) for spec in specs]
+        for sd in {sd.id: sd for sd in domains}.values():
+            storage.check_space(ctx, sd)
+    if ctx.virt.lookup(req.name) is not None:
+        raise Conflict(f"libvirt already has a domain named {req.name!r} (not thinair's)")
+    probed: list[Probed] = [probe(spec, ctx.settings.probe_timeout) for spec in specs]
+
+    # Record the intent, with every path we are about to create, before creating it.
+    with ctx.db.session() as s:
+        vm = Vm(
+            id=new_id(),
+            name=req.name,
+            memory_mib=req.memory_mib,
+            cpus=req.cpus,
+            phase="creating",
+            domain_type=ctx.domain_type,
+            console_log="",
+        )
+        vm.console_log = str(ctx.settings.console_dir / f"{vm.id}.log")
+        for index, (sd, p) in enumerate(zip(domains, probed, strict=True)):
+            disk = Disk(
+                id=new_id(),
+                position=index,
+                target=virt.disk_target(index),
+                storage_domain_id=sd.id,
+                volume_format="qcow2",
+                virtual_size=p.virtual_size,
+                external_url=p.url,
+                external_format=p.format,
+                external_read_only=p.read_only,
+                volume_path="",
+            )
+            disk.volume_path = str(Path(sd.path) / f"{disk.id}.qcow2")
+            vm.disks.append(disk)
+        s.add(vm)
+        s.flush()
+        vm_id = vm.id
+    try:
+        with ctx.vm_busy(vm_id, "create"):
+            _materialize(ctx, vm_id)
+            with ctx.db.session() as s:
+                vm = find(s, vm_id)
+                vm.phase = "ready"
+                return to_model(ctx, vm)
+    except BaseException:
+        log.exception("creating VM %s failed; undoing", req.name)
+        undo_create(ctx, vm_id)
+        raise
+
+
+def _materialize(ctx: EngineContext, vm_id: str) -> None:
+    with ctx.db.session() as s:
+        vm = find(s, vm_id)
+        for disk in vm.disks:
+            assert disk.external_url and disk.external_format
+            try:
+                qemu_img.create_overlay(
+                    disk.volume_path, disk.external_url, disk.external_format, disk.virtual_size
+                )
+            except CommandFailed as e:
+                raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+        ctx.virt.define(virt.domain_xml(_domain_spec(ctx, vm)))
+
+
+def _domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
+    return virt.DomainSpec(
+        name=vm.name,
+        uuid=vm.id,
+        vm_id=vm.id,
+        engine_id=ctx.engine_id,
+        memory_mib=vm.memory_mib,
+        cpus=vm.cpus,
+        domain_type=vm.domain_type,
+        console_log=vm.console_log,
+        disks=[virt.DiskDevice(d.target, d.volume_path, d.volume_format) for d in vm.disks],
+    )
+
+
+def undo_create(ctx: EngineContext, vm_id: str) -> None:
+    """Remove whatever a create got to: the domain (if ours), volumes, the record."""
+    _destroy(ctx, vm_id)
+
+
+# -- start / stop ------------------------------------------------------------
+
+
+def _ready(s: Session, ref: str) -> Vm:
+    vm = find(s, ref)
+    if vm.phase != "ready":
+        raise Conflict(f"VM {vm.name!r} is {vm.phase}")
+    return vm
+
+
+def start(ctx: EngineContext, ref: str) -> models.Vm:
+    with ctx.db.session() as s:
+        vm = _ready(s, ref)
+        vm_id, name = vm.id, vm.name
+    with ctx.vm_busy(vm_id, "start"):
+        state = ctx.virt.state(name)
+        if state == "running":
+            raise Conflict(f"VM {name!r} is running already")
+        if state == "missing":
+            raise BackendError(
+                f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
+            )
+        began = time.monotonic()
+        ctx.virt.start(name)
+        took = time.monotonic() - began
+        with ctx.db.session() as s:
+            vm = find(s, vm_id)
+            vm.last_start_seconds = round(took, 3)
+            return to_model(ctx, vm)
+
+
+def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
+    with ctx.db.session() as s:
+        vm = _ready(s, ref)
+        vm_id, name = vm.id, vm.name
+    with ctx.vm_busy(vm_id, "stop"):
+        if ctx.virt.state(name) not in ("stopped", "missing"):
+            ctx.virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
+    return get(ctx, vm_id)
+
+
+# -- remove / rollback -------------------------------------------------------
+
+
+def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
+    """Remove a VM and every volume thinair made for it (temporary or imported)."""
+    with ctx.db.session() as s:
+        vm = find(s, ref)
+        vm_id, name = vm.id, vm.name
+    with ctx.vm_busy(vm_id, "remove"):
+        if not force and ctx.virt.state(name) not in ("stopped", "missing"):
+            raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
+        _destroy(ctx, vm_id)
+
+
+def rollback(ctx: EngineContext, ref: str) -> None:
+    """Stop the VM and discard its temporary disks; the external disks were never
+    written, so nothing else changes."""
+    with ctx.db.session() as s:
+        vm = find(s, ref)
+        vm_id, name = vm.id, vm.name
+        local = [d.target for d in vm.disks if not d.external_url]
+    if local:
+        raise Conflict(
+            f"{name}: disk {', '.join(local)} is local already (imported); there is "
+            "nothing to roll back to: use `vm remove` to delete the VM"
+        )
+    with ctx.vm_busy(vm_id, "rollback"):
+        _destroy(ctx, vm_id)
+
+
+def _destroy(ctx: EngineContext, vm_id: str) -> None:
+    """Mark the VM removing, then undefine its domain, delete its volumes and its
+    console log, and last its record. Idempotent: the reconciler calls it again
+    for a VM left in phase removing or creating."""
+    with ctx.db.session() as s:
+        vm = s.get(Vm, vm_id)
+        if vm is None:
+            return
+        if vm.phase != "creating":
+            vm.phase = "removing"
+        name = vm.name
+        paths = [d.volume_path for d in vm.disks] + [vm.console_log]
+    dom = ctx.virt.lookup(name)
+    if dom is not None and ctx.virt.owner(dom) == (ctx.engine_id, vm_id):
+        ctx.virt.undefine(name)
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            if path:
+                os.unlink(path)
+    with ctx.db.session() as s:
+        vm = s.get(Vm, vm_id)
+        if vm is not None:
+            s.delete(vm)
+
+
+def redefine(ctx: EngineContext, vm_id: str) -> None:
+    """Define a ready VM's domain again from its record (libvirt lost it)."""
+    with ctx.db.session() as s:
+        vm = find(s, vm_id)
+        ctx.virt.define(virt.domain_xml(_domain_spec(ctx, vm)))

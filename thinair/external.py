@@ -1,0 +1,152 @@
+"""External disks: parsing and checking the URLs users give for them.
+
+An external disk is data at a URL thinair does not own, given as QEMU reads it:
+``nbd://host[:port]/export``, ``nbd+unix:///export?socket=/path``, ``http(s)://``,
+``ftp(s)://``, ``ssh://[user@]host[:port]/path`` or a local absolute path. The
+check here is syntactic only (no I/O); ``probe`` in the engine asks the server.
+
+A ``--disk`` option is ``URL[,format=F][,storage=SD][,check-readonly=off]``;
+``,,`` stands for a literal comma, as in QEMU's own option syntax.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+from thinair.errors import InvalidInput
+
+NBD_DEFAULT_PORT = 10809
+
+# Formats qemu-img reads that make sense as a VM disk.
+FORMATS = frozenset(
+    {"raw", "qcow2", "qcow", "vmdk", "vhdx", "vpc", "vdi", "qed", "parallels", "dmg", "luks"}
+)
+
+_SCHEMES = frozenset({"nbd", "nbd+unix", "http", "https", "ftp", "ftps", "ssh"})
+_TLS_SCHEMES = frozenset({"nbds", "nbds+unix"})
+
+# RFC 3986 characters; anything else (spaces, quotes, controls, non-ASCII) must be
+# percent-encoded. Keeps shell and XML metacharacters out of every command line.
+_URL_CHARS = re.compile(r"^[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+$")
+_PATH_CHARS = re.compile(r"^/[A-Za-z0-9\-._~/+@%=:]*$")
+
+
+@dataclass(frozen=True)
+class ExternalURL:
+    """A parsed external disk location."""
+
+    url: str  # as given, normalized; also the qcow2 backing string
+    scheme: str  # "file" for a local path
+
+    @property
+    def is_nbd(self) -> bool:
+        return self.scheme in ("nbd", "nbd+unix")
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+
+def parse_url(text: str) -> ExternalURL:
+    """Check an external disk URL; raise InvalidInput naming what is wrong."""
+    if not text:
+        raise InvalidInput("external disk URL is empty")
+    if len(text) > 4096:
+        raise InvalidInput("external disk URL is longer than 4096 characters")
+    if text.startswith("/"):
+        if not _PATH_CHARS.match(text) or "/../" in text + "/" or "//" in text:
+            raise InvalidInput(f"bad local path {text!r}: use a plain absolute path")
+        return ExternalURL(url=text, scheme="file")
+    if not _URL_CHARS.match(text):
+        raise InvalidInput(
+            f"bad external disk URL {text!r}: characters such as spaces or quotes "
+            "must be percent-encoded"
+        )
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return parse_url(parts.path)
+    if scheme in _TLS_SCHEMES:
+        raise InvalidInput(
+            f"{scheme}:// (NBD over TLS) is not supported yet: expose the image without "
+            "TLS on a trusted network, or over https://"
+        )
+    if scheme not in _SCHEMES:
+        raise InvalidInput(
+            f"unsupported URL scheme {parts.scheme!r} in {text!r}; use one of "
+            f"{', '.join(sorted(_SCHEMES))} or an absolute path"
+        )
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise InvalidInput(f"bad port in {text!r}: {e}") from None
+    if scheme == "nbd+unix":
+        if parts.netloc:
+            raise InvalidInput(
+                f"{text!r}: nbd+unix URLs have no host (nbd+unix:///export?socket=PATH)"
+            )
+        sockets = parse_qs(parts.query).get("socket", [])
+        if len(sockets) != 1 or not sockets[0].startswith("/"):
+            raise InvalidInput(f"{text!r}: nbd+unix needs ?socket=/absolute/path")
+        return ExternalURL(url=text, scheme=scheme)
+    if not parts.hostname:
+        raise InvalidInput(f"{text!r} has no host")
+    if port == 0:
+        raise InvalidInput(f"bad port 0 in {text!r}")
+    if scheme == "nbd":
+        if parts.query or parts.fragment:
+            raise InvalidInput(f"{text!r}: nbd URLs take no query or fragment")
+    elif scheme in ("ssh", "ftp", "ftps", "http", "https") and parts.path in ("", "/"):
+        raise InvalidInput(f"{text!r} names no file")
+    return ExternalURL(url=text, scheme=scheme)
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One ``--disk`` option: where the data is and how to use it."""
+
+    url: str
+    format: str | None = None
+    storage: str | None = None
+    check_readonly: bool = True
+
+
+def _split_options(text: str) -> list[str]:
+    # ",," is a literal comma (QEMU's convention); a single "," separates options.
+    pieces = text.replace(",,", "\0").split(",")
+    return [p.replace("\0", ",") for p in pieces]
+
+
+def parse_disk_option(text: str) -> DiskSpec:
+    """Parse ``URL[,format=F][,storage=SD][,check-readonly=on|off]``."""
+    url, *options = _split_options(text.strip())
+    values: dict[str, str] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("format", "storage", "check-readonly") or not value:
+            raise InvalidInput(
+                f"bad disk option {option!r} in {text!r}; known: format=F, storage=SD, "
+                "check-readonly=on|off (write ,, for a comma inside the URL)"
+            )
+        if key in values:
+            raise InvalidInput(f"disk option {key!r} given twice in {text!r}")
+        values[key] = value
+    check = values.get("check-readonly", "on")
+    if check not in ("on", "off"):
+        raise InvalidInput(f"check-readonly must be on or off, not {check!r}")
+    spec = DiskSpec(
+        url=url,
+        format=values.get("format"),
+        storage=values.get("storage"),
+        check_readonly=check == "on",
+    )
+    validate_format(spec.format)
+    parse_url(spec.url)
+    return spec
+
+
+def validate_format(fmt: str | None) -> None:
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidInput(f"unknown disk format {fmt!r}; known: {', '.join(sorted(FORMATS))}")

@@ -1,0 +1,124 @@
+"""The API's data model (pydantic), shared by the engine's REST API and the SDK,
+so there is one schema and no hand-kept copy of it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+# Names appear in paths, libvirt domain names and XML: keep them plain.
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    Field(
+        description="1-64 characters: letters, digits, '.', '_', '-'; not starting with a symbol"
+    ),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(_Model):
+    code: str = Field(description="stable machine-readable error code")
+    message: str = Field(description="what went wrong, for a person")
+
+
+class StorageDomainCreate(_Model):
+    name: Name
+    path: str = Field(min_length=1, max_length=4096, description="an existing directory")
+
+
+class StorageDomain(_Model):
+    id: str
+    name: str
+    path: str
+    total_bytes: int | None
+    free_bytes: int | None
+    available: bool
+    created_at: datetime
+
+
+class ExternalDisk(_Model):
+    url: str = Field(min_length=1, max_length=4096, description="as QEMU reads it")
+    format: str | None = Field(default=None, description="raw, qcow2, ...; probed when omitted")
+    tls: Literal["none"] = "none"
+
+
+class DiskCreate(_Model):
+    external_disk: ExternalDisk
+    storage_domain: str | None = Field(
+        default=None,
+        description="name or id of the storage domain for the temporary disk; "
+        "may be omitted when there is only one",
+    )
+    check_readonly: bool = Field(
+        default=True, description="refuse an NBD export that is not read-only"
+    )
+
+
+class Disk(_Model):
+    id: str
+    vm_id: str
+    target: str
+    storage_domain: str
+    volume_path: str
+    volume_format: str
+    virtual_size: int
+    location: Literal["external", "local"]
+    external_disk: ExternalDisk | None
+
+
+class VmCreate(_Model):
+    name: Name
+    memory_mib: int = Field(default=512, ge=16, le=1024 * 1024)
+    cpus: int = Field(default=1, ge=1, le=64)
+    disks: list[DiskCreate] = Field(min_length=1, max_length=26)
+
+
+class Vm(_Model):
+    id: str
+    name: str
+    state: str = Field(description="from libvirt: running, stopped, paused, ... or missing")
+    phase: str = Field(description="creating, ready or removing")
+    memory_mib: int
+    cpus: int
+    domain_type: str
+    disks: list[Disk]
+    last_start_seconds: float | None = Field(
+        description="seconds the last start took, from request to a running domain"
+    )
+    created_at: datetime
+
+
+class VmStop(_Model):
+    force: bool = False
+    timeout: float | None = Field(default=None, gt=0, le=3600)
+
+
+class Console(_Model):
+    text: str
+    offset: int = Field(description="pass as ?offset= to read on from here")
+
+
+class Job(_Model):
+    id: str
+    kind: str
+    vm_id: str | None
+    state: str
+    step: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class Health(_Model):
+    status: Literal["ok"]
+    version: str
+    libvirt_uri: str
