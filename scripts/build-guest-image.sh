@@ -33,6 +33,8 @@ FAT_SIZE=$((64 * MIB))
 PATTERN_OFFSET=$((96 * MIB))
 PATTERN_SIZE=$((64 * MIB))
 PATTERN_SEED="thinair-guest-pattern-v1"
+# Every timestamp in the image (cpio, FAT) is this one, so rebuilds give the same bytes.
+EPOCH=946684800 # 2000-01-01 00:00:00 UTC
 # Kernel modules loaded by /init, in this order.
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk button evdev"
 
@@ -340,7 +342,7 @@ done
 EOF
 chmod 0755 "$ROOT/init"
 
-find "$ROOT" -exec touch -h -d @0 {} +
+find "$ROOT" -exec touch -h -d "@$EPOCH" {} +
 (cd "$ROOT" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
     cpio --null -o -H newc --owner=0:0 --reproducible --quiet) | gzip -9 -n >"$WORK/initrd.gz"
 
@@ -355,15 +357,15 @@ LABEL thinair
   APPEND console=ttyS0 quiet
 EOF
 cp "$VMLINUZ" "$WORK/vmlinuz"
-touch -d @0 "$WORK/vmlinuz" "$WORK/syslinux.cfg"
+touch -d "@$EPOCH" "$WORK/vmlinuz" "$WORK/syslinux.cfg" "$WORK/initrd.gz"
 
 # ---------------------------------------------------------------- image
 rm -f "$TMP"
 truncate -s "$IMAGE_SIZE" "$TMP"
-mkfs.vfat -F 32 -n THINAIR -i 7417A1A0 "$TMP" $((FAT_SIZE / 1024)) >/dev/null 2>&1 ||
+SOURCE_DATE_EPOCH=$EPOCH mkfs.vfat --invariant -F 32 -n THINAIR -i 7417A1A0 "$TMP" $((FAT_SIZE / 1024)) >/dev/null 2>&1 ||
     die "mkfs.vfat failed"
-syslinux --install "$TMP"
-MTOOLS_SKIP_CHECK=1 mcopy -m -i "$TMP" "$WORK/syslinux.cfg" "$WORK/vmlinuz" "$WORK/initrd.gz" ::
+SOURCE_DATE_EPOCH=$EPOCH syslinux --install "$TMP"
+SOURCE_DATE_EPOCH=$EPOCH MTOOLS_SKIP_CHECK=1 mcopy -m -i "$TMP" "$WORK/syslinux.cfg" "$WORK/vmlinuz" "$WORK/initrd.gz" ::
 
 python3 - "$TMP" "$PATTERN_OFFSET" "$PATTERN_SIZE" "$PATTERN_SEED" <<'EOF'
 import hashlib

@@ -17,6 +17,7 @@ import httpx
 
 from thinair import models
 from thinair.config import Settings
+from thinair.errors import ThinairError
 from thinair.external import parse_disk_option
 
 
@@ -102,7 +103,7 @@ class StorageDomains:
         ]
 
     def add(self, name: str, path: str) -> models.StorageDomain:
-        body = models.StorageDomainCreate(name=name, path=path).model_dump()
+        body = {"name": name, "path": path}
         return models.StorageDomain.model_validate(
             self._c.request("POST", "/storage_domains", json=body)
         )
@@ -116,16 +117,20 @@ class StorageDomains:
         self._c.request("DELETE", f"/storage_domains/{ref}")
 
 
-def disk_from_option(option: str | models.DiskCreate) -> models.DiskCreate:
-    """A DiskCreate from a CLI-style ``URL[,format=F][,storage=SD]`` string."""
+def disk_from_option(option: str | models.DiskCreate) -> dict[str, Any]:
+    """A disk for the API from a CLI-style ``URL[,format=F][,storage=SD]`` string.
+    The engine validates it; only the option syntax is parsed here."""
     if isinstance(option, models.DiskCreate):
-        return option
-    spec = parse_disk_option(option)
-    return models.DiskCreate(
-        external_disk=models.ExternalDisk(url=spec.url, format=spec.format),
-        storage_domain=spec.storage,
-        check_readonly=spec.check_readonly,
-    )
+        return option.model_dump(mode="json")
+    try:
+        spec = parse_disk_option(option)
+    except ThinairError as e:
+        raise ThinairAPIError(400, e.code, e.message) from None
+    return {
+        "external_disk": {"url": spec.url, "format": spec.format},
+        "storage_domain": spec.storage,
+        "check_readonly": spec.check_readonly,
+    }
 
 
 class Vms:
@@ -145,18 +150,19 @@ class Vms:
         memory_mib: int = 512,
         cpus: int = 1,
     ) -> models.Vm:
-        body = models.VmCreate(
-            name=name, memory_mib=memory_mib, cpus=cpus, disks=[disk_from_option(d) for d in disks]
-        )
-        return models.Vm.model_validate(
-            self._c.request("POST", "/vms", json=body.model_dump(mode="json"))
-        )
+        body = {
+            "name": name,
+            "memory_mib": memory_mib,
+            "cpus": cpus,
+            "disks": [disk_from_option(d) for d in disks],
+        }
+        return models.Vm.model_validate(self._c.request("POST", "/vms", json=body))
 
     def start(self, ref: str) -> models.Vm:
         return models.Vm.model_validate(self._c.request("POST", f"/vms/{ref}/start"))
 
     def stop(self, ref: str, force: bool = False, timeout: float | None = None) -> models.Vm:
-        body = models.VmStop(force=force, timeout=timeout).model_dump()
+        body = {"force": force, "timeout": timeout}
         return models.Vm.model_validate(self._c.request("POST", f"/vms/{ref}/stop", json=body))
 
     def remove(self, ref: str, force: bool = False) -> None:

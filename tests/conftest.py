@@ -1,0 +1,205 @@
+"""Fixtures: a real engine process, real qemu-nbd exports, directories QEMU can reach."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from thinair.adapters import qemu_nbd
+from thinair.client import Client, ThinairAPIError
+from thinair.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+TEST_ROOT = Path("/var/tmp/thinair-tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that boots a guest needs libvirtd as well.
+    for item in items:
+        if "guest" in item.keywords:
+            item.add_marker(pytest.mark.libvirt)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh directory that QEMU's own user can reach (pytest's tmp_path is 0700)."""
+    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(TEST_ROOT, 0o755)
+    path = TEST_ROOT / uuid.uuid4().hex[:12]
+    path.mkdir(mode=0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Engine:
+    """A `thinair engine` process with its own THINAIR_HOME and port."""
+
+    home: Path
+    libvirt_uri: str
+    port: int = field(default_factory=qemu_nbd.free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("THINAIR_")}
+        env.update(
+            {
+                "THINAIR_HOME": str(self.home),
+                "THINAIR_LISTEN": f"127.0.0.1:{self.port}",
+                "THINAIR_URL": f"http://127.0.0.1:{self.port}",
+                "THINAIR_LIBVIRT_URI": self.libvirt_uri,
+                **self.extra_env,
+            }
+        )
+        return env
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.load(self.env)
+
+    def start(self) -> None:
+        log = open(self.home.parent / f"engine-{self.port}.log", "ab")  # noqa: SIM115
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "thinair"), "engine"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine exited with {self.proc.returncode}: {self.log()}")
+            try:
+                self.client().health()
+                return
+            except ThinairAPIError:
+                time.sleep(0.1)
+        raise RuntimeError(f"engine did not answer in 30 s: {self.log()}")
+
+    def log(self) -> str:
+        path = self.home.parent / f"engine-{self.port}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def client(self) -> Client:
+        return Client(settings=self.settings, timeout=300)
+
+    def cli(
+        self, *args: str, check: bool = False, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [str(VENV_BIN / "thinair"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"thinair {' '.join(args)} failed: {done.stderr}")
+        return done
+
+
+def _cleanup_domains(engine: Engine) -> None:
+    """Remove any domain this engine left, so one failing test does not spoil the next."""
+    try:
+        conn = libvirt.open(engine.libvirt_uri)
+    except libvirt.libvirtError:
+        return
+    from thinair.adapters.virt import Virt
+
+    engine_id_file = engine.home / "engine-id"
+    if not engine_id_file.exists():
+        return
+    engine_id = engine_id_file.read_text().strip()
+    for dom in conn.listAllDomains():
+        owner = Virt.owner(dom)
+        if owner and owner[0] == engine_id:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+    conn.close()
+
+
+@pytest.fixture
+def make_engine(workdir: Path) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(libvirt_uri: str = "qemu:///system", start: bool = True, **env: str) -> Engine:
+        engine = Engine(
+            home=workdir / f"home{len(engines)}", libvirt_uri=libvirt_uri, extra_env=env
+        )
+        engines.append(engine)
+        if start:
+            engine.start()
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+        if engine.libvirt_uri != "test:///default":
+            _cleanup_domains(engine)
+
+
+@pytest.fixture
+def test_engine(make_engine: Callable[..., Engine]) -> Engine:
+    """An engine on libvirt's test driver: fast, no hypervisor."""
+    return make_engine("test:///default")
+
+
+@pytest.fixture
+def storage_dir(workdir: Path) -> Path:
+    path = workdir / "sd"
+    path.mkdir(mode=0o755)
+    return path
+
+
+@pytest.fixture
+def raw_image(workdir: Path) -> Path:
+    """A 64 MiB raw image with a recognizable first MiB."""
+    path = workdir / "src.raw"
+    with open(path, "wb") as f:
+        f.write(os.urandom(1024 * 1024))
+        f.truncate(64 * 1024 * 1024)
+    return path
+
+
+@pytest.fixture
+def nbd_export() -> Iterator[Callable[..., qemu_nbd.Server]]:
+    """Start qemu-nbd exports that are stopped after the test."""
+    servers: list[qemu_nbd.Server] = []
+
+    def start(image: Path, fmt: str = "raw", **kwargs: object) -> qemu_nbd.Server:
+        server = qemu_nbd.Server(str(image), fmt=fmt, export_name="disk", **kwargs)  # type: ignore[arg-type]
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

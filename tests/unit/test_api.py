@@ -1,0 +1,180 @@
+"""The engine over HTTP on libvirt's test driver: storage domains, VM life cycle,
+auth, and bad input that must change nothing. Real SQLite and qemu-img."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Engine
+from thinair.adapters import qemu_img
+from thinair.client import ThinairAPIError
+
+
+def test_storage_domains(test_engine: Engine, storage_dir: Path, workdir: Path) -> None:
+    c = test_engine.client()
+    sd = c.storage_domains.add("tmp", str(storage_dir))
+    assert sd.name == "tmp" and sd.path == str(storage_dir) and sd.free_bytes
+    assert [d.name for d in c.storage_domains.list()] == ["tmp"]
+    assert c.storage_domains.get(sd.id).name == "tmp"
+    other = workdir / "other"
+    other.mkdir()
+    for name, path, code in [
+        ("tmp", str(other), "conflict"),  # name taken
+        ("x", str(storage_dir), "conflict"),  # same directory
+        ("y", str(storage_dir / "sub"), "storage"),  # missing directory
+        ("z", "relative/dir", "invalid_input"),
+        ("bad name", str(other), "invalid_input"),
+    ]:
+        with pytest.raises(ThinairAPIError) as e:
+            c.storage_domains.add(name, path)
+        assert e.value.code == code, (name, path, e.value.message)
+    assert [d.name for d in c.storage_domains.list()] == ["tmp"]
+    c.storage_domains.remove("tmp")
+    assert c.storage_domains.list() == []
+
+
+def test_vm_life_cycle(test_engine: Engine, storage_dir: Path, raw_image: Path) -> None:
+    c = test_engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    vm = c.vms.create("web1", disks=[str(raw_image)], memory_mib=128, cpus=2)
+    assert vm.state == "stopped" and vm.phase == "ready"
+    (disk,) = vm.disks
+    assert disk.target == "vda" and disk.location == "external"
+    assert disk.external_disk is not None
+    assert disk.external_disk.format == "raw" and disk.virtual_size == 64 * 2**20
+    info = qemu_img.info(disk.volume_path)
+    assert info.format == "qcow2"
+    assert info.backing_filename == str(raw_image)
+    assert info.raw["backing-filename-format"] == "raw"
+    assert info.virtual_size == disk.virtual_size
+
+    assert c.vms.start("web1").state == "running"
+    with pytest.raises(ThinairAPIError, match="running already"):
+        c.vms.start("web1")
+    with pytest.raises(ThinairAPIError, match="stop it first"):
+        c.vms.remove("web1")
+    assert c.vms.stop("web1").state == "stopped"
+    c.vms.start("web1")
+    c.vms.rollback("web1")
+    assert c.vms.list() == []
+    assert list(storage_dir.iterdir()) == []
+
+
+def test_two_disks_and_remove(
+    test_engine: Engine, storage_dir: Path, raw_image: Path, workdir: Path
+) -> None:
+    second = workdir / "second.qcow2"
+    qemu_img.create(str(second), "qcow2", 32 * 2**20)
+    c = test_engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    vm = c.vms.create("two", disks=[str(raw_image), f"{second},format=qcow2"])
+    assert [(d.target, d.external_disk.format) for d in vm.disks if d.external_disk] == [
+        ("vda", "raw"),
+        ("vdb", "qcow2"),
+    ]
+    assert len(list(storage_dir.iterdir())) == 2
+    c.vms.remove("two")
+    assert list(storage_dir.iterdir()) == []
+
+
+def test_bad_vm_input_creates_nothing(
+    test_engine: Engine, storage_dir: Path, raw_image: Path, workdir: Path
+) -> None:
+    c = test_engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    c.vms.create("taken", disks=[str(raw_image)])
+    before = sorted(storage_dir.iterdir())
+    not_an_image = workdir / "dir"
+    not_an_image.mkdir()
+    cases = [
+        (dict(name="taken", disks=[str(raw_image)]), "conflict", "exists already"),
+        (dict(name="x", disks=[f"{raw_image},storage=nope"]), "not_found", "no storage domain"),
+        (dict(name="x", disks=[str(workdir / "missing.img")]), "external_disk", "No such file"),
+        (dict(name="x", disks=[str(not_an_image)]), "external_disk", "not a file"),
+        (dict(name="x", disks=[f"{raw_image},format=qcow2"]), "external_disk", "qcow2"),
+        (dict(name="x", disks=[str(raw_image), "nbd://127.0.0.1:1/x"]), "external_disk", "refused"),
+    ]
+    for kwargs, code, words in cases:
+        with pytest.raises(ThinairAPIError) as e:
+            c.vms.create(**kwargs)  # type: ignore[arg-type]
+        assert e.value.code == code, (kwargs, e.value.message)
+        assert words in e.value.message, (kwargs, e.value.message)
+    assert [vm.name for vm in c.vms.list()] == ["taken"]
+    assert sorted(storage_dir.iterdir()) == before
+
+
+def test_malformed_bodies_get_4xx(test_engine: Engine) -> None:
+    token = test_engine.settings.token_file.read_text().strip()
+    http = httpx.Client(
+        base_url=test_engine.settings.url + "/api/v1", headers={"Authorization": f"Bearer {token}"}
+    )
+    for body in [
+        {},
+        {"name": "a"},
+        {"name": "a", "disks": []},
+        {"name": "a<b>", "disks": [{"external_disk": {"url": "/x"}}]},
+        {"name": "a", "memory_mib": -1, "disks": [{"external_disk": {"url": "/x"}}]},
+        {"name": "a", "disks": [{"external_disk": {"url": "/x"}}], "extra": 1},
+        [1, 2, 3],
+        "text",
+    ]:
+        r = http.post("/vms", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["code"] == "invalid_input"
+    assert http.get("/vms").json() == []
+
+
+def test_storage_domain_full(make_engine: object, storage_dir: Path, raw_image: Path) -> None:
+    engine = make_engine("test:///default", THINAIR_MIN_FREE_MIB=str(2**40))  # type: ignore[operator]
+    c = engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    with pytest.raises(ThinairAPIError, match="is full") as e:
+        c.vms.create("x", disks=[str(raw_image)])
+    assert e.value.code == "storage"
+    assert c.vms.list() == [] and list(storage_dir.iterdir()) == []
+
+
+def test_auth(test_engine: Engine) -> None:
+    url = test_engine.settings.url + "/api/v1/vms"
+    assert httpx.get(url).status_code == 401
+    r = httpx.get(url, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+    token = test_engine.settings.token_file.read_text().strip()
+    assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert oct(test_engine.settings.token_file.stat().st_mode & 0o777) == "0o600"
+    spec = httpx.get(test_engine.settings.url + "/api/v1/openapi.json").json()
+    assert "/api/v1/vms/{ref}/rollback" in spec["paths"]
+
+
+def test_cli_json_and_errors(test_engine: Engine, storage_dir: Path, raw_image: Path) -> None:
+    done = test_engine.cli("storage", "add", "tmp", str(storage_dir), "--json", check=True)
+    assert json.loads(done.stdout)["name"] == "tmp"
+    done = test_engine.cli(
+        "vm", "create", "c1", "--memory", "128", "--disk", str(raw_image), "--json", check=True
+    )
+    vm = json.loads(done.stdout)
+    assert vm["name"] == "c1" and vm["disks"][0]["external_disk"]["url"] == str(raw_image)
+    done = test_engine.cli("vm", "start", "c1", "--json", check=True)
+    assert json.loads(done.stdout)["state"] == "running"
+    listed = json.loads(test_engine.cli("vm", "list", "--json", check=True).stdout)
+    assert [v["name"] for v in listed] == ["c1"]
+    assert "c1" in test_engine.cli("vm", "show", "c1", check=True).stdout
+    bad = test_engine.cli("vm", "create", "c2", "--disk", "gopher://x/y")
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: unsupported URL scheme")
+    assert "Traceback" not in bad.stderr
+    missing = test_engine.cli("vm", "show", "nope")
+    assert missing.returncode == 1 and "no VM 'nope'" in missing.stderr
+    done = test_engine.cli("vm", "rollback", "c1", "--json", check=True)
+    assert json.loads(done.stdout) == {"rolled_back": "c1"}
+
+
+def test_cli_without_engine(workdir: Path) -> None:
+    engine = Engine(home=workdir / "h", libvirt_uri="test:///default")
+    done = engine.cli("vm", "list")
+    assert done.returncode == 1
+    assert "no thinair engine at" in done.stderr and "thinair engine" in done.stderr

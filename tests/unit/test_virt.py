@@ -1,0 +1,100 @@
+"""Domain XML as libvirt reads it back (test:///default driver), and ownership."""
+
+from __future__ import annotations
+
+import uuid
+import xml.etree.ElementTree as ET
+
+import libvirt
+import pytest
+
+from thinair.adapters.virt import DiskDevice, DomainSpec, Virt, disk_target, domain_xml
+
+
+def spec(name: str = "web1", **kw: object) -> DomainSpec:
+    vm_id = str(uuid.uuid4())
+    values: dict[str, object] = dict(
+        name=name,
+        uuid=vm_id,
+        vm_id=vm_id,
+        engine_id="engine-1",
+        memory_mib=256,
+        cpus=2,
+        domain_type="qemu",
+        console_log="/var/log/x.log",
+        disks=[DiskDevice("vda", "/sd/a.qcow2"), DiskDevice("vdb", "/sd/b.qcow2")],
+    )
+    values.update(kw)
+    return DomainSpec(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def virt() -> Virt:
+    return Virt("test:///default")
+
+
+def test_xml_defines_and_reads_back(virt: Virt) -> None:
+    s = spec()
+    virt.define(domain_xml(s))
+    live = ET.fromstring(virt.xml("web1"))
+    assert live.get("type") == "qemu"
+    assert live.findtext("uuid") == s.uuid
+    assert live.find("memory").text == str(256 * 1024)  # type: ignore[union-attr]
+    assert live.findtext("vcpu") == "2"
+    disks = live.findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb"]  # type: ignore[union-attr]
+    assert [d.find("source").get("file") for d in disks] == ["/sd/a.qcow2", "/sd/b.qcow2"]  # type: ignore[union-attr]
+    assert disks[0].find("boot").get("order") == "1"  # type: ignore[union-attr]
+    assert live.find("devices/serial/log").get("file") == "/var/log/x.log"  # type: ignore[union-attr]
+
+
+def test_owner_is_read_from_metadata(virt: Virt) -> None:
+    s = spec()
+    virt.define(domain_xml(s))
+    dom = virt.lookup("web1")
+    assert dom is not None
+    assert Virt.owner(dom) == ("engine-1", s.vm_id)
+    assert virt.owned_domains("engine-1") == {s.vm_id: "web1"}
+    assert virt.owned_domains("engine-2") == {}
+
+
+def test_foreign_domain_has_no_owner(virt: Virt) -> None:
+    dom = virt.lookup("test")  # the test driver's own domain
+    assert dom is not None
+    assert Virt.owner(dom) is None
+
+
+def test_xml_special_characters_are_escaped() -> None:
+    s = spec(console_log="/tmp/a'<b>&\".log", disks=[DiskDevice("vda", "/sd/<evil>&'\"/x.qcow2")])
+    root = ET.fromstring(domain_xml(s))  # would raise if not well-formed
+    assert root.find("devices/disk/source").get("file") == "/sd/<evil>&'\"/x.qcow2"  # type: ignore[union-attr]
+
+
+def test_start_stop_undefine(virt: Virt) -> None:
+    virt.define(domain_xml(spec()))
+    assert virt.state("web1") == "stopped"
+    virt.start("web1")
+    assert virt.state("web1") == "running"
+    virt.stop("web1", force=False, timeout=5)
+    assert virt.state("web1") == "stopped"
+    virt.start("web1")
+    virt.undefine("web1")
+    assert virt.state("web1") == "missing"
+    virt.undefine("web1")  # idempotent
+
+
+def test_disk_targets() -> None:
+    assert [disk_target(i) for i in (0, 1, 25, 26, 27)] == ["vda", "vdb", "vdz", "vdaa", "vdab"]
+
+
+def test_domain_type_setting_is_respected(virt: Virt) -> None:
+    assert virt.choose_domain_type("kvm") == "kvm"
+    assert virt.choose_domain_type("qemu") == "qemu"
+    assert virt.choose_domain_type("auto") == "qemu"  # the test driver is not QEMU
+
+
+def test_lookup_missing(virt: Virt) -> None:
+    assert virt.lookup("nope") is None
+    with pytest.raises(Exception, match="no domain"):
+        virt.start("nope")
+    assert libvirt.getVersion() > 0
