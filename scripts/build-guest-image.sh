@@ -103,9 +103,15 @@ kernel_package() {
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }'
 }
 
-download() { # package -> cached path
+download() { # package -> $BUILD/<package>_<version>_<arch>.deb
+    # Into a scratch dir first, so that a killed download never leaves a cached .deb.
+    local dl="$BUILD/download"
     log "apt-get download $1"
-    (cd "$BUILD" && apt-get download -qq "${APT_OPTS[@]}" "$1" >&2)
+    rm -rf "$dl"
+    mkdir -p "$dl"
+    (cd "$dl" && apt-get download -qq "${APT_OPTS[@]}" "$1" >&2)
+    mv "$dl"/*.deb "$BUILD/"
+    rmdir "$dl"
 }
 
 KERNEL_DEB=$(cached_deb 'linux-image-6.1.0-*-amd64_*_amd64.deb')
@@ -133,6 +139,7 @@ log "kernel: ${KERNEL_DEB##*/}"
 log "busybox: ${BUSYBOX_DEB##*/}"
 
 # ---------------------------------------------------------------- extract
+rm -rf "$BUILD"/work.* # left by a killed build (we hold the lock)
 WORK=$(mktemp -d "$BUILD/work.XXXXXX")
 TMP="$OUT.tmp"
 cleanup() { rm -rf "$WORK"; rm -f "$TMP"; }
@@ -271,7 +278,7 @@ for d in /sys/block/vd*; do
     [ -e "$d" ] || continue
     n=${d##*/}
     size=$(($(cat "$d/size") * 512))
-    sum=$(dd if=/dev/$n bs=1048576 count=1 2>/dev/null | md5sum)
+    sum=$(dd if="/dev/$n" bs=1048576 count=1 2>/dev/null | md5sum)
     echo "THINAIR-DISK name=$n size=$size head_md5=${sum%% *}"
 done
 
@@ -279,6 +286,7 @@ sum=$(dd if=/dev/vda bs=1048576 skip=$PATTERN_SKIP_MIB count=$PATTERN_MIB 2>/dev
 echo "THINAIR-PATTERN md5=${sum%% *}"
 
 INTERVAL=1000
+# shellcheck disable=SC2013 # words, not lines
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         thinair.interval=*)
@@ -316,7 +324,7 @@ BOOT=$N
 FULL=0
 while :; do
     power_off_if_asked
-    if [ $N -ge $NSLOTS ]; then
+    if [ "$N" -ge $NSLOTS ]; then
         if [ $FULL = 0 ]; then
             echo "THINAIR-FULL next=$N"
             FULL=1
@@ -337,7 +345,7 @@ while :; do
     else
         echo "THINAIR-ERROR write seq=$N failed"
     fi
-    sleep_ms $INTERVAL
+    sleep_ms "$INTERVAL"
 done
 EOF
 chmod 0755 "$ROOT/init"

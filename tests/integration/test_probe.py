@@ -47,8 +47,7 @@ def test_probe_unknown_export(nbd_export: Export, raw_image: Path) -> None:
         probe(DiskSpec(url=f"nbd://127.0.0.1:{server.port}/nope"), timeout=5)
 
 
-def test_probe_writable_export_refused_unless_allowed(nbd_export: Export,
-                                                      raw_image: Path) -> None:
+def test_probe_writable_export_refused_unless_allowed(nbd_export: Export, raw_image: Path) -> None:
     server = nbd_export(raw_image, read_only=False)
     with pytest.raises(ExternalDiskError, match="is writable"):
         probe(DiskSpec(url=server.url), timeout=5)
