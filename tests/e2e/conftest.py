@@ -70,11 +70,10 @@ def image_reader(path: str, fmt: str = "qcow2") -> Iterator[Callable[[int, int],
     """read(offset, length) of what a guest sees in an image (its whole chain)."""
     server = qemu_nbd.Server(path, fmt=fmt, export_name="r", cache="writeback", aio="threads")
     server.start()
-    h = nbd.NBD()
+    handle = nbd.NBD()
     try:
-        h.connect_uri(server.url)
-        yield lambda offset, length: h.pread(length, offset)
-        h.shutdown()
+        handle.connect_uri(server.url)
+        yield lambda offset, length: handle.pread(length, offset)
+        handle.shutdown()
     finally:
-        del h
         server.stop()
