@@ -18,9 +18,12 @@ thinair="$top/.venv/bin/thinair"
 engine_pid="" nbd_pid=""
 
 cleanup() {
-  "$thinair" vm rollback demo >/dev/null 2>&1 || true
-  [ -n "$engine_pid" ] && kill "$engine_pid" 2>/dev/null && wait "$engine_pid" 2>/dev/null
-  [ -n "$nbd_pid" ] && kill "$nbd_pid" 2>/dev/null && wait "$nbd_pid" 2>/dev/null
+  set +e
+  "$thinair" vm rollback demo >/dev/null 2>&1
+  for pid in $engine_pid $nbd_pid; do
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -166,7 +166,9 @@ def _render_vm(vm: Any) -> None:
     )
     if vm.last_start_seconds is not None:
         out.print(f"last start took {vm.last_start_seconds:.2f} s")
-    table = Table("DISK", "DATA", "SIZE", "VOLUME", "EXTERNAL", box=None)
+    table = Table("DISK", "DATA", "SIZE", box=None)
+    table.add_column("VOLUME", overflow="fold")
+    table.add_column("EXTERNAL", overflow="fold")
     for d in vm.disks:
         ext = f"{d.external_disk.url} ({d.external_disk.format})" if d.external_disk else "-"
         table.add_row(
