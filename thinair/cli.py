@@ -29,8 +29,12 @@ app = typer.Typer(
 )
 storage_app = typer.Typer(no_args_is_help=True, help="Storage domains: where volumes live.")
 vm_app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
+disk_app = typer.Typer(no_args_is_help=True, help="Disks of VMs.")
+jobs_app = typer.Typer(invoke_without_command=True, help="Long operations (imports, moves).")
 app.add_typer(storage_app, name="storage")
 app.add_typer(vm_app, name="vm")
+app.add_typer(disk_app, name="disk")
+app.add_typer(jobs_app, name="jobs")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -303,6 +307,192 @@ def _write_console(text: str, as_json: bool, offset: int) -> None:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+# -- import, move and jobs ------------------------------------------------------
+
+StrategyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--strategy",
+        help="stream (keep the temporary disk) or mirror (copy to a new volume); "
+        "by default stream where the temporary disk is on the target already",
+    ),
+]
+BandwidthOpt = Annotated[float | None, typer.Option("--bandwidth", help="MiB/s limit.")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")]
+
+
+def _follow(client: Client, job: Any, as_json: bool, no_wait: bool) -> None:
+    """Follow a job to its end: a progress bar on a terminal, JSON lines otherwise.
+    Exits 1 when the job did not succeed."""
+    if no_wait:
+        _emit(
+            job,
+            as_json,
+            lambda: out.print(
+                f"job {job.id} started; follow it with `thinair jobs watch {job.id}`"
+            ),
+        )
+        return
+    if as_json or not out.is_terminal:
+
+        def show(j: Any) -> None:
+            print(j.model_dump_json(), flush=True)
+
+        final = client.jobs.wait(job.id, progress=show)
+    else:
+        final = _progress_bar(client, job.id)
+    if final.state != "succeeded":
+        err.print(
+            f"[red]error:[/red] job {final.id} {final.state}"
+            + (f": {final.error}" if final.error else ""),
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    if not as_json and out.is_terminal:
+        out.print(f"job {final.id} succeeded in {final.progress.get('elapsed', 0):.1f} s")
+
+
+def _progress_bar(client: Client, job_id: str) -> Any:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=out) as bar:
+        tasks: dict[str, Any] = {}
+
+        def show(j: Any) -> None:
+            disks = j.progress.get("disks", {})
+            for target, d in disks.items():
+                if target not in tasks:
+                    tasks[target] = bar.add_task(target, total=d["total"])
+                bar.update(
+                    tasks[target],
+                    completed=d["done"],
+                    total=d["total"],
+                    description=f"{target} {j.step or j.state}",
+                )
+            if len(disks) > 1:
+                if "total" not in tasks:
+                    tasks["total"] = bar.add_task("total", total=j.progress.get("total"))
+                bar.update(
+                    tasks["total"],
+                    completed=j.progress.get("done", 0),
+                    total=j.progress.get("total"),
+                )
+
+        return client.jobs.wait(job_id, progress=show)
+
+
+@vm_app.command("import")
+def vm_import(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="Target storage domain.")],
+    strategy: StrategyOpt = None,
+    bandwidth: BandwidthOpt = None,
+    no_wait: NoWaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make every external disk of a VM local, while it runs (or stopped)."""
+    with _errors():
+        client = Client()
+        job = client.vms.import_(name, to=to, strategy=strategy, bandwidth_mib=bandwidth)
+        _follow(client, job, as_json, no_wait)
+
+
+@disk_app.command("move")
+def disk_move(
+    vm: str,
+    disk: Annotated[str, typer.Argument(help="Target (vda) or disk id.")],
+    to: Annotated[str, typer.Option("--to", help="Target storage domain.")],
+    strategy: StrategyOpt = None,
+    bandwidth: BandwidthOpt = None,
+    no_wait: NoWaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make one disk of a VM local (oVirt's "move")."""
+    with _errors():
+        client = Client()
+        found = client.disks.find(vm, disk)
+        job = client.disks.move(found.id, to=to, strategy=strategy, bandwidth_mib=bandwidth)
+        _follow(client, job, as_json, no_wait)
+
+
+@app.command("quick-import")
+def quick_import(
+    urls: Annotated[list[str], typer.Argument(help="External disks, as for --disk.")],
+    name: Annotated[str, typer.Option("--name", help="The VM's name.")],
+    to: Annotated[str, typer.Option("--to", help="Storage domain for the disks.")],
+    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 512,
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    strategy: StrategyOpt = None,
+    bandwidth: BandwidthOpt = None,
+    no_wait: NoWaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a VM on external disks, start it, and import it, in one go."""
+    with _errors():
+        client = Client()
+        disks = [
+            _absolute_disk(u) if ",storage=" in u else f"{_absolute_disk(u)},storage={to}"
+            for u in urls
+        ]
+        began = time.monotonic()
+        client.vms.create(name, disks, memory_mib=memory, cpus=cpus)
+        vm = client.vms.start(name)
+        if not as_json:
+            out.print(f"{name} is {vm.state} after {time.monotonic() - began:.1f} s; importing")
+        job = client.vms.import_(name, to=to, strategy=strategy, bandwidth_mib=bandwidth)
+        _follow(client, job, as_json, no_wait)
+
+
+def _render_jobs(jobs: list[Any]) -> None:
+    table = Table("ID", "KIND", "STATE", "STEP", "DONE", "ERROR", box=None)
+    for j in jobs:
+        done = j.progress.get("done")
+        total = j.progress.get("total")
+        pct = f"{100 * done / total:.0f}%" if done is not None and total else "-"
+        table.add_row(j.id, j.kind, j.state, j.step, pct, j.error or "")
+    out.print(table)
+
+
+@jobs_app.callback()
+def jobs_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List jobs (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with _errors():
+        jobs = Client().jobs.list()
+    _emit(jobs, as_json, lambda: _render_jobs(jobs))
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, as_json: JsonOpt = False) -> None:
+    """Follow a job until it ends."""
+    with _errors():
+        client = Client()
+        _follow(client, client.jobs.get(job_id), as_json, no_wait=False)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, as_json: JsonOpt = False) -> None:
+    """Cancel a job: the VM goes on running on its temporary disks."""
+    with _errors():
+        job = Client().jobs.cancel(job_id)
+    _emit(job, as_json, lambda: out.print(f"cancelling job {job.id}"))
 
 
 def main() -> None:

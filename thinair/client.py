@@ -10,6 +10,8 @@ c.vms.start("web1")
 from __future__ import annotations
 
 import builtins
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,8 @@ class Client:
         self._http = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=timeout)
         self.storage_domains = StorageDomains(self)
         self.vms = Vms(self)
+        self.disks = Disks(self)
+        self.jobs = Jobs(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -146,7 +150,7 @@ class Vms:
     def create(
         self,
         name: str,
-        disks: builtins.list[str | models.DiskCreate],
+        disks: Sequence[str | models.DiskCreate],
         memory_mib: int = 512,
         cpus: int = 1,
     ) -> models.Vm:
@@ -171,7 +175,83 @@ class Vms:
     def rollback(self, ref: str) -> None:
         self._c.request("POST", f"/vms/{ref}/rollback")
 
+    def import_(
+        self, ref: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+    ) -> models.Job:
+        """Start making the VM's external disks local; returns the job at once
+        (see Jobs.wait)."""
+        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
+        return models.Job.model_validate(self._c.request("POST", f"/vms/{ref}/import", json=body))
+
     def console(self, ref: str, offset: int = 0) -> models.Console:
         return models.Console.model_validate(
             self._c.request("GET", f"/vms/{ref}/console", params={"offset": offset})
         )
+
+
+class Disks:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> builtins.list[models.Disk]:
+        return [models.Disk.model_validate(x) for x in self._c.request("GET", "/disks")]
+
+    def get(self, disk_id: str) -> models.Disk:
+        return models.Disk.model_validate(self._c.request("GET", f"/disks/{disk_id}"))
+
+    def find(self, vm: str, target: str) -> models.Disk:
+        """A VM's disk by its target (vda) or id."""
+        for disk in self._c.vms.get(vm).disks:
+            if target in (disk.target, disk.id):
+                return disk
+        raise ThinairAPIError(404, "not_found", f"VM {vm!r} has no disk {target!r}")
+
+    def move(
+        self, disk_id: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+    ) -> models.Job:
+        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
+        return models.Job.model_validate(
+            self._c.request("POST", f"/disks/{disk_id}/move", json=body)
+        )
+
+
+class Jobs:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, vm: str | None = None) -> builtins.list[models.Job]:
+        params = {"vm": vm} if vm else {}
+        return [
+            models.Job.model_validate(x) for x in self._c.request("GET", "/jobs", params=params)
+        ]
+
+    def get(self, job_id: str) -> models.Job:
+        return models.Job.model_validate(self._c.request("GET", f"/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> models.Job:
+        return models.Job.model_validate(self._c.request("POST", f"/jobs/{job_id}/cancel"))
+
+    def wait(
+        self,
+        job_id: str,
+        progress: Callable[[models.Job], None] | None = None,
+        timeout: float | None = None,
+    ) -> models.Job:
+        """Follow the job (long-polling the engine) until it ends; `progress` is
+        called with each new state. Returns the ended job; check its `state`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.get(job_id)
+        while True:
+            if progress is not None:
+                progress(job)
+            if job.state not in ("pending", "running"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise ThinairAPIError(0, "timeout", f"job {job_id} still {job.state}")
+            job = models.Job.model_validate(
+                self._c.request(
+                    "GET",
+                    f"/jobs/{job_id}",
+                    params={"wait": 10, "since": job.updated_at.isoformat()},
+                )
+            )

@@ -104,6 +104,16 @@ class Console(_Model):
     offset: int = Field(description="pass as ?offset= to read on from here")
 
 
+class ImportRequest(_Model):
+    to: str = Field(min_length=1, description="name or id of the target storage domain")
+    strategy: Literal["stream", "mirror"] | None = Field(
+        default=None,
+        description="stream where the temporary disk is on the target already, "
+        "mirror elsewhere, when omitted",
+    )
+    bandwidth_mib: float | None = Field(default=None, gt=0, description="MiB/s limit")
+
+
 class Job(_Model):
     id: str
     kind: str

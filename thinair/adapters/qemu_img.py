@@ -14,7 +14,7 @@ from typing import Any
 from thinair.adapters._process import CommandFailed, run
 
 
-def _qemu_img() -> str:
+def binary() -> str:
     return os.environ.get("THINAIR_QEMU_IMG", "qemu-img")
 
 
@@ -30,7 +30,7 @@ class ImageInfo:
 def info(
     filename: str, fmt: str | None = None, timeout: float | None = None, backing_chain: bool = False
 ) -> ImageInfo:
-    argv = [_qemu_img(), "info", "--output=json"]
+    argv = [binary(), "info", "--output=json"]
     if fmt:
         argv += ["-f", fmt]
     if backing_chain:
@@ -52,7 +52,7 @@ def create_overlay(path: str, backing: str, backing_format: str, size: int) -> N
     opened again: it was probed already, and some NBD servers take one client only."""
     run(
         [
-            _qemu_img(),
+            binary(),
             "create",
             "-q",
             "-f",
@@ -69,14 +69,14 @@ def create_overlay(path: str, backing: str, backing_format: str, size: int) -> N
 
 
 def create(path: str, fmt: str, size: int) -> None:
-    run([_qemu_img(), "create", "-q", "-f", fmt, path, str(size)])
+    run([binary(), "create", "-q", "-f", fmt, path, str(size)])
 
 
 def compare(
     a: str, b: str, a_format: str | None = None, b_format: str | None = None, strict: bool = False
 ) -> bool:
     """True if the images hold the same data (qemu-img compare exits 1 when they differ)."""
-    argv = [_qemu_img(), "compare", "-q"]
+    argv = [binary(), "compare", "-q"]
     if a_format:
         argv += ["-f", a_format]
     if b_format:
@@ -91,3 +91,12 @@ def compare(
             return False
         raise
     return True
+
+
+def measure(qcow2_path: str, out_fmt: str) -> int:
+    """Bytes a copy of the image's whole chain needs in `out_fmt`. Reads the
+    allocation map only, and without taking the image's lock, so it works on the
+    disk of a running VM."""
+    opts = f"driver=qcow2,file.driver=file,file.filename={qcow2_path},file.locking=off"
+    out = run([binary(), "measure", "--output=json", "-O", out_fmt, "--image-opts", opts])
+    return int(json.loads(out)["required"])

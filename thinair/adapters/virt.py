@@ -27,6 +27,63 @@ NS_PREFIX = "thinair"
 # libvirt prints every error to stderr by default; we raise them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's default event loop, in a daemon thread: block job events need it.
+    It must be registered before the first connection is opened."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+# Block job outcomes as libvirt's BLOCK_JOB_2 event reports them.
+JOB_COMPLETED = "completed"
+JOB_FAILED = "failed"
+JOB_CANCELED = "canceled"
+JOB_READY = "ready"
+_JOB_STATUS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: JOB_COMPLETED,
+    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: JOB_FAILED,
+    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: JOB_CANCELED,
+    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: JOB_READY,
+}
+
+
+class BlockJobEvents:
+    """The last block job event per (domain UUID, disk target), with a condition
+    to wait on, so a flow learns of ready/completed/failed from libvirt itself."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._last: dict[tuple[str, str], str] = {}
+
+    def record(self, dom_uuid: str, target: str, status: str) -> None:
+        with self._cond:
+            self._last[(dom_uuid, target)] = status
+            self._cond.notify_all()
+
+    def clear(self, dom_uuid: str, target: str) -> None:
+        with self._cond:
+            self._last.pop((dom_uuid, target), None)
+
+    def wait(self, dom_uuid: str, target: str, timeout: float) -> str | None:
+        """The event seen for the disk, waiting up to `timeout` for one."""
+        with self._cond:
+            self._cond.wait_for(lambda: (dom_uuid, target) in self._last, timeout)
+            return self._last.get((dom_uuid, target))
+
 
 @dataclass(frozen=True)
 class DiskDevice:
@@ -103,6 +160,7 @@ class Virt:
         self.uri = uri
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
+        self.block_events = BlockJobEvents()
 
     @property
     def conn(self) -> libvirt.virConnect:
@@ -114,11 +172,31 @@ class Virt:
                 except libvirt.libvirtError:
                     pass
                 log.info("libvirt connection to %s lost; reconnecting", self.uri)
+            _ensure_event_loop()
             try:
-                self._conn = libvirt.open(self.uri)
+                conn = libvirt.open(self.uri)
             except libvirt.libvirtError as e:
                 raise BackendError(f"cannot connect to libvirt at {self.uri}: {e}") from None
-            return self._conn
+            with contextlib.suppress(libvirt.libvirtError):  # the test driver has no jobs
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
+                )
+            self._conn = conn
+            return conn
+
+    def _on_block_job(
+        self,
+        _conn: libvirt.virConnect,
+        dom: libvirt.virDomain,
+        target: str,
+        _job_type: int,
+        status: int,
+        _opaque: object,
+    ) -> None:
+        name = _JOB_STATUS.get(status)
+        if name:
+            log.info("block job on %s %s: %s", dom.name(), target, name)
+            self.block_events.record(dom.UUIDString(), target, name)
 
     def close(self) -> None:
         with self._lock:
@@ -228,8 +306,114 @@ class Virt:
                 return
             raise BackendError(f"libvirt could not remove {name}: {e}") from None
 
-    def xml(self, name: str) -> str:
-        return str(self._get(name).XMLDesc(0))
+    def xml(self, name: str, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return str(self._get(name).XMLDesc(flags))
+
+    # -- block jobs (import) --------------------------------------------------
+
+    def disk_chain(self, name: str, target: str) -> list[str]:
+        """The live chain of a disk, top first: file paths, or protocol://host/name
+        for network layers."""
+        root = ET.fromstring(self.xml(name))
+        for disk in root.iterfind("devices/disk"):
+            tgt = disk.find("target")
+            if tgt is None or tgt.get("dev") != target:
+                continue
+            chain = []
+            node: ET.Element | None = disk
+            while node is not None and node.find("source") is not None:
+                src = node.find("source")
+                assert src is not None
+                if src.get("file"):
+                    chain.append(src.get("file", ""))
+                else:
+                    chain.append(f"{src.get('protocol')}://{src.get('name', '')}")
+                node = node.find("backingStore")
+            return chain
+        raise BackendError(f"{name} has no disk {target}")
+
+    def mirror_ready(self, name: str, target: str) -> bool:
+        """libvirt's own word that a copy job reached the ready phase."""
+        root = ET.fromstring(self.xml(name))
+        for disk in root.iterfind("devices/disk"):
+            tgt = disk.find("target")
+            mirror = disk.find("mirror")
+            if tgt is not None and tgt.get("dev") == target and mirror is not None:
+                return mirror.get("ready") == "yes"
+        return False
+
+    def block_job(self, name: str, target: str) -> tuple[int, int] | None:
+        """(bytes done, bytes total) of the disk's active block job, or None."""
+        try:
+            info = self._get(name).blockJobInfo(target, 0)
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt: {e}") from None
+        if not info:
+            return None
+        return int(info["cur"]), int(info["end"])
+
+    def block_copy(
+        self,
+        name: str,
+        target: str,
+        dest: str,
+        dest_format: str,
+        bandwidth: int | None,
+        buf_size: int | None,
+        granularity: int | None,
+        shallow: bool,
+        reuse_external: bool,
+    ) -> None:
+        """Start a copy of the disk (its whole chain unless `shallow`) to `dest`,
+        with synchronous writes once ready so it converges under any guest load."""
+        dom = self._get(name)
+        dest_xml = ET.Element("disk", type="file", device="disk")
+        ET.SubElement(dest_xml, "driver", name="qemu", type=dest_format)
+        ET.SubElement(dest_xml, "source", file=dest)
+        params: dict[str, int] = {}
+        if bandwidth:
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = bandwidth
+        if buf_size:
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BUF_SIZE] = buf_size
+        if granularity:
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_GRANULARITY] = granularity
+        flags = (
+            libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+            | libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
+        )
+        if shallow:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+        if reuse_external:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+        self.block_events.clear(dom.UUIDString(), target)
+        try:
+            dom.blockCopy(target, ET.tostring(dest_xml, encoding="unicode"), params, flags)
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not start copying {name} {target}: {e}") from None
+
+    def block_pull(self, name: str, target: str, bandwidth: int | None) -> None:
+        """Start pulling the backing chain's data into the top image."""
+        dom = self._get(name)
+        self.block_events.clear(dom.UUIDString(), target)
+        try:
+            dom.blockRebase(
+                target, None, bandwidth or 0, libvirt.VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES
+            )
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not start pulling {name} {target}: {e}") from None
+
+    def block_job_abort(self, name: str, target: str, pivot: bool = False) -> None:
+        dom = self._get(name)
+        flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if pivot else 0
+        try:
+            dom.blockJobAbort(target, flags)
+        except libvirt.libvirtError as e:
+            what = "switch" if pivot else "cancel the copy of"
+            raise BackendError(f"libvirt could not {what} {name} {target}: {e}") from None
+
+    def wait_block_event(self, name: str, target: str, timeout: float) -> str | None:
+        return self.block_events.wait(self._get(name).UUIDString(), target, timeout)
 
     def _get(self, name: str) -> libvirt.virDomain:
         dom = self.lookup(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -18,8 +19,9 @@ from thinair import models
 from thinair.api import auth
 from thinair.config import Settings
 from thinair.db.models import ApiToken
-from thinair.engine import reconcile, storage, vms
+from thinair.engine import imports, reconcile, storage, vms
 from thinair.engine.context import EngineContext
+from thinair.engine.jobs import JobRunner
 from thinair.errors import (
     BackendError,
     Conflict,
@@ -149,6 +151,71 @@ def vm_console(ctx: Ctx, ref: str, offset: Annotated[int, Query(ge=0)] = 0) -> m
     return vms.console(ctx, ref, offset)
 
 
+def get_jobs(ctx: Ctx) -> JobRunner:
+    assert ctx.jobs is not None
+    return ctx.jobs
+
+
+Jobs = Annotated[JobRunner, Depends(get_jobs)]
+
+
+def _accepted(job: models.Job) -> JSONResponse:
+    return JSONResponse(
+        status_code=202,
+        content=job.model_dump(mode="json"),
+        headers={"Location": f"/api/v1/jobs/{job.id}"},
+    )
+
+
+@router.post("/vms/{ref}/import", response_model=models.Job, status_code=202)
+def import_vm(ctx: Ctx, jobs: Jobs, ref: str, req: models.ImportRequest) -> JSONResponse:
+    """Make every external disk of the VM local; returns the job at once."""
+    return _accepted(imports.start(ctx, jobs, ref, req))
+
+
+@router.get("/disks", response_model=list[models.Disk])
+def list_disks(ctx: Ctx) -> list[models.Disk]:
+    return [d for vm in vms.list_all(ctx) for d in vm.disks]
+
+
+@router.get("/disks/{disk_id}", response_model=models.Disk)
+def get_disk(ctx: Ctx, disk_id: str) -> models.Disk:
+    for vm in vms.list_all(ctx):
+        for d in vm.disks:
+            if d.id == disk_id:
+                return d
+    raise NotFound(f"no disk {disk_id!r}")
+
+
+@router.post("/disks/{disk_id}/move", response_model=models.Job, status_code=202)
+def move_disk(ctx: Ctx, jobs: Jobs, disk_id: str, req: models.ImportRequest) -> JSONResponse:
+    """Make one disk local (oVirt's "move"); returns the job at once."""
+    vm_id = get_disk(ctx, disk_id).vm_id
+    return _accepted(imports.start(ctx, jobs, vm_id, req, only_disk=disk_id))
+
+
+@router.get("/jobs", response_model=list[models.Job])
+def list_jobs(jobs: Jobs, vm: str | None = None) -> list[models.Job]:
+    return jobs.list(vm_id=vm)
+
+
+@router.get("/jobs/{job_id}", response_model=models.Job)
+def get_job(
+    jobs: Jobs,
+    job_id: str,
+    wait: Annotated[float, Query(ge=0, le=60, description="long-poll up to this long")] = 0,
+    since: Annotated[datetime | None, Query(description="return once updated after this")] = None,
+) -> models.Job:
+    if wait:
+        return jobs.wait_change(job_id, since, wait)
+    return jobs.get(job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=models.Job)
+def cancel_job(jobs: Jobs, job_id: str) -> models.Job:
+    return jobs.cancel(job_id)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.load()
 
@@ -158,6 +225,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx.migrate()
         auth.ensure_admin_token(ctx)
         reconcile.reconcile(ctx)
+        runner = JobRunner(ctx)
+        imports.register(runner)
+        ctx.jobs = runner
+        runner.resume_all()
         app.state.ctx = ctx
         log.info(
             "engine ready at %s (libvirt %s, database %s)",

@@ -5,12 +5,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from thinair.adapters.virt import Virt
 from thinair.config import Settings
 from thinair.db.models import new_id
 from thinair.db.session import Database
 from thinair.errors import Conflict
+
+if TYPE_CHECKING:
+    from thinair.engine.jobs import JobRunner
 
 
 class EngineContext:
@@ -24,6 +28,7 @@ class EngineContext:
         self._busy_lock = threading.Lock()
         self._engine_id: str | None = None
         self._domain_type: str | None = None
+        self.jobs: JobRunner | None = None  # set by the service that runs jobs
 
     def migrate(self) -> None:
         self.db.upgrade()

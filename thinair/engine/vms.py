@@ -193,10 +193,10 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
                 )
             except CommandFailed as e:
                 raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
-        ctx.virt.define(virt.domain_xml(_domain_spec(ctx, vm)))
+        ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
 
 
-def _domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
+def domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
     return virt.DomainSpec(
         name=vm.name,
         uuid=vm.id,
@@ -264,9 +264,10 @@ def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
     with ctx.db.session() as s:
         vm = find(s, ref)
         vm_id, name = vm.id, vm.name
+    if not force and ctx.virt.state(name) not in ("stopped", "missing"):
+        raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
+    _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "remove"):
-        if not force and ctx.virt.state(name) not in ("stopped", "missing"):
-            raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
         _destroy(ctx, vm_id)
 
 
@@ -282,8 +283,16 @@ def rollback(ctx: EngineContext, ref: str) -> None:
             f"{name}: disk {', '.join(local)} is local already (imported); there is "
             "nothing to roll back to: use `vm remove` to delete the VM"
         )
+    _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "rollback"):
         _destroy(ctx, vm_id)
+
+
+def _cancel_jobs(ctx: EngineContext, vm_id: str) -> None:
+    """An import in progress is cancelled (the VM goes back to its temporary
+    disks) before the VM is rolled back or removed."""
+    if ctx.jobs is not None:
+        ctx.jobs.cancel_and_wait(vm_id)
 
 
 def _destroy(ctx: EngineContext, vm_id: str) -> None:
@@ -315,4 +324,4 @@ def redefine(ctx: EngineContext, vm_id: str) -> None:
     """Define a ready VM's domain again from its record (libvirt lost it)."""
     with ctx.db.session() as s:
         vm = find(s, vm_id)
-        ctx.virt.define(virt.domain_xml(_domain_spec(ctx, vm)))
+        ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))

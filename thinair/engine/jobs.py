@@ -1,0 +1,238 @@
+"""Jobs: durable records of long operations, run in threads of the engine.
+
+A job is written before it runs and updated at every step, so an engine that
+dies mid-job finds it on restart and runs it again: each flow's steps are
+idempotent and pick up from what libvirt and the storage hold. Cancellation is
+asked for in the record too, so it survives a restart as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from thinair import models
+from thinair.db.models import Job, utcnow
+from thinair.engine.context import EngineContext
+from thinair.errors import Conflict, NotFound, ThinairError
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("pending", "running")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobHandle:
+    """What a running flow sees of its job."""
+
+    def __init__(
+        self, runner: JobRunner, job_id: str, vm_id: str | None, params: dict[str, Any]
+    ) -> None:
+        self.runner = runner
+        self.id = job_id
+        self.vm_id = vm_id
+        self.params = params
+
+    def update(
+        self,
+        step: str | None = None,
+        progress: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        if params is not None:
+            self.params = params
+        self.runner.update(self.id, step=step, progress=progress, params=params)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.runner.cancel_requested(self.id)
+
+    def check_cancel(self) -> None:
+        if self.cancel_requested:
+            raise JobCancelled()
+
+
+Flow = Callable[[EngineContext, JobHandle], None]
+
+
+def to_model(job: Job) -> models.Job:
+    return models.Job(
+        id=job.id,
+        kind=job.kind,
+        vm_id=job.vm_id,
+        state=job.state,
+        step=job.step,
+        params=job.params,
+        progress=job.progress,
+        error=job.error,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+    )
+
+
+class JobRunner:
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.flows: dict[str, Flow] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._changed = threading.Condition()
+
+    # -- submitting and running ----------------------------------------------
+
+    def submit(self, kind: str, vm_id: str | None, params: dict[str, Any]) -> models.Job:
+        with self.ctx.db.session() as s:
+            if vm_id is not None:
+                busy = s.scalar(select(Job).where(Job.vm_id == vm_id, Job.state.in_(ACTIVE)))
+                if busy is not None:
+                    raise Conflict(f"job {busy.id} ({busy.kind}) is already running for this VM")
+            job = Job(kind=kind, vm_id=vm_id, params=params, progress={}, state="pending")
+            s.add(job)
+            s.flush()
+            model = to_model(job)
+        self._start_thread(model.id)
+        return model
+
+    def resume_all(self) -> list[str]:
+        """Run again every job an earlier engine left pending or running."""
+        with self.ctx.db.session() as s:
+            ids = list(s.scalars(select(Job.id).where(Job.state.in_(ACTIVE))))
+        for job_id in ids:
+            log.info("resuming job %s", job_id)
+            self._start_thread(job_id)
+        return ids
+
+    def _start_thread(self, job_id: str) -> None:
+        thread = threading.Thread(
+            target=self._run, args=(job_id,), name=f"job-{job_id[:8]}", daemon=True
+        )
+        self._threads[job_id] = thread
+        thread.start()
+
+    def _run(self, job_id: str) -> None:
+        with self.ctx.db.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.state = "running"
+            job.updated_at = utcnow()
+            handle = JobHandle(self, job.id, job.vm_id, dict(job.params))
+            flow = self.flows[job.kind]
+        self._notify()
+        state, error = "succeeded", None
+        try:
+            flow(self.ctx, handle)
+        except JobCancelled:
+            state = "cancelled"
+        except ThinairError as e:
+            state, error = "failed", e.message
+        except Exception as e:  # a bug or an unexpected tool failure: keep the reason
+            log.exception("job %s failed", job_id)
+            state, error = "failed", f"{type(e).__name__}: {e}"
+        log.info("job %s %s%s", job_id, state, f": {error}" if error else "")
+        with self.ctx.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                job.state, job.error = state, error
+                job.updated_at = job.finished_at = utcnow()
+        self._threads.pop(job_id, None)
+        self._notify()
+
+    # -- state ---------------------------------------------------------------
+
+    def update(
+        self,
+        job_id: str,
+        step: str | None = None,
+        progress: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        with self.ctx.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return
+            if step is not None:
+                job.step = step
+            if progress is not None:
+                job.progress = progress
+            if params is not None:
+                job.params = params
+            job.updated_at = utcnow()
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def cancel(self, job_id: str) -> models.Job:
+        with self.ctx.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id!r}")
+            if job.state not in ACTIVE:
+                raise Conflict(f"job {job_id} is {job.state} already")
+            job.params = {**job.params, "cancel": True}
+            job.updated_at = utcnow()
+        self._notify()
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.ctx.db.session() as s:
+            job = s.get(Job, job_id)
+            return bool(job and job.params.get("cancel"))
+
+    def active_for_vm(self, vm_id: str) -> str | None:
+        with self.ctx.db.session() as s:
+            return s.scalar(select(Job.id).where(Job.vm_id == vm_id, Job.state.in_(ACTIVE)))
+
+    def cancel_and_wait(self, vm_id: str, timeout: float = 120) -> None:
+        """Cancel the VM's active job, if any, and wait for it to end."""
+        job_id = self.active_for_vm(vm_id)
+        if job_id is None:
+            return
+        self.cancel(job_id)
+        if not self.wait(job_id, lambda j: j.state not in ACTIVE, timeout):
+            raise Conflict(f"job {job_id} did not stop within {timeout:g} s")
+
+    def get(self, job_id: str) -> models.Job:
+        with self.ctx.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id!r}")
+            return to_model(job)
+
+    def list(self, vm_id: str | None = None) -> list[models.Job]:
+        with self.ctx.db.session() as s:
+            query = select(Job).order_by(Job.created_at.desc())
+            if vm_id:
+                query = query.where(Job.vm_id == vm_id)
+            return [to_model(j) for j in s.scalars(query)]
+
+    def wait(self, job_id: str, until: Callable[[models.Job], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if until(self.get(job_id)):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._changed:
+                self._changed.wait(min(remaining, 1.0))
+
+    def wait_change(self, job_id: str, since: datetime | None, timeout: float) -> models.Job:
+        """Long-poll: the job once it changed after `since` (or ended), or as it is
+        when `timeout` runs out."""
+        self.wait(
+            job_id,
+            lambda j: since is None or j.updated_at > since or j.state not in ACTIVE,
+            timeout,
+        )
+        return self.get(job_id)
