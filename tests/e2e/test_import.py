@@ -1,0 +1,192 @@
+"""Import, end to end: a booting guest keeps writing while its external disk is
+copied home; afterwards every write it made is in the final disk, the source never
+changed, nothing temporary is left, and the guest runs on after the source is gone."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Engine
+from tests.e2e.conftest import image_reader, sha256, wait_console
+from tests.e2e.test_run import domain
+from tests.support import guest
+from thinair.adapters import qemu_img, qemu_nbd
+from thinair.client import Client, ThinairAPIError
+
+pytestmark = pytest.mark.guest
+
+
+def _check_final_disk(client: Client, vm_name: str, guest_image: Path) -> None:
+    """After a forced stop: every record the guest reported is on the final disk,
+    and the data it did not write is the source's."""
+    wrote = guest.parse_console(client.vms.console(vm_name).text)["wrote"]
+    (disk,) = client.vms.get(vm_name).disks
+    assert disk.location == "local" and disk.external_disk is None
+    info = qemu_img.info(disk.volume_path)
+    assert info.backing_filename is None
+    with image_reader(disk.volume_path) as read:
+        records = guest.decode_records(read)
+        pattern = read(guest.PATTERN_OFFSET, guest.PATTERN_SIZE)
+        boot_area = read(0, guest.FAT_SIZE)
+    assert wrote and set(wrote) <= {r.seq for r in records}
+    assert pattern == guest.expected_pattern()
+    with open(guest_image, "rb") as f:
+        assert boot_area == f.read(guest.FAT_SIZE)
+
+
+@pytest.mark.parametrize("strategy", ["stream", "mirror"])
+def test_live_import_keeps_every_write(
+    engine: Engine,
+    guest_export: qemu_nbd.Server,
+    guest_image: Path,
+    workdir: Path,
+    strategy: str,
+) -> None:
+    source_sum = sha256(guest_image)
+    tmp, final = workdir / "tmp", workdir / "final"
+    tmp.mkdir(mode=0o755)
+    final.mkdir(mode=0o755)
+    c = engine.client()
+    c.storage_domains.add("tmp", str(tmp))
+    c.storage_domains.add("final", str(final))
+    # stream keeps the temporary disk, so it must live on the target already
+    first_home = "final" if strategy == "stream" else "tmp"
+    c.vms.create("imp", disks=[f"{guest_export.url},storage={first_home}"], memory_mib=256)
+    c.vms.start("imp")
+    wait_console(c, "imp", lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)
+
+    done = engine.cli(
+        "vm", "import", "imp", "--to", "final", "--strategy", strategy, "--json", check=True
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines[-1]["state"] == "succeeded"
+    assert any(line["progress"].get("done", 0) > 0 for line in lines)
+    # The guest kept writing through the import and the switch.
+    before = len(guest.parse_console(c.vms.console("imp").text)["wrote"])
+    wait_console(c, "imp", lambda i: len(i["wrote"]) >= before + 3)
+
+    # Local only: libvirt shows no network layer, and the source can go away.
+    live = domain("imp").XMLDesc(0)  # type: ignore[union-attr]
+    assert "<backingStore type='network'" not in live and "protocol='nbd'" not in live
+    guest_export.stop()
+    after_stop = len(guest.parse_console(c.vms.console("imp").text)["wrote"])
+    wait_console(c, "imp", lambda i: len(i["wrote"]) >= after_stop + 3)
+    assert c.vms.get("imp").state == "running"
+
+    c.vms.stop("imp", force=True)
+    _check_final_disk(c, "imp", guest_image)
+    assert list(tmp.iterdir()) == []
+    assert len(list(final.iterdir())) == 1
+    assert sha256(guest_image) == source_sum
+    # The VM runs again from its local disk, the source still gone.
+    c.vms.start("imp")
+    wait_console(c, "imp", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    with pytest.raises(ThinairAPIError, match="local already"):
+        c.vms.rollback("imp")
+    c.vms.remove("imp", force=True)
+    assert list(final.iterdir()) == []
+
+
+def test_offline_import_and_bad_requests(
+    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, workdir: Path
+) -> None:
+    tmp, final = workdir / "tmp", workdir / "final"
+    tmp.mkdir(mode=0o755)
+    final.mkdir(mode=0o755)
+    c = engine.client()
+    c.storage_domains.add("tmp", str(tmp))
+    c.storage_domains.add("final", str(final))
+    c.vms.create("off", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
+    c.vms.start("off")
+    wait_console(c, "off", lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)
+    c.vms.stop("off", timeout=60)
+
+    for kwargs, words in [
+        (dict(to="nope"), "no storage domain"),
+        (dict(to="final", strategy="stream"), "use --strategy mirror"),
+    ]:
+        with pytest.raises(ThinairAPIError, match=words):
+            c.vms.import_("off", **kwargs)  # type: ignore[arg-type]
+    assert c.jobs.list() == []
+
+    job = c.vms.import_("off", to="final")  # a stopped VM is copied with qemu-img
+    assert c.jobs.wait(job.id).state == "succeeded"
+    with pytest.raises(ThinairAPIError, match="no external disk"):
+        c.vms.import_("off", to="final")
+    _check_final_disk(c, "off", guest_image)
+    assert list(tmp.iterdir()) == []
+    c.vms.remove("off")
+
+
+def test_cancel_and_rollback_during_import(
+    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, workdir: Path
+) -> None:
+    tmp, final = workdir / "tmp", workdir / "final"
+    tmp.mkdir(mode=0o755)
+    final.mkdir(mode=0o755)
+    c = engine.client()
+    c.storage_domains.add("tmp", str(tmp))
+    c.storage_domains.add("final", str(final))
+    c.vms.create("can", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
+    c.vms.start("can")
+    wait_console(c, "can", lambda i: i["boot_ok"])
+
+    # A slow copy (1 MiB/s) we cancel: the VM goes on on its temporary disk.
+    job = c.vms.import_("can", to="final", strategy="mirror", bandwidth_mib=1)
+    _wait_step(c, job.id, "copy")
+    c.jobs.cancel(job.id)
+    assert c.jobs.wait(job.id).state == "cancelled"
+    vm = c.vms.get("can")
+    assert vm.state == "running" and vm.disks[0].location == "external"
+    assert list(final.iterdir()) == []
+    before = len(guest.parse_console(c.vms.console("can").text)["wrote"])
+    wait_console(c, "can", lambda i: len(i["wrote"]) >= before + 2)
+
+    # Again, and roll the VM back in the middle of it.
+    job = c.vms.import_("can", to="final", strategy="mirror", bandwidth_mib=1)
+    _wait_step(c, job.id, "copy")
+    c.vms.rollback("can")
+    assert c.jobs.get(job.id).state == "cancelled"
+    assert domain("can") is None
+    assert list(tmp.iterdir()) == [] and list(final.iterdir()) == []
+
+
+def test_engine_killed_mid_import_resumes(
+    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, workdir: Path
+) -> None:
+    final = workdir / "final"
+    final.mkdir(mode=0o755)
+    c = engine.client()
+    c.storage_domains.add("final", str(final))
+    c.vms.create("res", disks=[guest_export.url], memory_mib=256)
+    c.vms.start("res")
+    wait_console(c, "res", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    job = c.vms.import_("res", to="final", strategy="stream", bandwidth_mib=16)
+    _wait_step(c, job.id, "pull")
+    engine.stop(signal.SIGKILL)
+    engine.start()  # resumes the job by itself
+    c = engine.client()
+    assert c.jobs.wait(job.id).state == "succeeded"
+    before = len(guest.parse_console(c.vms.console("res").text)["wrote"])
+    wait_console(c, "res", lambda i: len(i["wrote"]) >= before + 2)
+    c.vms.stop("res", force=True)
+    _check_final_disk(c, "res", guest_image)
+    c.vms.remove("res")
+
+
+def _wait_step(c: Client, job_id: str, prefix: str, timeout: float = 120) -> None:
+    """Wait until the job is copying (its step starts with `prefix`, some bytes done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.jobs.get(job_id)
+        if job.step.startswith(prefix) and job.progress.get("done", 0) > 0:
+            return
+        if job.state not in ("pending", "running"):
+            raise AssertionError(f"job ended before {prefix}: {job}")
+        time.sleep(0.2)
+    raise AssertionError(f"job never reached {prefix}")
