@@ -360,8 +360,6 @@ class Virt:
         dest: str,
         dest_format: str,
         bandwidth: int | None,
-        buf_size: int | None,
-        granularity: int | None,
         shallow: bool,
         reuse_external: bool,
     ) -> None:
@@ -374,10 +372,6 @@ class Virt:
         params: dict[str, int] = {}
         if bandwidth:
             params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = bandwidth
-        if buf_size:
-            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BUF_SIZE] = buf_size
-        if granularity:
-            params[libvirt.VIR_DOMAIN_BLOCK_COPY_GRANULARITY] = granularity
         flags = (
             libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
             | libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
