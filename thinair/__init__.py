@@ -6,7 +6,7 @@ remote image, copy the data home in the background, or roll it all back.
 The public Python SDK is re-exported here: ``thinair.Client``.
 """
 
-from thinair.client import Client, ThinairAPIError
+from thinair.client import Client, Job, ThinairAPIError, Vm
 
-__all__ = ["Client", "ThinairAPIError"]
+__all__ = ["Client", "Job", "ThinairAPIError", "Vm"]
 __version__ = "0.1.0"

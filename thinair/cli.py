@@ -35,6 +35,8 @@ app.add_typer(storage_app, name="storage")
 app.add_typer(vm_app, name="vm")
 app.add_typer(disk_app, name="disk")
 app.add_typer(jobs_app, name="jobs")
+token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
+app.add_typer(token_app, name="token")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -108,10 +110,15 @@ def engine(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        err.print("[red]error:[/red] HTTPS needs both THINAIR_TLS_CERT and THINAIR_TLS_KEY")
+        raise typer.Exit(1)
     uvicorn.run(
         create_app(settings),
         host=settings.listen_host,
         port=settings.listen_port,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
         log_level=log_level,
         access_log=log_level == "debug",
     )
@@ -493,6 +500,49 @@ def jobs_cancel(job_id: str, as_json: JsonOpt = False) -> None:
     with _errors():
         job = Client().jobs.cancel(job_id)
     _emit(job, as_json, lambda: out.print(f"cancelling job {job.id}"))
+
+
+# -- tokens --------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    read_only: Annotated[bool, typer.Option("--read-only", help="May only read.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API token; its secret is printed this once."""
+    with _errors():
+        token = Client().tokens.create(name, read_only=read_only)
+    _emit(token, as_json, lambda: print(token.token))
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False) -> None:
+    """List API tokens (never their secrets)."""
+    with _errors():
+        tokens = Client().tokens.list()
+
+    def render() -> None:
+        table = Table("NAME", "ACCESS", "CREATED", "REVOKED", box=None)
+        for t in tokens:
+            table.add_row(
+                t.name,
+                "read-only" if t.read_only else "read-write",
+                t.created_at.strftime("%Y-%m-%d %H:%M"),
+                t.revoked_at.strftime("%Y-%m-%d %H:%M") if t.revoked_at else "-",
+            )
+        out.print(table)
+
+    _emit(tokens, as_json, render)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str, as_json: JsonOpt = False) -> None:
+    """Revoke an API token: it stops working at once."""
+    with _errors():
+        token = Client().tokens.revoke(name)
+    _emit(token, as_json, lambda: out.print(f"revoked token {token.name}"))
 
 
 def main() -> None:

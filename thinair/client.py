@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import PrivateAttr
 
 from thinair import models
 from thinair.config import Settings
@@ -61,11 +62,17 @@ class Client:
         self.url = (url or settings.url).rstrip("/")
         token = token or settings.token or _local_token(settings)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=timeout)
+        self._http = httpx.Client(
+            base_url=self.url + "/api/v1",
+            headers=headers,
+            timeout=timeout,
+            verify=settings.ca_cert or True,
+        )
         self.storage_domains = StorageDomains(self)
         self.vms = Vms(self)
         self.disks = Disks(self)
         self.jobs = Jobs(self)
+        self.tokens = Tokens(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -94,6 +101,59 @@ class Client:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class Vm(models.Vm):
+    """A VM as the engine last reported it, with its actions."""
+
+    _client: Client = PrivateAttr()
+
+    def _bind(self, client: Client) -> Vm:
+        self._client = client
+        return self
+
+    def refresh(self) -> Vm:
+        return self._client.vms.get(self.id)
+
+    def start(self) -> Vm:
+        return self._client.vms.start(self.id)
+
+    def stop(self, force: bool = False, timeout: float | None = None) -> Vm:
+        return self._client.vms.stop(self.id, force=force, timeout=timeout)
+
+    def import_(
+        self, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+    ) -> Job:
+        return self._client.vms.import_(
+            self.id, to=to, strategy=strategy, bandwidth_mib=bandwidth_mib
+        )
+
+    def rollback(self) -> None:
+        self._client.vms.rollback(self.id)
+
+    def remove(self, force: bool = False) -> None:
+        self._client.vms.remove(self.id, force=force)
+
+    def console(self, offset: int = 0) -> models.Console:
+        return self._client.vms.console(self.id, offset)
+
+
+class Job(models.Job):
+    """A long operation; `wait()` follows it to its end."""
+
+    _client: Client = PrivateAttr()
+
+    def _bind(self, client: Client) -> Job:
+        self._client = client
+        return self
+
+    def wait(
+        self, progress: Callable[[Job], None] | None = None, timeout: float | None = None
+    ) -> Job:
+        return self._client.jobs.wait(self.id, progress=progress, timeout=timeout)
+
+    def cancel(self) -> Job:
+        return self._client.jobs.cancel(self.id)
 
 
 class StorageDomains:
@@ -141,11 +201,14 @@ class Vms:
     def __init__(self, client: Client) -> None:
         self._c = client
 
-    def list(self) -> builtins.list[models.Vm]:
-        return [models.Vm.model_validate(x) for x in self._c.request("GET", "/vms")]
+    def _vm(self, data: Any) -> Vm:
+        return Vm.model_validate(data)._bind(self._c)
 
-    def get(self, ref: str) -> models.Vm:
-        return models.Vm.model_validate(self._c.request("GET", f"/vms/{ref}"))
+    def list(self) -> builtins.list[Vm]:
+        return [self._vm(x) for x in self._c.request("GET", "/vms")]
+
+    def get(self, ref: str) -> Vm:
+        return self._vm(self._c.request("GET", f"/vms/{ref}"))
 
     def create(
         self,
@@ -153,21 +216,21 @@ class Vms:
         disks: Sequence[str | models.DiskCreate],
         memory_mib: int = 512,
         cpus: int = 1,
-    ) -> models.Vm:
+    ) -> Vm:
         body = {
             "name": name,
             "memory_mib": memory_mib,
             "cpus": cpus,
             "disks": [disk_from_option(d) for d in disks],
         }
-        return models.Vm.model_validate(self._c.request("POST", "/vms", json=body))
+        return self._vm(self._c.request("POST", "/vms", json=body))
 
-    def start(self, ref: str) -> models.Vm:
-        return models.Vm.model_validate(self._c.request("POST", f"/vms/{ref}/start"))
+    def start(self, ref: str) -> Vm:
+        return self._vm(self._c.request("POST", f"/vms/{ref}/start"))
 
-    def stop(self, ref: str, force: bool = False, timeout: float | None = None) -> models.Vm:
+    def stop(self, ref: str, force: bool = False, timeout: float | None = None) -> Vm:
         body = {"force": force, "timeout": timeout}
-        return models.Vm.model_validate(self._c.request("POST", f"/vms/{ref}/stop", json=body))
+        return self._vm(self._c.request("POST", f"/vms/{ref}/stop", json=body))
 
     def remove(self, ref: str, force: bool = False) -> None:
         self._c.request("DELETE", f"/vms/{ref}", params={"force": force})
@@ -177,16 +240,31 @@ class Vms:
 
     def import_(
         self, ref: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
-    ) -> models.Job:
+    ) -> Job:
         """Start making the VM's external disks local; returns the job at once
-        (see Jobs.wait)."""
+        (see Job.wait)."""
         body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
-        return models.Job.model_validate(self._c.request("POST", f"/vms/{ref}/import", json=body))
+        return self._c.jobs._job(self._c.request("POST", f"/vms/{ref}/import", json=body))
 
     def console(self, ref: str, offset: int = 0) -> models.Console:
         return models.Console.model_validate(
             self._c.request("GET", f"/vms/{ref}/console", params={"offset": offset})
         )
+
+
+class Tokens:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> builtins.list[models.Token]:
+        return [models.Token.model_validate(x) for x in self._c.request("GET", "/tokens")]
+
+    def create(self, name: str, read_only: bool = False) -> models.TokenCreated:
+        body = {"name": name, "read_only": read_only}
+        return models.TokenCreated.model_validate(self._c.request("POST", "/tokens", json=body))
+
+    def revoke(self, name: str) -> models.Token:
+        return models.Token.model_validate(self._c.request("DELETE", f"/tokens/{name}"))
 
 
 class Disks:
@@ -208,35 +286,34 @@ class Disks:
 
     def move(
         self, disk_id: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
-    ) -> models.Job:
+    ) -> Job:
         body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
-        return models.Job.model_validate(
-            self._c.request("POST", f"/disks/{disk_id}/move", json=body)
-        )
+        return self._c.jobs._job(self._c.request("POST", f"/disks/{disk_id}/move", json=body))
 
 
 class Jobs:
     def __init__(self, client: Client) -> None:
         self._c = client
 
-    def list(self, vm: str | None = None) -> builtins.list[models.Job]:
+    def _job(self, data: Any) -> Job:
+        return Job.model_validate(data)._bind(self._c)
+
+    def list(self, vm: str | None = None) -> builtins.list[Job]:
         params = {"vm": vm} if vm else {}
-        return [
-            models.Job.model_validate(x) for x in self._c.request("GET", "/jobs", params=params)
-        ]
+        return [self._job(x) for x in self._c.request("GET", "/jobs", params=params)]
 
-    def get(self, job_id: str) -> models.Job:
-        return models.Job.model_validate(self._c.request("GET", f"/jobs/{job_id}"))
+    def get(self, job_id: str) -> Job:
+        return self._job(self._c.request("GET", f"/jobs/{job_id}"))
 
-    def cancel(self, job_id: str) -> models.Job:
-        return models.Job.model_validate(self._c.request("POST", f"/jobs/{job_id}/cancel"))
+    def cancel(self, job_id: str) -> Job:
+        return self._job(self._c.request("POST", f"/jobs/{job_id}/cancel"))
 
     def wait(
         self,
         job_id: str,
-        progress: Callable[[models.Job], None] | None = None,
+        progress: Callable[[Job], None] | None = None,
         timeout: float | None = None,
-    ) -> models.Job:
+    ) -> Job:
         """Follow the job (long-polling the engine) until it ends; `progress` is
         called with each new state. Returns the ended job; check its `state`."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -248,10 +325,7 @@ class Jobs:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise ThinairAPIError(0, "timeout", f"job {job_id} still {job.state}")
-            job = models.Job.model_validate(
-                self._c.request(
-                    "GET",
-                    f"/jobs/{job_id}",
-                    params={"wait": 10, "since": job.updated_at.isoformat()},
-                )
+            since = job.updated_at.isoformat()
+            job = self._job(
+                self._c.request("GET", f"/jobs/{job_id}", params={"wait": 10, "since": since})
             )

@@ -36,6 +36,11 @@ class Settings:
     min_free_mib: int = 256
     # Seconds a graceful stop waits for the guest before giving up.
     stop_timeout: float = 60.0
+    # HTTPS for the engine: its certificate and key (PEM); clients verify the
+    # engine with ca_cert (or the system's CAs when it is not set).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    ca_cert: str | None = None
 
     @property
     def db_url(self) -> str:

@@ -132,3 +132,20 @@ class Health(_Model):
     status: Literal["ok"]
     version: str
     libvirt_uri: str
+
+
+class TokenCreate(_Model):
+    name: Name
+    read_only: bool = Field(default=False, description="may only read (GET), never change")
+
+
+class Token(_Model):
+    id: str
+    name: str
+    read_only: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class TokenCreated(Token):
+    token: str = Field(description="the secret, shown this once; only its hash is stored")

@@ -4,6 +4,7 @@ auth, and bad input that must change nothing. Real SQLite and qemu-img."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -178,3 +179,24 @@ def test_cli_without_engine(workdir: Path) -> None:
     done = engine.cli("vm", "list")
     assert done.returncode == 1
     assert "no thinair engine at" in done.stderr and "thinair engine" in done.stderr
+
+
+def test_overlay_records_the_sources_holes(
+    test_engine: Engine, storage_dir: Path, raw_image: Path
+) -> None:
+    """The source's holes are zero clusters in the overlay (no reads go to the
+    source for them), and the overlay still reads exactly as the source."""
+    c = test_engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    vm = c.vms.create("holes", disks=[str(raw_image)])
+    overlay = vm.disks[0].volume_path
+    done = subprocess.run(
+        ["qemu-img", "map", "--output=json", overlay], check=True, capture_output=True, text=True
+    )
+    extents = json.loads(done.stdout)
+    local_zero = [(e["start"], e["length"]) for e in extents if e["depth"] == 0 and e["zero"]]
+    assert local_zero == [(2**20, 63 * 2**20)]  # raw_image: 1 MiB of data, then a hole
+    from_source = [e for e in extents if e["depth"] == 1]
+    assert [(e["start"], e["length"]) for e in from_source] == [(0, 2**20)]
+    assert qemu_img.compare(overlay, str(raw_image), "qcow2", "raw")
+    assert raw_image.stat().st_blocks * 512 == 2**20  # the source was not written

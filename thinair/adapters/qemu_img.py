@@ -100,3 +100,18 @@ def measure(qcow2_path: str, out_fmt: str) -> int:
     opts = f"driver=qcow2,file.driver=file,file.filename={qcow2_path},file.locking=off"
     out = run([binary(), "measure", "--output=json", "-O", out_fmt, "--image-opts", opts])
     return int(json.loads(out)["required"])
+
+
+def zero_ranges(filename: str, fmt: str, timeout: float | None = None) -> list[tuple[int, int]]:
+    """(offset, length) of the ranges that read as zeros, from the image's
+    allocation map (NBD block status for a remote disk)."""
+    out = run([binary(), "map", "--output=json", "-f", fmt, filename], timeout=timeout)
+    ranges: list[tuple[int, int]] = []
+    for extent in json.loads(out):
+        if extent.get("zero") and not extent.get("data"):
+            start, length = int(extent["start"]), int(extent["length"])
+            if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((start, length))
+    return ranges

@@ -248,9 +248,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.include_router(router)
+    from thinair.api import tokens  # imports this module: include it late
 
-    @app.get("/api/v1/health", response_model=models.Health, tags=["health"])
+    app.include_router(router)
+    app.include_router(tokens.router)
+
+    @app.get(
+        "/api/v1/health",
+        response_model=models.Health,
+        tags=["health"],
+        dependencies=[Depends(authenticated)],
+        responses=ERRORS,
+    )
     def health() -> models.Health:
         return models.Health(
             status="ok", version=thinair.__version__, libvirt_uri=settings.libvirt_uri

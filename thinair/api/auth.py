@@ -10,8 +10,10 @@ import secrets
 
 from sqlalchemy import select
 
-from thinair.db.models import ApiToken, utcnow
+from thinair import models
+from thinair.db.models import ApiToken, aware, utcnow
 from thinair.engine.context import EngineContext
+from thinair.errors import Conflict, NotFound
 
 ADMIN = "admin"
 
@@ -50,10 +52,37 @@ def verify(ctx: EngineContext, token: str) -> ApiToken | None:
         return row
 
 
-def revoke(ctx: EngineContext, name: str) -> bool:
+def _model(row: ApiToken) -> models.Token:
+    return models.Token(
+        id=row.id,
+        name=row.name,
+        read_only=row.read_only,
+        created_at=aware(row.created_at),
+        revoked_at=aware(row.revoked_at),
+    )
+
+
+def create(ctx: EngineContext, req: models.TokenCreate) -> models.TokenCreated:
+    token = secrets.token_urlsafe(32)
+    with ctx.db.session() as s:
+        if s.scalar(select(ApiToken).where(ApiToken.name == req.name)):
+            raise Conflict(f"a token named {req.name!r} exists already")
+        row = ApiToken(name=req.name, token_hash=_hash(token), read_only=req.read_only)
+        s.add(row)
+        s.flush()
+        return models.TokenCreated(**_model(row).model_dump(), token=token)
+
+
+def list_all(ctx: EngineContext) -> list[models.Token]:
+    with ctx.db.session() as s:
+        return [_model(r) for r in s.scalars(select(ApiToken).order_by(ApiToken.name))]
+
+
+def revoke(ctx: EngineContext, name: str) -> models.Token:
     with ctx.db.session() as s:
         row = s.scalar(select(ApiToken).where(ApiToken.name == name))
         if row is None:
-            return False
-        row.revoked_at = utcnow()
-        return True
+            raise NotFound(f"no token {name!r}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+        return _model(row)

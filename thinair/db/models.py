@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -17,6 +17,15 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def aware(dt: datetime) -> datetime: ...
+@overload
+def aware(dt: None) -> None: ...
+def aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every time thinair stores is UTC."""
+    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
 
 
 class Base(DeclarativeBase):
@@ -106,3 +115,30 @@ class ApiToken(Base):
     read_only: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Export(Base):
+    """A read-only NBD or HTTP server thinair runs for an image. The server
+    process outlives the engine; this row owns it (pid) and its directory
+    THINAIR_HOME/exports/ID (TLS keys, pid file, log, nginx configuration)."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    image: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16))
+    virtual_size: Mapped[int] = mapped_column(BigInteger)
+    protocol: Mapped[str] = mapped_column(String(8), default="nbd")
+    # TCP (host, port) or a Unix socket: kept so a restart serves the same URL.
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    socket: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tls: Mapped[str] = mapped_column(String(8), default="none")
+    shared: Mapped[int] = mapped_column(Integer, default=16)
+    # creating -> ready -> removing, as for VMs: what the reconciler finishes or undoes.
+    phase: Mapped[str] = mapped_column(String(16), default="creating")
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Why the server could not be started again after an engine restart.
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

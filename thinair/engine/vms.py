@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from thinair import models
-from thinair.adapters import qemu_img, virt
+from thinair.adapters import qemu_img, qemu_io, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
 from thinair.engine import storage
@@ -193,7 +193,39 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
                 )
             except CommandFailed as e:
                 raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+            _mark_holes(ctx, disk)
         ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
+
+
+def _mark_holes(ctx: EngineContext, disk: Disk) -> None:
+    """Mark the external disk's holes as zero clusters in the new overlay.
+
+    The external disk is read-only and never changes, so a hole there reads as
+    zeros for good. Recorded in the overlay before any guest runs on it, they
+    cost no network reads: not for the guest, and not for an import, which
+    otherwise pulls every hole over the wire (QEMU's stream copies them).
+    An optimization only: if the map cannot be read, the overlay is still right.
+    """
+    assert disk.external_url and disk.external_format
+    cluster = 64 * 1024
+    try:
+        holes = qemu_img.zero_ranges(
+            disk.external_url, disk.external_format, timeout=ctx.settings.probe_timeout
+        )
+        aligned = []
+        for offset, length in holes:
+            start = -(-offset // cluster) * cluster  # whole clusters only
+            end = (offset + length) // cluster * cluster
+            if end > start:
+                aligned.append((start, end - start))
+        if aligned:
+            qemu_io.write_zeroes(disk.volume_path, aligned)
+    except CommandFailed as e:
+        log.warning(
+            "could not map the holes of %s (%s); reads of them will go to the source",
+            disk.external_url,
+            e,
+        )
 
 
 def domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
