@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 
 import libvirt
 import pytest
@@ -29,8 +30,14 @@ def spec(name: str = "web1", **kw: object) -> DomainSpec:
 
 
 @pytest.fixture
-def virt() -> Virt:
-    return Virt("test:///default")
+def virt() -> Iterator[Virt]:
+    """The test driver; its state is shared by the whole process, so undo what
+    each test defined."""
+    v = Virt("test:///default")
+    yield v
+    for dom in v.conn.listAllDomains():
+        if dom.name() != "test":
+            v.undefine(dom.name())
 
 
 def test_xml_defines_and_reads_back(virt: Virt) -> None:

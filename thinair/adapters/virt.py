@@ -264,6 +264,16 @@ class Virt:
             return "missing"
         return _STATES.get(dom.state()[0], "unknown")
 
+    def states(self) -> dict[str, str]:
+        """Every domain's state by name, in one call (for listings)."""
+        try:
+            stats = self.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+        except libvirt.libvirtError:  # drivers without bulk stats (the test driver)
+            return {
+                d.name(): _STATES.get(d.state()[0], "unknown") for d in self.conn.listAllDomains()
+            }
+        return {dom.name(): _STATES.get(st.get("state.state", 0), "unknown") for dom, st in stats}
+
     def start(self, name: str) -> None:
         dom = self._get(name)
         try:

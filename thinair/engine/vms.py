@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from thinair import models
 from thinair.adapters import qemu_img, qemu_io, virt
@@ -58,11 +58,15 @@ def disk_model(disk: Disk) -> models.Disk:
     )
 
 
-def to_model(ctx: EngineContext, vm: Vm) -> models.Vm:
+def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
+    if vm.phase == "creating":
+        state = "creating"
+    elif state is None:
+        state = ctx.virt.state(vm.name)
     return models.Vm(
         id=vm.id,
         name=vm.name,
-        state=ctx.virt.state(vm.name) if vm.phase != "creating" else "creating",
+        state=state,
         phase=vm.phase,
         memory_mib=vm.memory_mib,
         cpus=vm.cpus,
@@ -74,8 +78,14 @@ def to_model(ctx: EngineContext, vm: Vm) -> models.Vm:
 
 
 def list_all(ctx: EngineContext) -> list[models.Vm]:
+    states = ctx.virt.states()
     with ctx.db.session() as s:
-        return [to_model(ctx, vm) for vm in s.scalars(select(Vm).order_by(Vm.name))]
+        vms = s.scalars(
+            select(Vm)
+            .order_by(Vm.name)
+            .options(selectinload(Vm.disks).selectinload(Disk.storage_domain))
+        )
+        return [to_model(ctx, vm, states.get(vm.name, "missing")) for vm in vms]
 
 
 def get(ctx: EngineContext, ref: str) -> models.Vm:
