@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -190,3 +191,57 @@ def _wait_step(c: Client, job_id: str, prefix: str, timeout: float = 120) -> Non
             raise AssertionError(f"job ended before {prefix}: {job}")
         time.sleep(0.2)
     raise AssertionError(f"job never reached {prefix}")
+
+
+def test_sdk_example_quick_import(
+    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, storage_dir: Path
+) -> None:
+    """examples/quick_import.py, run as a user would, keeps a VM out of thin air."""
+    from tests.conftest import ROOT
+    from tests.support.engine import VENV_BIN
+
+    engine.client().storage_domains.add("final", str(storage_dir))
+    done = subprocess.run(
+        [
+            str(VENV_BIN / "python"),
+            str(ROOT / "examples" / "quick_import.py"),
+            guest_export.url,
+            "--name",
+            "quick",
+            "--to",
+            "final",
+            "--memory",
+            "256",
+        ],
+        env=engine.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "quick is running" in done.stdout
+    assert "runs on local storage only" in done.stdout
+    c = engine.client()
+    wait_console(c, "quick", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    c.vms.stop("quick", force=True)
+    _check_final_disk(c, "quick", guest_image)
+    discard = subprocess.run(
+        [
+            str(VENV_BIN / "python"),
+            str(ROOT / "examples" / "quick_import.py"),
+            guest_export.url,
+            "--name",
+            "gone",
+            "--to",
+            "final",
+            "--discard",
+        ],
+        env=engine.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert discard.returncode == 0, discard.stderr
+    assert [vm.name for vm in c.vms.list()] == ["quick"]
+    c.vms.remove("quick")
+    assert list(storage_dir.iterdir()) == []
