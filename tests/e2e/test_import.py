@@ -40,6 +40,16 @@ def _check_final_disk(client: Client, vm_name: str, guest_image: Path) -> None:
         assert boot_area == f.read(guest.FAT_SIZE)
 
 
+@pytest.fixture
+def domains(engine: Engine, workdir: Path) -> tuple[Path, Path]:
+    """Storage domains "tmp" and "final", added to the engine."""
+    paths = workdir / "tmp", workdir / "final"
+    for path in paths:
+        path.mkdir(mode=0o755)
+        engine.client().storage_domains.add(path.name, str(path))
+    return paths
+
+
 @pytest.mark.parametrize("strategy", ["stream", "mirror"])
 def test_live_import_keeps_every_write(
     engine: Engine,
@@ -49,12 +59,8 @@ def test_live_import_keeps_every_write(
     strategy: str,
 ) -> None:
     source_sum = sha256(guest_image)
-    tmp, final = workdir / "tmp", workdir / "final"
-    tmp.mkdir(mode=0o755)
-    final.mkdir(mode=0o755)
+    tmp, final = domains
     c = engine.client()
-    c.storage_domains.add("tmp", str(tmp))
-    c.storage_domains.add("final", str(final))
     # stream keeps the temporary disk, so it must live on the target already
     first_home = "final" if strategy == "stream" else "tmp"
     c.vms.create("imp", disks=[f"{guest_export.url},storage={first_home}"], memory_mib=256)
@@ -94,14 +100,10 @@ def test_live_import_keeps_every_write(
 
 
 def test_offline_import_and_bad_requests(
-    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, workdir: Path
+    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, domains: tuple[Path, Path]
 ) -> None:
-    tmp, final = workdir / "tmp", workdir / "final"
-    tmp.mkdir(mode=0o755)
-    final.mkdir(mode=0o755)
+    tmp, final = domains
     c = engine.client()
-    c.storage_domains.add("tmp", str(tmp))
-    c.storage_domains.add("final", str(final))
     c.vms.create("off", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
     c.vms.start("off")
     wait_console(c, "off", lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)
@@ -125,14 +127,10 @@ def test_offline_import_and_bad_requests(
 
 
 def test_cancel_and_rollback_during_import(
-    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, workdir: Path
+    engine: Engine, guest_export: qemu_nbd.Server, domains: tuple[Path, Path]
 ) -> None:
-    tmp, final = workdir / "tmp", workdir / "final"
-    tmp.mkdir(mode=0o755)
-    final.mkdir(mode=0o755)
+    tmp, final = domains
     c = engine.client()
-    c.storage_domains.add("tmp", str(tmp))
-    c.storage_domains.add("final", str(final))
     c.vms.create("can", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
     c.vms.start("can")
     wait_console(c, "can", lambda i: i["boot_ok"])
