@@ -55,7 +55,7 @@ def test_live_import_keeps_every_write(
     engine: Engine,
     guest_export: qemu_nbd.Server,
     guest_image: Path,
-    workdir: Path,
+    domains: tuple[Path, Path],
     strategy: str,
 ) -> None:
     source_sum = sha256(guest_image)
