@@ -192,12 +192,11 @@ def test_reconciler_finishes_and_undoes_after_a_crash(
     db.close()
     domain("lost-domain").undefine()  # type: ignore[union-attr]
     # An orphan: a domain carrying this engine's id but no record.
+    half_domain = domain("half-created")
+    assert half_domain is not None
     orphan_xml = (
-        domain("half-created")
-        .XMLDesc(0)
-        .replace(  # type: ignore[union-attr]
-            "half-created", "orphan"
-        )
+        half_domain.XMLDesc(0)
+        .replace("half-created", "orphan")
         .replace(half.id, "00000000-0000-4000-8000-000000000000")
     )
     conn = libvirt.open("qemu:///system")
