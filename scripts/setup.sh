@@ -13,6 +13,7 @@ packages=(
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
   nbdkit libnbd-bin python3-libnbd python3-libvirt python3-venv
   syslinux syslinux-common mtools dosfstools cpio
+  gnutls-bin nginx-light qemu-block-extra tcpdump
 )
 missing=()
 for p in "${packages[@]}"; do

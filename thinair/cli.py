@@ -37,6 +37,8 @@ app.add_typer(disk_app, name="disk")
 app.add_typer(jobs_app, name="jobs")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 app.add_typer(token_app, name="token")
+host_app = typer.Typer(no_args_is_help=True, help="libvirt hosts.")
+app.add_typer(host_app, name="host")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -502,6 +504,32 @@ def jobs_cancel(job_id: str, as_json: JsonOpt = False) -> None:
     _emit(job, as_json, lambda: out.print(f"cancelling job {job.id}"))
 
 
+# -- hosts ---------------------------------------------------------------------
+
+
+@host_app.command("list")
+def host_list(as_json: JsonOpt = False) -> None:
+    """List the libvirt hosts the engine drives."""
+    with _errors():
+        hosts = Client().hosts.list()
+
+    def render() -> None:
+        table = Table("NAME", "URI", "HYPERVISOR", "CPUS", "MEMORY", "FREE", "DOMAINS", box=None)
+        for h in hosts:
+            table.add_row(
+                h.name,
+                h.libvirt_uri,
+                f"{h.hypervisor} {h.hypervisor_version}",
+                str(h.cpus),
+                f"{h.memory_mib} MiB",
+                f"{h.free_memory_mib} MiB",
+                h.domain_type,
+            )
+        out.print(table)
+
+    _emit(hosts, as_json, render)
+
+
 # -- tokens --------------------------------------------------------------------
 
 
@@ -543,6 +571,93 @@ def token_revoke(name: str, as_json: JsonOpt = False) -> None:
     with _errors():
         token = Client().tokens.revoke(name)
     _emit(token, as_json, lambda: out.print(f"revoked token {token.name}"))
+
+
+# -- exports -------------------------------------------------------------------
+
+
+def _render_export(e: Any) -> None:
+    print(e.url)
+    details = [f"{e.protocol} export {e.name} of {e.image} ({e.format}), id {e.id}"]
+    if e.psk_file:
+        details.append(f"PSK identity {e.tls_username}, key file {e.psk_file}")
+    if e.ca_cert:
+        details.append(f"CA certificate {e.ca_cert}")
+    if e.tls_certificates:
+        details.append(f"client certificates in {e.tls_certificates}")
+    for line in details:
+        err.print(line, highlight=False)
+
+
+@app.command()
+def expose(
+    image: Annotated[str | None, typer.Argument(help="Image file or device.")] = None,
+    vm: Annotated[
+        str | None,
+        typer.Option("--vm", help="Expose a running VM's disk as it is now, instead."),
+    ] = None,
+    disk: Annotated[str | None, typer.Option("--disk", help="The VM's disk (vda).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="Probed when omitted.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Export name.")] = None,
+    listen: Annotated[
+        str | None, typer.Option("--listen", help="HOST:PORT (127.0.0.1, a free port).")
+    ] = None,
+    unix: Annotated[str | None, typer.Option("--unix", help="Unix socket path instead.")] = None,
+    tls: Annotated[str, typer.Option("--tls", help="none, psk or x509.")] = "none",
+    tls_dir: Annotated[
+        str | None, typer.Option("--tls-dir", help="Use these credentials, not new ones.")
+    ] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="nbd or http.")] = "nbd",
+    shared: Annotated[int, typer.Option("--shared", help="Clients served at once.")] = 16,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve an image read-only over NBD (or HTTP) until `unexpose`; prints its URL.
+    With --vm, a point-in-time copy of a running VM's disk: the guest goes on
+    writing to a new overlay, merged back by `unexpose`."""
+    with _errors():
+        export = Client().exports.create(
+            os.path.abspath(image) if image else None,
+            vm=vm,
+            disk=disk,
+            format=format,
+            name=name,
+            listen=listen,
+            unix=os.path.abspath(unix) if unix else None,
+            tls=tls,
+            tls_dir=os.path.abspath(tls_dir) if tls_dir else None,
+            protocol=protocol,
+            shared=shared,
+        )
+    _emit(export, as_json, lambda: _render_export(export))
+
+
+@app.command("exports")
+def exports_list(as_json: JsonOpt = False) -> None:
+    """List exports, their clients and the bytes they served."""
+    with _errors():
+        exports = Client().exports.list()
+
+    def render() -> None:
+        table = Table("ID", "NAME", "STATE", "TLS", "CLIENTS", "READ", box=None)
+        table.add_column("URL", overflow="fold")
+        for e in exports:
+            clients = "-" if e.clients is None else str(e.clients)
+            state = f"{e.state}: {e.error}" if e.error and e.state != "running" else e.state
+            table.add_row(e.id, e.name, state, e.tls, clients, _size(e.bytes_read), e.url)
+        out.print(table)
+
+    _emit(exports, as_json, render)
+
+
+@app.command()
+def unexpose(
+    export: Annotated[str, typer.Argument(help="Export id or name.")], as_json: JsonOpt = False
+) -> None:
+    """Stop an export: its server, keys and files are gone (a VM's disk is merged
+    back into its volume)."""
+    with _errors():
+        Client().exports.remove(export)
+    _emit({"removed": export}, as_json, lambda: out.print(f"stopped export {export}"))
 
 
 def main() -> None:

@@ -72,7 +72,9 @@ class Client:
         self.vms = Vms(self)
         self.disks = Disks(self)
         self.jobs = Jobs(self)
+        self.exports = Exports(self)
         self.tokens = Tokens(self)
+        self.hosts = Hosts(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -252,6 +254,17 @@ class Vms:
         )
 
 
+class Hosts:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> builtins.list[models.Host]:
+        return [models.Host.model_validate(x) for x in self._c.request("GET", "/hosts")]
+
+    def get(self, name: str) -> models.Host:
+        return models.Host.model_validate(self._c.request("GET", f"/hosts/{name}"))
+
+
 class Tokens:
     def __init__(self, client: Client) -> None:
         self._c = client
@@ -329,3 +342,50 @@ class Jobs:
             job = self._job(
                 self._c.request("GET", f"/jobs/{job_id}", params={"wait": 10, "since": since})
             )
+
+
+class Exports:
+    """Read-only NBD/HTTP servers the engine runs for images (`thinair expose`)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> builtins.list[models.Export]:
+        return [models.Export.model_validate(x) for x in self._c.request("GET", "/exports")]
+
+    def create(
+        self,
+        image: str | None = None,
+        format: str | None = None,
+        name: str | None = None,
+        protocol: str = "nbd",
+        listen: str | None = None,
+        unix: str | None = None,
+        tls: str = "none",
+        tls_dir: str | None = None,
+        shared: int = 16,
+        vm: str | None = None,
+        disk: str | None = None,
+    ) -> models.Export:
+        """Serve `image` (or a point-in-time copy of a running VM's disk) read-only
+        until removed; see models.ExportCreate."""
+        body = {
+            "image": image,
+            "vm": vm,
+            "disk": disk,
+            "format": format,
+            "name": name,
+            "protocol": protocol,
+            "listen": listen,
+            "unix": unix,
+            "tls": tls,
+            "tls_dir": tls_dir,
+            "shared": shared,
+        }
+        return models.Export.model_validate(self._c.request("POST", "/exports", json=body))
+
+    def get(self, ref: str) -> models.Export:
+        return models.Export.model_validate(self._c.request("GET", f"/exports/{ref}"))
+
+    def remove(self, ref: str) -> None:
+        self._c.request("DELETE", f"/exports/{ref}")

@@ -149,3 +149,89 @@ class Token(_Model):
 
 class TokenCreated(Token):
     token: str = Field(description="the secret, shown this once; only its hash is stored")
+
+
+class ExportCreate(_Model):
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="absolute path of an image file or device (or give vm and disk)",
+    )
+    vm: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="expose a point-in-time copy of this running VM's disk instead: the "
+        "guest goes on writing to a new overlay, merged back when the export is removed",
+    )
+    disk: str | None = Field(
+        default=None, pattern=r"^[a-z]{2,3}[a-z]$", description="the VM's disk (vda, ...)"
+    )
+    format: str | None = Field(default=None, description="raw, qcow2, ...; probed when omitted")
+    name: Name | None = Field(
+        default=None, description="the export's name (NBD export name, HTTP path)"
+    )
+    protocol: Literal["nbd", "http"] = "nbd"
+    listen: str | None = Field(
+        default=None,
+        max_length=300,
+        description="HOST:PORT, HOST or :PORT; 127.0.0.1 and a free port by default",
+    )
+    unix: str | None = Field(
+        default=None, max_length=107, description="listen on this Unix socket instead (NBD only)"
+    )
+    tls: Literal["none", "psk", "x509"] = "none"
+    tls_dir: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="use these credentials instead of making new ones: keys.psk for psk; "
+        "ca-cert.pem, server-cert.pem, server-key.pem for x509",
+    )
+    shared: int = Field(default=16, ge=1, le=1024, description="clients served at once")
+
+
+class Export(_Model):
+    id: str
+    name: str
+    image: str
+    format: str
+    virtual_size: int
+    protocol: Literal["nbd", "http"]
+    url: str = Field(
+        description="what a client opens; for TLS a libnbd URI naming the key or "
+        "certificates it needs"
+    )
+    host: str | None
+    port: int | None
+    socket: str | None
+    tls: Literal["none", "psk", "x509"]
+    tls_username: str | None = Field(description="the PSK identity")
+    psk_file: str | None = Field(description="the PSK key file a client needs (psktool format)")
+    ca_cert: str | None = Field(description="the CA certificate that signed the server's")
+    tls_certificates: str | None = Field(
+        description="a directory with ca-cert.pem, client-cert.pem, client-key.pem "
+        "(libnbd's tls-certificates=, QEMU's tls-creds-x509 dir)"
+    )
+    vm_id: str | None = Field(description="the VM whose disk this is a snapshot of")
+    disk: str | None
+    state: Literal["running", "stopped"] = Field(description="is its server process alive")
+    phase: str = Field(description="creating, ready or removing")
+    pid: int | None
+    clients: int | None = Field(description="connections open now (from /proc/net)")
+    bytes_read: int | None = Field(
+        description="image bytes the server has read to answer clients since it started"
+    )
+    error: str | None = Field(description="why the server could not be started again")
+    created_at: datetime
+
+
+class Host(_Model):
+    name: str
+    libvirt_uri: str
+    hypervisor: str
+    hypervisor_version: str
+    cpus: int
+    memory_mib: int
+    free_memory_mib: int
+    domain_type: str = Field(description="kvm, or qemu (TCG) where KVM cannot run guests")

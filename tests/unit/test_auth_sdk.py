@@ -83,3 +83,14 @@ def test_sdk_objects(test_engine: Engine, storage_dir: Path, raw_image: Path) ->
     assert vm.refresh().disks[0].location == "local"
     vm.remove()
     assert c.vms.list() == []
+
+
+def test_hosts(test_engine: Engine) -> None:
+    (host,) = test_engine.client().hosts.list()
+    assert host.name == "local" and host.libvirt_uri == "test:///default"
+    assert host.cpus > 0 and host.memory_mib > 0
+    listed = json.loads(test_engine.cli("host", "list", "--json", check=True).stdout)
+    assert listed[0]["name"] == "local"
+    with pytest.raises(thinair.ThinairAPIError) as e:
+        test_engine.client().hosts.get("elsewhere")
+    assert e.value.status == 404

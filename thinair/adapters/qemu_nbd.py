@@ -1,7 +1,11 @@
-"""qemu-nbd: serve an image read-only over NBD, as a child process we own.
+"""qemu-nbd: serve an image read-only over NBD, as a child process we own, or
+detached (an export that outlives the engine).
 
 `Server.start()` waits until the export answers and cleans up if it never does;
 `stop()` goes terminate -> timeout -> kill and logs what the server said.
+`Server.start_detached()` lets qemu-nbd fork into its own session: its parent
+exits only once the server listens (or with the reason it cannot), and the pid
+file says which process to watch.
 The binary can be overridden with THINAIR_QEMU_NBD.
 """
 
@@ -13,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import IO
 
@@ -41,6 +46,9 @@ class Server:
         read_only: bool = True,
         cache: str = "none",
         aio: str = "native",
+        unix_socket: str | None = None,
+        objects: Sequence[str] = (),
+        tls_creds: str | None = None,
     ) -> None:
         self.image = image
         self.fmt = fmt
@@ -51,6 +59,10 @@ class Server:
         self.read_only = read_only
         self.cache = cache
         self.aio = aio
+        self.unix_socket = unix_socket
+        # --object definitions (such as TLS credentials: a directory, never a key).
+        self.objects = list(objects)
+        self.tls_creds = tls_creds
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
 
@@ -64,16 +76,51 @@ class Server:
             "--persistent",
             f"--shared={self.shared}",
             f"--format={self.fmt}",
-            f"--bind={self.host}",
-            f"--port={self.port}",
             f"--export-name={self.export_name}",
             f"--cache={self.cache}",
             f"--aio={self.aio}",
         ]
+        if self.unix_socket:
+            argv.append(f"--socket={self.unix_socket}")
+        else:
+            argv += [f"--bind={self.host}", f"--port={self.port}"]
+        for spec in self.objects:
+            argv += ["--object", spec]
+        if self.tls_creds:
+            argv.append(f"--tls-creds={self.tls_creds}")
         if self.read_only:
             argv.append("--read-only")
         argv.append(self.image)
         return argv
+
+    def start_detached(self, pid_file: str, log_file: str, timeout: float = 30.0) -> int:
+        """Start the server in its own session (it survives us) and return its pid.
+        qemu-nbd --fork returns once the server listens; its messages, then and
+        later, go to `log_file`. Raises ServerError with qemu-nbd's words."""
+        argv = self.argv()
+        argv[-1:-1] = ["--fork", f"--pid-file={pid_file}"]
+        with open(log_file, "ab") as log_f:
+            start = log_f.tell()
+            try:
+                done = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log_f,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise ServerError(f"qemu-nbd did not start in {timeout:g} s") from None
+        if done.returncode != 0:
+            with open(log_file, "rb") as log_f:
+                log_f.seek(start)
+                said = log_f.read().decode(errors="replace").strip()
+            # "qemu-nbd: Failed to blah: reason": the last line is the cause.
+            last = said.splitlines()[-1] if said else "(no output)"
+            raise ServerError(last.removeprefix("qemu-nbd: "))
+        with open(pid_file) as f:
+            return int(f.read().strip())
 
     def start(self, timeout: float = 10.0) -> None:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)

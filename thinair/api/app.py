@@ -19,7 +19,7 @@ from thinair import models
 from thinair.api import auth
 from thinair.config import Settings
 from thinair.db.models import ApiToken
-from thinair.engine import imports, reconcile, storage, vms
+from thinair.engine import exports, imports, reconcile, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.jobs import JobRunner
 from thinair.errors import (
@@ -151,6 +151,28 @@ def vm_console(ctx: Ctx, ref: str, offset: Annotated[int, Query(ge=0)] = 0) -> m
     return vms.console(ctx, ref, offset)
 
 
+@router.get("/exports", response_model=list[models.Export])
+def list_exports(ctx: Ctx) -> list[models.Export]:
+    return exports.list_all(ctx)
+
+
+@router.post("/exports", response_model=models.Export, status_code=201)
+def create_export(ctx: Ctx, req: models.ExportCreate) -> models.Export:
+    """Serve an image read-only over NBD (optionally TLS) or HTTP, until removed."""
+    return exports.create(ctx, req)
+
+
+@router.get("/exports/{ref}", response_model=models.Export)
+def get_export(ctx: Ctx, ref: str) -> models.Export:
+    return exports.get(ctx, ref)
+
+
+@router.delete("/exports/{ref}", status_code=204)
+def remove_export(ctx: Ctx, ref: str) -> Response:
+    exports.remove(ctx, ref)
+    return Response(status_code=204)
+
+
 def get_jobs(ctx: Ctx) -> JobRunner:
     assert ctx.jobs is not None
     return ctx.jobs
@@ -248,10 +270,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    from thinair.api import tokens  # imports this module: include it late
+    from thinair.api import hosts, tokens  # they import this module: include them late
 
     app.include_router(router)
     app.include_router(tokens.router)
+    app.include_router(hosts.router)
 
     @app.get(
         "/api/v1/health",

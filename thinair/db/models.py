@@ -135,7 +135,16 @@ class Export(Base):
     port: Mapped[int | None] = mapped_column(Integer, nullable=True)
     socket: Mapped[str | None] = mapped_column(Text, nullable=True)
     tls: Mapped[str] = mapped_column(String(8), default="none")
+    # Credentials the user brought (a directory thinair reads, never owns or
+    # deletes); None when thinair made them in the export's directory.
+    tls_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
     shared: Mapped[int] = mapped_column(Integer, default=16)
+    # A point-in-time copy of a running VM's disk: the disk's volume (image) was
+    # frozen by an external snapshot; the guest writes to snapshot_path until
+    # the export is removed and that overlay is committed back.
+    vm_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    disk: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    snapshot_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     # creating -> ready -> removing, as for VMs: what the reconciler finishes or undoes.
     phase: Mapped[str] = mapped_column(String(16), default="creating")
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)

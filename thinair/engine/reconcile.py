@@ -6,6 +6,8 @@
 - a domain this engine defined that has no record is undefined (its volumes went
   with the record, so it could not run anyway).
 Only domains carrying this engine's id are touched.
+Exports are reconciled too (see engine/exports.py): live servers adopted, dead
+ones started again, servers without a record stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 from sqlalchemy import select
 
 from thinair.db.models import Vm
-from thinair.engine import vms
+from thinair.engine import exports, vms
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
         if vm_id not in records:
             ctx.virt.undefine(name)
             actions.append(f"undefined orphan domain {name}")
+    actions += exports.reconcile(ctx)
     for line in actions:
         log.info("reconcile: %s", line)
     return actions

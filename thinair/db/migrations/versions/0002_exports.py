@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-23 21:56:10.073398
+Create Date: 2026-11-23 22:15:10.307152
 """
 
 from collections.abc import Sequence
@@ -32,6 +32,9 @@ def upgrade() -> None:
         sa.Column("tls", sa.String(length=8), nullable=False),
         sa.Column("tls_dir", sa.Text(), nullable=True),
         sa.Column("shared", sa.Integer(), nullable=False),
+        sa.Column("vm_id", sa.String(length=36), nullable=True),
+        sa.Column("disk", sa.String(length=8), nullable=True),
+        sa.Column("snapshot_path", sa.Text(), nullable=True),
         sa.Column("phase", sa.String(length=16), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
