@@ -34,6 +34,8 @@ class Settings:
     probe_timeout: float = 20.0
     # A storage domain with less free space than this refuses new volumes.
     min_free_mib: int = 256
+    # Seconds an NBD source may be gone (restarting) before reads of it fail.
+    reconnect_window: float = 30.0
     # Seconds a graceful stop waits for the guest before giving up.
     stop_timeout: float = 60.0
     # HTTPS for the engine: its certificate and key (PEM); clients verify the

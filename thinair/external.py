@@ -1,7 +1,8 @@
 """External disks: parsing and checking the URLs users give for them.
 
 An external disk is data at a URL thinair does not own, given as QEMU reads it:
-``nbd://host[:port]/export``, ``nbd+unix:///export?socket=/path``, ``http(s)://``,
+``nbd://host[:port]/export``, ``nbd+unix:///export?socket=/path``, ``nbds://``
+(TLS; libnbd's ``?tls-psk-file=PATH`` or ``?tls-certificates=DIR``), ``http(s)://``,
 ``ftp(s)://``, ``ssh://[user@]host[:port]/path`` or a local absolute path. The
 check here is syntactic only (no I/O); ``probe`` in the engine asks the server.
 
@@ -24,8 +25,11 @@ FORMATS = frozenset(
     {"raw", "qcow2", "qcow", "vmdk", "vhdx", "vpc", "vdi", "qed", "parallels", "dmg", "luks"}
 )
 
-_SCHEMES = frozenset({"nbd", "nbd+unix", "http", "https", "ftp", "ftps", "ssh"})
-_TLS_SCHEMES = frozenset({"nbds", "nbds+unix"})
+_SCHEMES = frozenset(
+    {"nbd", "nbd+unix", "nbds", "nbds+unix", "http", "https", "ftp", "ftps", "ssh"}
+)
+# libnbd's URI query parameters for TLS, each naming a file or directory.
+_TLS_PARAMS = frozenset({"tls-psk-file", "tls-certificates"})
 
 # RFC 3986 characters; anything else (spaces, quotes, controls, non-ASCII) must be
 # percent-encoded. Keeps shell and XML metacharacters out of every command line.
@@ -42,7 +46,11 @@ class ExternalURL:
 
     @property
     def is_nbd(self) -> bool:
-        return self.scheme in ("nbd", "nbd+unix")
+        return self.scheme in ("nbd", "nbd+unix", "nbds", "nbds+unix")
+
+    @property
+    def is_tls(self) -> bool:
+        return self.scheme in ("nbds", "nbds+unix")
 
     @property
     def is_local(self) -> bool:
@@ -68,11 +76,6 @@ def parse_url(text: str) -> ExternalURL:
     scheme = parts.scheme.lower()
     if scheme == "file":
         return parse_url(parts.path)
-    if scheme in _TLS_SCHEMES:
-        raise InvalidInput(
-            f"{scheme}:// (NBD over TLS) is not supported yet: expose the image without "
-            "TLS on a trusted network, or over https://"
-        )
     if scheme not in _SCHEMES:
         raise InvalidInput(
             f"unsupported URL scheme {parts.scheme!r} in {text!r}; use one of "
@@ -82,19 +85,31 @@ def parse_url(text: str) -> ExternalURL:
         port = parts.port
     except ValueError as e:
         raise InvalidInput(f"bad port in {text!r}: {e}") from None
-    if scheme == "nbd+unix":
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if scheme in ("nbds", "nbds+unix"):
+        for key, values in query.items():
+            if key not in _TLS_PARAMS | {"socket"} or len(values) != 1:
+                raise InvalidInput(
+                    f"{text!r}: unknown or repeated parameter {key!r} "
+                    f"(known: {', '.join(sorted(_TLS_PARAMS))})"
+                )
+            if key in _TLS_PARAMS and not values[0].startswith("/"):
+                raise InvalidInput(f"{text!r}: {key} must be an absolute path")
+    if scheme in ("nbd+unix", "nbds+unix"):
         if parts.netloc:
             raise InvalidInput(
-                f"{text!r}: nbd+unix URLs have no host (nbd+unix:///export?socket=PATH)"
+                f"{text!r}: {scheme} URLs have no host ({scheme}:///export?socket=PATH)"
             )
-        sockets = parse_qs(parts.query).get("socket", [])
+        sockets = query.get("socket", [])
         if len(sockets) != 1 or not sockets[0].startswith("/"):
-            raise InvalidInput(f"{text!r}: nbd+unix needs ?socket=/absolute/path")
+            raise InvalidInput(f"{text!r}: {scheme} needs ?socket=/absolute/path")
         return ExternalURL(url=text, scheme=scheme)
     if not parts.hostname:
         raise InvalidInput(f"{text!r} has no host")
     if port == 0:
         raise InvalidInput(f"bad port 0 in {text!r}")
+    if scheme in ("nbd", "nbds") and parts.fragment:
+        raise InvalidInput(f"{text!r}: NBD URLs take no fragment")
     if scheme == "nbd":
         if parts.query or parts.fragment:
             raise InvalidInput(f"{text!r}: nbd URLs take no query or fragment")

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Engine
 from tests.e2e.conftest import image_reader, sha256, wait_console
 from tests.support import guest
-from thinair.adapters import qemu_img, qemu_nbd
+from thinair.adapters import procfs, qemu_img, qemu_nbd
 from thinair.client import ThinairAPIError
 
 pytestmark = pytest.mark.guest
@@ -50,13 +50,19 @@ def test_boot_from_nbd_export_then_rollback(
     assert vm.state == "running"
     assert vm.last_start_seconds is not None and vm.last_start_seconds > 0
 
-    # libvirt shows the remote disk as the overlay's network backing store.
+    # libvirt shows the overlay's network backing store: the local bridge that
+    # reads the remote export (and would ride out a restart of its server).
     live = ET.fromstring(domain("web1").XMLDesc(0))  # type: ignore[union-attr]
     backing = live.find("devices/disk/backingStore")
     assert backing is not None and backing.get("type") == "network"
     source = backing.find("source")
     assert source is not None and source.get("protocol") == "nbd"
-    assert source.get("name") == "disk"
+    host = source.find("host")
+    socket = engine.home / "bridges" / f"{vm.disks[0].id}.sock"
+    assert host is not None and host.get("transport") == "unix"
+    assert host.get("socket") == str(socket)
+    bridge = procfs.find(frozenset({"nbdkit"}), str(socket))
+    assert len(bridge) == 1 and f"uri={guest_export.url}" in next(iter(bridge.values()))
     assert live.find("devices/disk/source").get("file") == vm.disks[0].volume_path  # type: ignore[union-attr]
 
     # The guest booted from the remote disk and reads its data right.
@@ -81,6 +87,7 @@ def test_boot_from_nbd_export_then_rollback(
     assert not Path(vm.disks[0].volume_path).exists()
     assert c.vms.list() == []
     assert list(engine.settings.console_dir.iterdir()) == []
+    assert procfs.find(frozenset({"nbdkit"}), str(engine.home)) == {}  # bridge stopped
     assert sha256(guest_image) == source_sum
 
 

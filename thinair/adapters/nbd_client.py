@@ -27,7 +27,9 @@ def probe(url: str, timeout: float) -> ExportInfo:
     # The handle and its socket are freed when it goes out of scope: libnbd 1.14's
     # bindings have no close().
     h = nbd.NBD()
-    h.set_uri_allow_local_file(False)
+    # The one local file an NBD URL may name is the TLS key (or certificate
+    # directory) the user gave for it.
+    h.set_uri_allow_local_file("tls-psk-file=" in url or "tls-certificates=" in url)
     deadline = time.monotonic() + timeout
     try:
         h.aio_connect_uri(url)

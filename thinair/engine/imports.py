@@ -29,7 +29,7 @@ from thinair import models
 from thinair.adapters import qemu_img, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import storage, vms
+from thinair.engine import bridges, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput
@@ -122,6 +122,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                     raise Conflict("the disk was removed")
                 target, size, done = disk.target, disk.virtual_size, disk.external_url is None
             progress.add(target, size, done)
+        vms.ensure_bridges(ctx, job.vm_id)  # the copy reads through them
         for disk_id in job.params["disks"]:
             job.check_cancel()
             _import_disk(ctx, job, name, disk_id, progress)
@@ -363,6 +364,7 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str) -> 
         vm = disk.vm
         s.flush()
         ctx.virt.define(virt.domain_xml(vms.domain_spec(ctx, vm)))
+    bridges.stop(ctx, disk_id)  # QEMU reads nothing through it any more
 
 
 def _cleanup_old(job: JobHandle, disk_id: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from thinair.adapters import nbd_client, qemu_img
@@ -27,9 +29,14 @@ def _qemu_img_reason(stderr: str) -> str:
     return line.split(": ", 2)[-1] if line.startswith("qemu-img:") else line
 
 
-def probe(spec: DiskSpec, timeout: float) -> Probed:
+def probe(
+    spec: DiskSpec,
+    timeout: float,
+    tls_bridge: Callable[[str], AbstractContextManager[str]] | None = None,
+) -> Probed:
     """Check that the external disk can be read, and learn its format and size.
-    Raises ExternalDiskError with a one-line reason."""
+    QEMU's tools cannot read NBD over TLS themselves: for that, `tls_bridge(url)`
+    yields a URL they can read. Raises ExternalDiskError with a one-line reason."""
     ext = parse_url(spec.url)
     read_only: bool | None = None
     if ext.is_local:
@@ -52,7 +59,13 @@ def probe(spec: DiskSpec, timeout: float) -> Probed:
                 "check-readonly=off if nothing else writes to it"
             )
     try:
-        info = qemu_img.info(ext.url, fmt=spec.format, timeout=timeout)
+        if ext.is_tls:
+            if tls_bridge is None:
+                raise ExternalDiskError(f"{ext.url}: NBD over TLS needs a bridge")
+            with tls_bridge(ext.url) as readable:
+                info = qemu_img.info(readable, fmt=spec.format, timeout=timeout)
+        else:
+            info = qemu_img.info(ext.url, fmt=spec.format, timeout=timeout)
     except CommandFailed as e:
         if e.returncode is None:
             raise ExternalDiskError(f"{ext.url} did not answer in {timeout:g} s") from None

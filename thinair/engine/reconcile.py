@@ -16,9 +16,10 @@ import logging
 
 from sqlalchemy import select
 
-from thinair.db.models import Vm
-from thinair.engine import exports, vms
+from thinair.db.models import Disk, Vm
+from thinair.engine import bridges, exports, vms
 from thinair.engine.context import EngineContext
+from thinair.errors import ExternalDiskError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,18 @@ def reconcile(ctx: EngineContext) -> list[str]:
         if vm_id not in records:
             ctx.virt.undefine(name)
             actions.append(f"undefined orphan domain {name}")
+    # Every external NBD disk of a VM still here is read through its bridge: the
+    # bridges outlive an engine, but not a reboot or a kill.
+    with ctx.db.session() as s:
+        wanted = {
+            d.id: d.external_url
+            for d in s.scalars(select(Disk).join(Vm).where(Vm.phase == "ready"))
+            if d.external_url and bridges.bridged(d.external_url)
+        }
+    try:
+        actions += bridges.reconcile(ctx, wanted)
+    except ExternalDiskError as e:  # a source that is gone: its VM will say so
+        log.warning("reconcile: %s", e.message)
     actions += exports.reconcile(ctx)
     for line in actions:
         log.info("reconcile: %s", line)

@@ -20,7 +20,7 @@ from thinair import models
 from thinair.adapters import qemu_img, qemu_io, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import storage
+from thinair.engine import bridges, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.probe import Probed, probe
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
@@ -147,7 +147,10 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
             storage.check_space(ctx, sd)
     if ctx.virt.lookup(req.name) is not None:
         raise Conflict(f"libvirt already has a domain named {req.name!r} (not thinair's)")
-    probed: list[Probed] = [probe(spec, ctx.settings.probe_timeout) for spec in specs]
+    probed: list[Probed] = [
+        probe(spec, ctx.settings.probe_timeout, lambda url: bridges.temporary(ctx, url))
+        for spec in specs
+    ]
 
     # Record the intent, with every path we are about to create, before creating it.
     with ctx.db.session() as s:
@@ -197,17 +200,21 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
         vm = find(s, vm_id)
         for disk in vm.disks:
             assert disk.external_url and disk.external_format
+            backing = disk.external_url
+            if bridges.bridged(disk.external_url):
+                bridges.ensure(ctx, disk.id, disk.external_url)
+                backing = bridges.backing_url(ctx, disk.id)
             try:
                 qemu_img.create_overlay(
-                    disk.volume_path, disk.external_url, disk.external_format, disk.virtual_size
+                    disk.volume_path, backing, disk.external_format, disk.virtual_size
                 )
             except CommandFailed as e:
                 raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
-            _mark_holes(ctx, disk)
+            _mark_holes(ctx, disk, backing)
         ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
 
 
-def _mark_holes(ctx: EngineContext, disk: Disk) -> None:
+def _mark_holes(ctx: EngineContext, disk: Disk, source: str) -> None:
     """Mark the external disk's holes as zero clusters in the new overlay.
 
     The external disk is read-only and never changes, so a hole there reads as
@@ -220,7 +227,7 @@ def _mark_holes(ctx: EngineContext, disk: Disk) -> None:
     cluster = 64 * 1024
     try:
         holes = qemu_img.zero_ranges(
-            disk.external_url, disk.external_format, timeout=ctx.settings.probe_timeout
+            source, disk.external_format, timeout=ctx.settings.probe_timeout
         )
         aligned = []
         for offset, length in holes:
@@ -279,6 +286,7 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
             raise BackendError(
                 f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
             )
+        ensure_bridges(ctx, vm_id)
         began = time.monotonic()
         ctx.virt.start(name)
         took = time.monotonic() - began
@@ -349,9 +357,12 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
             vm.phase = "removing"
         name = vm.name
         paths = [d.volume_path for d in vm.disks] + [vm.console_log]
+        disk_ids = [d.id for d in vm.disks]
     dom = ctx.virt.lookup(name)
     if dom is not None and ctx.virt.owner(dom) == (ctx.engine_id, vm_id):
         ctx.virt.undefine(name)
+    for disk_id in disk_ids:
+        bridges.stop(ctx, disk_id)
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             if path:
@@ -360,6 +371,15 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
         vm = s.get(Vm, vm_id)
         if vm is not None:
             s.delete(vm)
+
+
+def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:
+    """(Re)start the bridges the VM's external NBD disks are read through."""
+    with ctx.db.session() as s:
+        wanted = [(d.id, d.external_url) for d in find(s, vm_id).disks]
+    for disk_id, url in wanted:
+        if url and bridges.bridged(url):
+            bridges.ensure(ctx, disk_id, url)
 
 
 def redefine(ctx: EngineContext, vm_id: str) -> None:

@@ -1,0 +1,128 @@
+"""nbdkit as a local bridge in front of a remote NBD export.
+
+QEMU reads an NBD external disk through `nbdkit --filter=retry nbd uri=...` on
+a Unix socket rather than from the remote server itself, for two reasons:
+- a source server that restarts must not cost the guest its disk. QEMU's own
+  NBD client can reconnect (reconnect-delay), but libvirt 9.0 drops that option
+  from disk XML; the retry filter reconnects and retries each request for up to
+  `window` seconds, so the guest only stalls;
+- TLS with a pre-shared key: libvirt's disk XML has X.509 only. The bridge holds
+  the key (libnbd's `tls-psk-file`), so it is in neither the domain XML nor
+  QEMU's command line, and QEMU talks plain NBD over a local socket only QEMU's
+  user may open.
+The bridge runs detached (it must outlive the engine as long as the VM runs on
+it); it is found again by its pid file and command line. The binary can be
+overridden with THINAIR_NBDKIT.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
+
+from thinair.adapters import procfs
+
+PROGRAMS = frozenset({"nbdkit"})
+
+
+class BridgeError(Exception):
+    pass
+
+
+def _binary() -> str:
+    return os.environ.get("THINAIR_NBDKIT", "nbdkit")
+
+
+def start(uri: str, socket: Path, pid_file: Path, window: float, owner: str | None) -> int:
+    """Start a read-only bridge to `uri` listening on `socket`; return its pid.
+    `owner` (QEMU's user under qemu:///system) gets the socket."""
+    for stale in (socket, pid_file):
+        stale.unlink(missing_ok=True)
+    delay = 1
+    argv = [
+        _binary(),
+        "--readonly",
+        "--unix",
+        str(socket),
+        "--pidfile",
+        str(pid_file),
+        "--filter=retry",
+        "nbd",
+        *_plugin_args(uri),
+        f"retries={max(1, int(window / delay))}",
+        f"retry-delay={delay}",
+        "retry-exponential=no",
+    ]
+    try:
+        # nbdkit forks into the background once the socket is listening.
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BridgeError("nbdkit did not start in 30 s") from None
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()
+        raise BridgeError(said[-1].removeprefix("nbdkit: ") if said else "nbdkit failed")
+    # The socket listens before nbdkit forks, but the child writes the pid file
+    # after the parent has returned.
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        if time.monotonic() > deadline:
+            raise BridgeError("nbdkit started but wrote no pid file")
+        time.sleep(0.01)
+    pid = int(pid_file.read_text().strip())
+    if owner:
+        try:
+            entry = pwd.getpwnam(owner)
+        except KeyError:
+            pass
+        else:
+            os.chown(socket, entry.pw_uid, entry.pw_gid)
+    os.chmod(socket, 0o600)
+    return pid
+
+
+def _plugin_args(uri: str) -> list[str]:
+    """The nbd plugin's parameters for a libnbd URI. The plugin takes the TLS
+    files as parameters of its own (libnbd would refuse them inside the URI, as
+    local file access), and they name files, never the key itself."""
+    params = {"tls-psk-file": "tls-psk", "tls-certificates": "tls-certificates"}
+    base, _, query = uri.partition("?")
+    pairs = parse_qsl(query)
+    args = [f"{params[k]}={v}" for k, v in pairs if k in params]
+    if not args:
+        return [f"uri={uri}"]
+    kept = urlencode([(k, v) for k, v in pairs if k not in params], safe="/")
+    return [f"uri={base}?{kept}" if kept else f"uri={base}", *args]
+
+
+def running(socket: Path, pid_file: Path) -> int | None:
+    """The pid of the bridge serving `socket`, if it still runs."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if procfs.matches(pid, PROGRAMS, str(socket)) else None
+
+
+def stop(socket: Path, pid_file: Path) -> None:
+    pid = running(socket, pid_file)
+    if pid is not None:
+        procfs.terminate(pid, PROGRAMS, str(socket))
+    for path in (socket, pid_file):
+        path.unlink(missing_ok=True)
+
+
+def find_all(directory: Path) -> dict[int, str]:
+    """Every bridge whose socket lives in `directory`: {pid: command line}."""
+    return procfs.find(PROGRAMS, str(directory) + "/")
