@@ -34,8 +34,9 @@ def main() -> int:
     client = thinair.Client()
     try:
         began = time.monotonic()
-        vm = client.vms.create(args.name, disks=[f"{u},storage={args.to}" for u in args.urls],
-                               memory_mib=args.memory)
+        vm = client.vms.create(
+            args.name, disks=[f"{u},storage={args.to}" for u in args.urls], memory_mib=args.memory
+        )
         vm = vm.start()
         print(f"{vm.name} is {vm.state} {time.monotonic() - began:.1f} s after the request")
         if not args.keep:
@@ -46,8 +47,11 @@ def main() -> int:
         def show(job: thinair.Job) -> None:
             done, total = job.progress.get("done", 0), job.progress.get("total") or 1
             rate = job.progress.get("rate", 0) / 2**20
-            print(f"\r{job.step or job.state:12} {100 * done / total:5.1f}%  {rate:7.1f} MiB/s",
-                  end="", flush=True)
+            print(
+                f"\r{job.step or job.state:12} {100 * done / total:5.1f}%  {rate:7.1f} MiB/s",
+                end="",
+                flush=True,
+            )
 
         job = vm.import_(to=args.to).wait(progress=show)
         print()

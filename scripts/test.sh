@@ -6,5 +6,5 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 "$top/scripts/setup.sh"
 cd "$top"
 .venv/bin/ruff check thinair tests bench
-.venv/bin/mypy thinair tests examples bench
+.venv/bin/mypy thinair tests examples
 exec .venv/bin/pytest -m "not slow" "$@"
