@@ -10,6 +10,7 @@ c.vms.start("web1")
 from __future__ import annotations
 
 import builtins
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,11 +63,12 @@ class Client:
         self.url = (url or settings.url).rstrip("/")
         token = token or settings.token or _local_token(settings)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # The engine's own CA when given (an HTTPS engine with its own certificate).
+        verify: ssl.SSLContext | bool = True
+        if settings.ca_cert:
+            verify = ssl.create_default_context(cafile=settings.ca_cert)
         self._http = httpx.Client(
-            base_url=self.url + "/api/v1",
-            headers=headers,
-            timeout=timeout,
-            verify=settings.ca_cert or True,
+            base_url=self.url + "/api/v1", headers=headers, timeout=timeout, verify=verify
         )
         self.storage_domains = StorageDomains(self)
         self.vms = Vms(self)

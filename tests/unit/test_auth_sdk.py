@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -94,3 +96,44 @@ def test_hosts(test_engine: Engine) -> None:
     with pytest.raises(thinair.ThinairAPIError) as e:
         test_engine.client().hosts.get("elsewhere")
     assert e.value.status == 404
+
+
+def test_https(make_engine: Callable[..., Engine], workdir: Path) -> None:
+    """The engine serves HTTPS with a given certificate; the SDK verifies it."""
+    cert, key = workdir / "engine.crt", workdir / "engine.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    engine = make_engine(
+        "test:///default",
+        start=False,
+        THINAIR_TLS_CERT=str(cert),
+        THINAIR_TLS_KEY=str(key),
+        THINAIR_CA_CERT=str(cert),
+    )
+    engine.extra_env["THINAIR_URL"] = f"https://127.0.0.1:{engine.port}"
+    engine.start()
+    assert engine.client().health().status == "ok"
+    with pytest.raises(httpx.ConnectError):  # not trusted without the CA
+        httpx.get(f"https://127.0.0.1:{engine.port}/api/v1/openapi.json")
+    with pytest.raises(httpx.RemoteProtocolError):  # no plain HTTP on the TLS port
+        httpx.get(f"http://127.0.0.1:{engine.port}/api/v1/openapi.json")
