@@ -39,6 +39,7 @@ from thinair.adapters._process import CommandFailed
 from thinair.db.models import Export, Vm, aware, new_id
 from thinair.engine import storage, vms
 from thinair.engine.context import EngineContext
+from thinair.engine.probe import local_image_problem
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, ThinairError
 from thinair.external import validate_format
 
@@ -212,12 +213,8 @@ def _check_image(req: models.ExportCreate) -> tuple[str, int]:
     assert req.image is not None
     _check_path(req.image, "image path")
     validate_format(req.format)
-    try:
-        st = os.stat(req.image)
-    except OSError as e:
-        raise InvalidInput(f"cannot use {req.image}: {e.strerror}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise InvalidInput(f"{req.image} is not a file or a block device")
+    if problem := local_image_problem(req.image):
+        raise InvalidInput(problem)
     try:
         info = qemu_img.info(req.image, fmt=req.format, timeout=60)
     except CommandFailed as e:

@@ -29,6 +29,17 @@ def _qemu_img_reason(stderr: str) -> str:
     return line.split(": ", 2)[-1] if line.startswith("qemu-img:") else line
 
 
+def local_image_problem(path: str) -> str | None:
+    """Why a local path cannot be used as an image, or None if it can."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"cannot use {path}: {e.strerror}"
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return f"{path} is not a file or a block device"
+    return None
+
+
 def probe(
     spec: DiskSpec,
     timeout: float,
@@ -39,13 +50,8 @@ def probe(
     yields a URL they can read. Raises ExternalDiskError with a one-line reason."""
     ext = parse_url(spec.url)
     read_only: bool | None = None
-    if ext.is_local:
-        try:
-            st = os.stat(ext.url)
-        except OSError as e:
-            raise ExternalDiskError(f"cannot use {ext.url}: {e.strerror}") from None
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise ExternalDiskError(f"{ext.url} is not a file or a block device")
+    if ext.is_local and (problem := local_image_problem(ext.url)):
+        raise ExternalDiskError(problem)
     if ext.is_nbd:
         try:
             export = nbd_client.probe(ext.url, timeout)
