@@ -72,3 +72,22 @@ def test_vm_reads_a_tls_psk_export(engine: Engine, guest_image: Path, storage_di
     c.vms.rollback("tls")
     assert list(storage_dir.iterdir()) == []
     engine.cli("unexpose", exported["id"], check=True)
+
+
+def test_import_releases_thinairs_own_export(
+    engine: Engine, guest_image: Path, storage_dir: Path
+) -> None:
+    exported = json.loads(engine.cli("expose", str(guest_image), "--json", check=True).stdout)
+    c = engine.client()
+    c.storage_domains.add("final", str(storage_dir))
+    c.vms.create("own", disks=[exported["url"]], memory_mib=256)
+    c.vms.start("own")
+    wait_console(c, "own", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    assert c.vms.import_("own", to="final").wait().state == "succeeded"
+    assert json.loads(engine.cli("exports", "--json", check=True).stdout) == []
+    assert procfs.find(frozenset({"qemu-nbd"}), str(engine.home)) == {}
+    before = len(guest.parse_console(c.vms.console("own").text)["wrote"])
+    wait_console(c, "own", lambda i: len(i["wrote"]) >= before + 2)  # runs on, source gone
+    c.vms.stop("own", force=True)
+    _check_final_disk(c, "own", guest_image)
+    c.vms.remove("own")

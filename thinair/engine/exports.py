@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from thinair import models
 from thinair.adapters import gnutls, nginx, procfs, qemu_img, qemu_nbd, snapshot
 from thinair.adapters._process import CommandFailed
-from thinair.db.models import Export, Vm, aware, new_id
+from thinair.db.models import Disk, Export, Vm, aware, new_id
 from thinair.engine import storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.probe import local_image_problem
@@ -607,6 +607,22 @@ def remove(ctx: EngineContext, ref: str) -> None:
         export_id = find(s, ref).id
     with _lock:
         _destroy(ctx, export_id)
+
+
+def release(ctx: EngineContext, urls: set[str]) -> list[str]:
+    """Stop this engine's exports of `urls` that no external disk reads any more
+    (an import has made them local). Returns the ids stopped."""
+    with ctx.db.session() as s:
+        in_use = {d.external_url for d in s.scalars(select(Disk)) if d.external_url}
+        unused = [
+            e.id
+            for e in s.scalars(select(Export))
+            if e.vm_id is None and url(ctx, e) in urls - in_use
+        ]
+    for export_id in unused:
+        log.info("import done: stopping export %s, which nothing reads any more", export_id)
+        remove(ctx, export_id)
+    return unused
 
 
 def reconcile(ctx: EngineContext) -> list[str]:

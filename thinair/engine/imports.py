@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from thinair import models
 from thinair.adapters import qemu_img, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, storage, vms
+from thinair.engine import bridges, exports, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput
@@ -123,9 +125,16 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 target, size, done = disk.target, disk.virtual_size, disk.external_url is None
             progress.add(target, size, done)
         vms.ensure_bridges(ctx, job.vm_id)  # the copy reads through them
+        with ctx.db.session() as s:
+            sources = {
+                d.external_url
+                for d in s.scalars(select(Disk).where(Disk.id.in_(job.params["disks"])))
+                if d.external_url
+            }
         for disk_id in job.params["disks"]:
             job.check_cancel()
             _import_disk(ctx, job, name, disk_id, progress)
+        exports.release(ctx, sources)  # one of thinair's own exports, if nothing else reads it
         job.update(step="done", progress=progress.snapshot(final=True))
 
 
