@@ -4,7 +4,9 @@ auth, and bad input that must change nothing. Real SQLite and qemu-img."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -200,3 +202,32 @@ def test_overlay_records_the_sources_holes(
     assert [(e["start"], e["length"]) for e in from_source] == [(0, 2**20)]
     assert qemu_img.compare(overlay, str(raw_image), "qcow2", "raw")
     assert raw_image.stat().st_blocks * 512 == 2**20  # the source was not written
+
+
+def test_one_flow_at_a_time(test_engine: Engine, storage_dir: Path, workdir: Path) -> None:
+    """A second import, or a start, while an import runs gets a clear conflict;
+    cancelling leaves the VM as it was."""
+    source = workdir / "data.raw"
+    with open(source, "wb") as f:
+        f.write(os.urandom(8 * 2**20))
+    c = test_engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    final = workdir / "final"
+    final.mkdir(mode=0o755)
+    c.storage_domains.add("final", str(final))
+    c.vms.create("busy", disks=[f"{source},storage=tmp"])
+    job = c.vms.import_("busy", to="final", bandwidth_mib=1)  # about 8 s
+    with pytest.raises(ThinairAPIError) as e:
+        c.vms.import_("busy", to="final")
+    assert e.value.code == "conflict" and job.id in e.value.message
+    deadline = time.monotonic() + 30
+    while c.jobs.get(job.id).step != "copy vda" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(ThinairAPIError) as e:
+        c.vms.start("busy")
+    assert e.value.code == "conflict" and "import is in progress" in e.value.message
+    assert job.cancel().id == job.id
+    assert job.wait().state == "cancelled"
+    vm = c.vms.get("busy")
+    assert vm.disks[0].location == "external" and list(final.iterdir()) == []
+    c.vms.remove("busy")
