@@ -12,15 +12,18 @@ round, bytes read from the source against the allocated bytes, and the final
 volume's allocation. Results are appended to bench/results/history.jsonl.
 
     .venv/bin/python bench/import_speed.py [--rounds 2]
+
+bench/run.py calls run() (table rows) and the other benchmarks reuse Source,
+make_source, allocated and run_nbdcopy.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
-import shutil
 import socket
 import statistics
 import subprocess
@@ -29,11 +32,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.engine import Engine  # noqa: E402
+from common import Lab, Row  # noqa: E402
 
 GiB = 2**30
 MiB = 2**20
@@ -117,6 +121,13 @@ class Source:
         return int(value * scale)
 
 
+class Export(Protocol):
+    """Anything serving an image at an NBD URL (Source, qemu_nbd.Server)."""
+
+    @property
+    def url(self) -> str: ...
+
+
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -127,10 +138,10 @@ def timed(fn: Callable[[], Path]) -> tuple[float, Path]:
     return time.monotonic() - began, out
 
 
-def run_nbdcopy(src: Source, out_dir: Path) -> Path:
+def run_nbdcopy(src: Export, out_dir: Path, size: int = SIZE) -> Path:
     dest = out_dir / "nbdcopy.raw"
     with open(dest, "wb") as f:
-        f.truncate(SIZE)
+        f.truncate(size)
     subprocess.run(["nbdcopy", src.url, str(dest)], check=True)
     subprocess.run(["sync", str(dest)], check=True)
     return dest
@@ -146,10 +157,10 @@ def run_convert(src: Source, out_dir: Path) -> Path:
     return dest
 
 
-def thinair_import(engine: Engine, strategy: str) -> Callable[[Source, Path], Path]:
+def thinair_import(lab: Lab, strategy: str) -> Callable[[Source, Path], Path]:
     def run(src: Source, out_dir: Path) -> Path:
-        c = engine.client()
-        name = f"bench-{strategy}-{uuid.uuid4().hex[:6]}"
+        c = lab.client()
+        name = lab.vm_name(f"{strategy}-{uuid.uuid4().hex[:4]}")
         home = "final" if strategy == "stream" else "tmp"
         c.vms.create(name, disks=[f"{src.url},format=raw,storage={home}"], memory_mib=128)
         c.vms.start(name)  # nothing bootable: the domain runs, which is all a copy needs
@@ -168,40 +179,30 @@ def thinair_import(engine: Engine, strategy: str) -> Callable[[Source, Path], Pa
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-
-    work = Path("/var/tmp/thinair-bench") / uuid.uuid4().hex[:8]
-    work.mkdir(parents=True, mode=0o755)
-    os.chmod(work.parent, 0o755)
-    engine = Engine(home=work / "home", libvirt_uri="qemu:///system")
+def measure(rounds: int) -> list[dict[str, Any]]:
+    """Run the rounds; the per-method summary (medians over rounds)."""
     rows: list[dict[str, object]] = []
-    try:
+    # The Lab (bench/common.py) owns the work directory, the engine with storage
+    # domains tmp and final, and removes every VM and domain on the way out.
+    with Lab("import") as lab:
+        work = lab.dir
         image = work / "source.raw"
         make_source(image)
         source_alloc = allocated(image)
-        for sd in ("tmp", "final"):
-            (work / sd).mkdir(mode=0o755)
-        engine.start()
-        c = engine.client()
-        c.storage_domains.add("tmp", str(work / "tmp"))
-        c.storage_domains.add("final", str(work / "final"))
         methods: dict[str, Callable[[Source, Path], Path]] = {
             "nbdcopy": run_nbdcopy,
             "qemu-img convert": run_convert,
-            "thinair mirror": thinair_import(engine, "mirror"),
-            "thinair stream": thinair_import(engine, "stream"),
+            "thinair mirror": thinair_import(lab, "mirror"),
+            "thinair stream": thinair_import(lab, "stream"),
         }
-        for round_no in range(args.rounds):
+        for round_no in range(rounds):
             reference = None
             for method, fn in methods.items():
                 out_dir = work / f"out-{round_no}"
                 out_dir.mkdir(exist_ok=True, mode=0o755)
                 src = Source(image, work)
                 try:
-                    seconds, dest = timed(lambda fn=fn, src=src, out_dir=out_dir: fn(src, out_dir))
+                    seconds, dest = timed(functools.partial(fn, src, out_dir))
                 finally:
                     read = src.stop()
                 same = (
@@ -223,21 +224,14 @@ def main() -> None:
                         "identical": same,
                     }
                 )
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 dest.unlink()
-    finally:
-        engine.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
-    print(
-        f"\n{'method':18} {'seconds':>8} {'x nbdcopy':>10} {'read/alloc':>11} "
-        f"{'final/alloc':>12}  identical"
-    )
     summary = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
+    for name in dict.fromkeys(str(r["method"]) for r in rows):
+        mine = [r for r in rows if r["method"] == name]
         entry = {
-            "method": method,
+            "method": name,
             "seconds": statistics.median(float(r["seconds"]) for r in mine),  # type: ignore[arg-type]
             "ratio": statistics.median(float(r["ratio"]) for r in mine),  # type: ignore[arg-type]
             "read_ratio": mine[-1]["read_ratio"],
@@ -245,8 +239,52 @@ def main() -> None:
             "identical": all(r["identical"] for r in mine),
         }
         summary.append(entry)
+    return summary
+
+
+def run(quick: bool) -> list[Row]:
+    """The table rows: each method's seconds against nbdcopy's in the same rounds,
+    and what the thinair imports read from the source against what it holds."""
+    summary = measure(1 if quick else 2)
+    ref = next(float(e["seconds"]) for e in summary if e["method"] == "nbdcopy")
+    rows = []
+    for e in summary:
+        if e["method"] == "nbdcopy":
+            continue
+        rows.append(
+            Row(
+                f"import 1 GiB data: {e['method']} (time x nbdcopy)",
+                float(e["seconds"]),
+                "s",
+                reference=ref,
+                detail=e,
+            )
+        )
+    for e in summary:
+        if e["method"].startswith("thinair") and e["read_ratio"] is not None:
+            rows.append(
+                Row(
+                    f"{e['method']}: bytes read / allocated",
+                    float(e["read_ratio"]),
+                    "x",
+                    detail={"identical": e["identical"]},
+                )
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    summary = measure(args.rounds)
+    print(
+        f"\n{'method':18} {'seconds':>8} {'x nbdcopy':>10} {'read/alloc':>11} "
+        f"{'final/alloc':>12}  identical"
+    )
+    for entry in summary:
         print(
-            f"{method:18} {entry['seconds']:8.2f} {entry['ratio']:10.2f} "
+            f"{entry['method']:18} {entry['seconds']:8.2f} {entry['ratio']:10.2f} "
             f"{entry['read_ratio']!s:>11} {entry['final_alloc_ratio']!s:>12}  "
             f"{entry['identical']}"
         )
