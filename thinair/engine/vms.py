@@ -191,7 +191,7 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
                 return to_model(ctx, vm)
     except BaseException:
         log.exception("creating VM %s failed; undoing", req.name)
-        undo_create(ctx, vm_id)
+        _destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
         raise
 
 
@@ -257,11 +257,6 @@ def domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
         console_log=vm.console_log,
         disks=[virt.DiskDevice(d.target, d.volume_path, d.volume_format) for d in vm.disks],
     )
-
-
-def undo_create(ctx: EngineContext, vm_id: str) -> None:
-    """Remove whatever a create got to: the domain (if ours), volumes, the record."""
-    _destroy(ctx, vm_id)
 
 
 # -- start / stop ------------------------------------------------------------
