@@ -192,7 +192,15 @@ def _wait_job(
         event = ctx.virt.wait_block_event(name, target, interval)
         if tick is not None:
             tick()
-        info = ctx.virt.block_job(name, target)
+        try:
+            info = ctx.virt.block_job(name, target)
+        except BackendError:
+            if ctx.virt.state(name) not in ("running", "paused"):
+                raise BackendError(
+                    f"the VM stopped while {target} was being copied; start it and run "
+                    "the import again: it resumes from the temporary disk"
+                ) from None
+            raise
         if info is not None:
             progress.set(target, *info)
         if event in until:
