@@ -41,17 +41,18 @@ def backing_url(ctx: EngineContext, disk_id: str) -> str:
     return f"nbd+unix:///?socket={_paths(ctx, disk_id)[0]}"
 
 
-def ensure(ctx: EngineContext, disk_id: str, url: str) -> None:
-    """Start the disk's bridge unless it runs already."""
+def ensure(ctx: EngineContext, disk_id: str, url: str) -> bool:
+    """Start the disk's bridge unless it runs already; True if it had to start."""
     socket, pid_file = _paths(ctx, disk_id)
     if nbdkit.running(socket, pid_file) is not None:
-        return
+        return False
     owner = QEMU_USER if ctx.settings.libvirt_uri.endswith("/system") else None
     try:
         pid = nbdkit.start(url, socket, pid_file, ctx.settings.reconnect_window, owner)
     except nbdkit.BridgeError as e:
         raise ExternalDiskError(f"cannot bridge to {url}: {e}") from None
     log.info("bridge for disk %s to %s: pid %d", disk_id, url, pid)
+    return True
 
 
 def stop(ctx: EngineContext, disk_id: str) -> None:
@@ -78,10 +79,11 @@ def reconcile(ctx: EngineContext, wanted: dict[str, str]) -> list[str]:
     bridge under this engine's home."""
     actions = []
     for disk_id, url in wanted.items():
-        socket, pid_file = _paths(ctx, disk_id)
-        if nbdkit.running(socket, pid_file) is None:
-            ensure(ctx, disk_id, url)
-            actions.append(f"restarted the bridge of disk {disk_id}")
+        try:
+            if ensure(ctx, disk_id, url):
+                actions.append(f"restarted the bridge of disk {disk_id}")
+        except ExternalDiskError as e:  # its source is gone: its VM will say so
+            actions.append(f"could not restart the bridge of disk {disk_id}: {e.message}")
     keep = {str(_paths(ctx, disk_id)[0]) for disk_id in wanted}
     for pid, line in nbdkit.find_all(_dir(ctx)).items():
         if not any(sock in line for sock in keep):

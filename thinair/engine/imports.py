@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from thinair import models
 from thinair.adapters import qemu_img, virt
 from thinair.adapters._process import CommandFailed
@@ -118,20 +116,16 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 raise Conflict("the VM was removed")
             name = vm.name
         progress = _Progress(job)
-        for disk_id in job.params["disks"]:
-            with ctx.db.session() as s:
+        sources: set[str] = set()  # what the disks read from before the import
+        with ctx.db.session() as s:
+            for disk_id in job.params["disks"]:
                 disk = s.get(Disk, disk_id)
                 if disk is None:
                     raise Conflict("the disk was removed")
-                target, size, done = disk.target, disk.virtual_size, disk.external_url is None
-            progress.add(target, size, done)
+                progress.add(disk.target, disk.virtual_size, disk.external_url is None)
+                if disk.external_url:
+                    sources.add(disk.external_url)
         vms.ensure_bridges(ctx, job.vm_id)  # the copy reads through them
-        with ctx.db.session() as s:
-            sources = {
-                d.external_url
-                for d in s.scalars(select(Disk).where(Disk.id.in_(job.params["disks"])))
-                if d.external_url
-            }
         for disk_id in job.params["disks"]:
             job.check_cancel()
             _import_disk(ctx, job, name, disk_id, progress)

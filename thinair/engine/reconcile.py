@@ -19,7 +19,6 @@ from sqlalchemy import select
 from thinair.db.models import Disk, Vm
 from thinair.engine import bridges, exports, vms
 from thinair.engine.context import EngineContext
-from thinair.errors import ExternalDiskError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +47,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
             for d in s.scalars(select(Disk).join(Vm).where(Vm.phase == "ready"))
             if d.external_url and bridges.bridged(d.external_url)
         }
-    try:
-        actions += bridges.reconcile(ctx, wanted)
-    except ExternalDiskError as e:  # a source that is gone: its VM will say so
-        log.warning("reconcile: %s", e.message)
+    actions += bridges.reconcile(ctx, wanted)
     actions += exports.reconcile(ctx)
     for line in actions:
         log.info("reconcile: %s", line)
