@@ -133,7 +133,7 @@ def engine(
 def storage_add(name: str, path: str, as_json: JsonOpt = False) -> None:
     """Add a storage domain: an existing directory thinair keeps volumes in."""
     with _errors():
-        sd = Client().storage_domains.add(name, os.path.abspath(path))
+        sd = Client().storage_domains.add(name, os.path.abspath(path) if path else path)
     _emit(sd, as_json, lambda: out.print(f"storage domain {sd.name} at {sd.path}"))
 
 

@@ -43,6 +43,10 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     ca_cert: str | None = None
+    # Directories (":"-separated) whose files may be run from or exposed by path,
+    # besides the storage domains. Anyone with a read-write token can ask the
+    # engine (root) to read a local path; this keeps /etc and /root out of reach.
+    image_roots: str = "/srv:/var/lib/libvirt/images"
 
     @property
     def db_url(self) -> str:
@@ -55,6 +59,10 @@ class Settings:
     @property
     def console_dir(self) -> Path:
         return self.home / "console"
+
+    @property
+    def image_root_paths(self) -> list[Path]:
+        return [Path(p) for p in self.image_roots.split(":") if p] + [self.home / "images"]
 
     @property
     def listen_host(self) -> str:

@@ -56,6 +56,15 @@ class ExternalURL:
     def is_local(self) -> bool:
         return self.scheme == "file"
 
+    @property
+    def local_files(self) -> list[str]:
+        """The local files the engine would read for this URL: the image itself,
+        or the TLS key or certificates an ``nbds://`` URL names."""
+        if self.is_local:
+            return [self.url]
+        query = parse_qs(urlsplit(self.url).query)
+        return [values[0] for key, values in query.items() if key in _TLS_PARAMS]
+
 
 def parse_url(text: str) -> ExternalURL:
     """Check an external disk URL; raise InvalidInput naming what is wrong."""
@@ -72,7 +81,10 @@ def parse_url(text: str) -> ExternalURL:
             f"bad external disk URL {text!r}: characters such as spaces or quotes "
             "must be percent-encoded"
         )
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:  # e.g. "Invalid IPv6 URL"
+        raise InvalidInput(f"bad external disk URL {text!r}: {e}") from None
     scheme = parts.scheme.lower()
     if scheme == "file":
         return parse_url(parts.path)

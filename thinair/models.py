@@ -74,8 +74,9 @@ class Disk(_Model):
 
 class VmCreate(_Model):
     name: Name
-    memory_mib: int = Field(default=512, ge=16, le=1024 * 1024)
-    cpus: int = Field(default=1, ge=1, le=64)
+    # strict: JSON true is not 1 CPU, nor "512" a size
+    memory_mib: int = Field(default=512, ge=16, le=1024 * 1024, strict=True)
+    cpus: int = Field(default=1, ge=1, le=64, strict=True)
     disks: list[DiskCreate] = Field(min_length=1, max_length=26)
 
 
@@ -111,7 +112,9 @@ class ImportRequest(_Model):
         description="stream where the temporary disk is on the target already, "
         "mirror elsewhere, when omitted",
     )
-    bandwidth_mib: float | None = Field(default=None, gt=0, description="MiB/s limit")
+    bandwidth_mib: float | None = Field(
+        default=None, gt=0, le=1024 * 1024, description="MiB/s limit"
+    )
 
 
 class Job(_Model):

@@ -16,6 +16,7 @@ from thinair.client import Client, ThinairAPIError
 from thinair.config import Settings
 
 VENV_BIN = Path(sys.executable).parent
+IMAGE_ROOTS = ("/var/tmp/thinair-tests", "/var/tmp/thinair-bench", "/var/cache/thinair")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Engine:
                 "THINAIR_LISTEN": f"127.0.0.1:{self.port}",
                 "THINAIR_URL": f"http://127.0.0.1:{self.port}",
                 "THINAIR_LIBVIRT_URI": self.libvirt_uri,
+                # Where tests and benchmarks keep the images they run and expose.
+                "THINAIR_IMAGE_ROOTS": ":".join(IMAGE_ROOTS),
                 **self.extra_env,
             }
         )

@@ -28,7 +28,7 @@ def test_storage_domains(test_engine: Engine, storage_dir: Path, workdir: Path) 
     for name, path, code in [
         ("tmp", str(other), "conflict"),  # name taken
         ("x", str(storage_dir), "conflict"),  # same directory
-        ("y", str(storage_dir / "sub"), "storage"),  # missing directory
+        ("y", str(storage_dir / "sub"), "invalid_input"),  # missing directory
         ("z", "relative/dir", "invalid_input"),
         ("bad name", str(other), "invalid_input"),
     ]:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import thinair
 from thinair import models
@@ -307,6 +308,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             status_code=500,
             content={"code": "internal", "message": f"internal error: {type(exc).__name__}: {exc}"},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (unknown route, wrong method, a body that is not
+        # JSON) in the API's one error shape.
+        codes = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)},
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -208,13 +208,14 @@ def _check_path(path: str, what: str) -> None:
         )
 
 
-def _check_image(req: models.ExportCreate) -> tuple[str, int]:
+def _check_image(ctx: EngineContext, req: models.ExportCreate) -> tuple[str, int]:
     """The image's format and virtual size; InvalidInput if it cannot be served."""
     assert req.image is not None
     _check_path(req.image, "image path")
     validate_format(req.format)
     if problem := local_image_problem(req.image):
         raise InvalidInput(problem)
+    storage.check_image_root(ctx, req.image)
     try:
         info = qemu_img.info(req.image, fmt=req.format, timeout=60)
     except CommandFailed as e:
@@ -520,7 +521,7 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
     else:
         assert req.image is not None
         image = req.image
-        fmt, size = _check_image(req)
+        fmt, size = _check_image(ctx, req)
     _check_tls_dir(req)
     host, port = _parse_listen(req.listen)
     if req.unix is not None:

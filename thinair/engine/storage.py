@@ -32,13 +32,13 @@ def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDo
         raise InvalidInput(f"storage domain path must be absolute, not {req.path!r}")
     path = Path(os.path.normpath(path))
     if not path.is_dir():
-        raise StorageError(f"{path} is not an existing directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StorageError(f"{path} is not writable by the engine")
+        raise InvalidInput(f"{path} is not an existing directory")
+    if not os.access(path, os.W_OK | os.X_OK) or path.parts[1:2] in (("proc",), ("sys",)):
+        raise InvalidInput(f"{path} is not writable by the engine")
     if ctx.settings.libvirt_uri.endswith("/system"):
         closed = _unreachable_parent(path)
         if closed is not None:
-            raise StorageError(
+            raise InvalidInput(
                 f"{path} is not reachable by QEMU's user: {closed} is not searchable by "
                 "others (chmod o+x it, or pick another directory)"
             )
@@ -53,6 +53,21 @@ def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDo
         s.add(sd)
         s.flush()
         return to_model(sd)
+
+
+def check_image_root(ctx: EngineContext, path: str, what: str = "image") -> None:
+    """Refuse a local path outside the image roots and the storage domains. The
+    path is resolved first, so neither ".." nor a symlink gets out."""
+    real = Path(os.path.realpath(path))
+    with ctx.db.session() as s:
+        domains = [Path(p) for p in s.scalars(select(StorageDomain.path))]
+    roots = [Path(os.path.realpath(r)) for r in ctx.settings.image_root_paths] + domains
+    if not any(real == root or root in real.parents for root in roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise InvalidInput(
+            f"{what} {path} is outside the directories the engine serves from ({shown}); "
+            "move it there or add its directory to THINAIR_IMAGE_ROOTS"
+        )
 
 
 def to_model(sd: StorageDomain) -> models.StorageDomain:

@@ -136,8 +136,9 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
         )
         for d in req.disks
     ]
-    for spec in specs:  # cheap syntax checks first
-        parse_url(spec.url)
+    for spec in specs:  # cheap checks first
+        for path in parse_url(spec.url).local_files:
+            storage.check_image_root(ctx, path, "disk image" if path == spec.url else "file")
         validate_format(spec.format)
     with ctx.db.session() as s:
         if s.scalar(select(Vm).where(Vm.name == req.name)):
