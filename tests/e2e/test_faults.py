@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,42 @@ def test_qemu_killed_mid_import(
     c.vms.stop("qk", force=True)
     _check_final_disk(c, "qk", guest_image)
     c.vms.remove("qk")
+
+
+def test_source_gone_for_good_then_back(
+    make_engine: Callable[..., Engine], guest_image: Path, storage_dir: Path
+) -> None:
+    """The source dies past the reconnect window: the import fails saying so, the
+    VM goes on running on what it has, and the import run again once the source
+    is back completes with every write."""
+    engine = make_engine("qemu:///system", THINAIR_RECONNECT_WINDOW="3")
+    server = qemu_nbd.Server(str(guest_image), export_name="disk")
+    server.start()
+    try:
+        c = engine.client()
+        c.storage_domains.add("final", str(storage_dir))
+        c.vms.create("gone", disks=[server.url], memory_mib=256)
+        c.vms.start("gone")
+        wait_console(c, "gone", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+        job = c.vms.import_("gone", to="final", strategy="stream", bandwidth_mib=4)
+        _wait_step(c, job.id, "pull")
+        server.stop()
+        failed = c.jobs.wait(job.id, timeout=180)
+        assert failed.state == "failed", failed
+        assert "gone" in (failed.error or "") and "refused" in (failed.error or ""), failed.error
+        vm = c.vms.get("gone")
+        assert vm.state == "running" and vm.disks[0].location == "external"
+        before = len(guest.parse_console(c.vms.console("gone").text)["wrote"])
+        wait_console(c, "gone", lambda i: len(i["wrote"]) >= before + 2)  # still writing
+
+        server = qemu_nbd.Server(str(guest_image), export_name="disk", port=server.port)
+        server.start()
+        done = c.vms.import_("gone", to="final").wait(timeout=300)
+        assert done.state == "succeeded", done.error
+        before = len(guest.parse_console(c.vms.console("gone").text)["wrote"])
+        wait_console(c, "gone", lambda i: len(i["wrote"]) >= before + 2)
+        c.vms.stop("gone", force=True)
+        _check_final_disk(c, "gone", guest_image)
+        c.vms.remove("gone")
+    finally:
+        server.stop()

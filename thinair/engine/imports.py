@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from thinair import models
-from thinair.adapters import qemu_img, virt
+from thinair.adapters import nbd_client, qemu_img, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, exports, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput
+from thinair.external import parse_url
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,51 @@ def _import_disk(
     with ctx.db.session() as s:
         disk = s.get(Disk, disk_id)
         assert disk is not None
-        target, overlay = disk.target, disk.volume_path
-        if disk.external_url is None:
+        target, overlay, source = disk.target, disk.volume_path, disk.external_url
+        if source is None:
             _cleanup_old(job, disk_id)
             return
         sd = s.get(StorageDomain, job.params["to"])
         assert sd is not None
         sd_path = sd.path
+    try:
+        _copy_disk(ctx, job, name, disk_id, target, overlay, sd_path, progress)
+    except BackendError as e:
+        running = ctx.virt.state(name) in ("running", "paused")
+        if running and (problem := _source_problem(ctx, source)):
+            raise BackendError(
+                f"the source of {target} is gone ({problem}); the VM runs on what it has, "
+                "and `import` run again resumes once the source is back"
+            ) from e
+        raise
+    _cleanup_old(job, disk_id)
+
+
+def _source_problem(ctx: EngineContext, url: str) -> str | None:
+    """Why the source cannot be read now, or None if it answers."""
+    ext = parse_url(url)
+    try:
+        if ext.is_nbd:
+            nbd_client.probe(url, ctx.settings.probe_timeout)
+        else:
+            qemu_img.info(url, timeout=ctx.settings.probe_timeout)
+    except nbd_client.NBDProbeError as e:
+        return f"{url}: {e}"
+    except CommandFailed as e:
+        return f"{url}: {e.stderr.strip().splitlines()[-1] if e.stderr.strip() else e}"
+    return None
+
+
+def _copy_disk(
+    ctx: EngineContext,
+    job: JobHandle,
+    name: str,
+    disk_id: str,
+    target: str,
+    overlay: str,
+    sd_path: str,
+    progress: _Progress,
+) -> None:
     strategy = job.params["strategies"][disk_id]
     running = ctx.virt.state(name) in ("running", "paused")
     if strategy == "mirror":
@@ -164,7 +203,6 @@ def _import_disk(
         else:
             _offline_stream(job, target, overlay, progress)
         _commit(ctx, job, disk_id, new_path=overlay)
-    _cleanup_old(job, disk_id)
 
 
 def _wait_job(
