@@ -4,8 +4,10 @@ lost, and the import run again (after a restart) resumes and completes."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,67 @@ def test_source_gone_for_good_then_back(
         c.vms.remove("gone")
     finally:
         server.stop()
+
+
+@pytest.fixture
+def small_domain(workdir: Path) -> Iterator[Path]:
+    """A 400 MiB ext4 file system of its own, so a test can fill it."""
+    image, mountpoint = workdir / "small.img", workdir / "small"
+    with open(image, "wb") as f:
+        f.truncate(400 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    try:
+        os.chmod(mountpoint, 0o755)
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def _fill(path: Path, leave: int = 2 * 2**20) -> Path:
+    filler = path / "filler"
+    size = shutil.disk_usage(path).free - leave
+    subprocess.run(["fallocate", "-l", str(size), str(filler)], check=True)
+    return filler
+
+
+def test_storage_domain_full_mid_copy(
+    engine: Engine,
+    guest_export: qemu_nbd.Server,
+    guest_image: Path,
+    workdir: Path,
+    small_domain: Path,
+) -> None:
+    """The target fills up mid-copy: the job fails saying so, the partial copy is
+    deleted, the VM keeps running on its temporary disk, and once space is freed
+    the import run again completes with every write."""
+    tmp = workdir / "tmp"
+    tmp.mkdir(mode=0o755)
+    c = engine.client()
+    c.storage_domains.add("tmp", str(tmp))
+    c.storage_domains.add("small", str(small_domain))
+    c.vms.create("full", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
+    c.vms.start("full")
+    wait_console(c, "full", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    job = c.vms.import_("full", to="small", strategy="mirror", bandwidth_mib=4)
+    _wait_step(c, job.id, "copy")
+    filler = _fill(small_domain)
+    failed = c.jobs.wait(job.id, timeout=180)
+    assert failed.state == "failed", failed
+    assert "is full" in (failed.error or "") and "partial copy is deleted" in (
+        failed.error or ""
+    ), failed.error
+    vm = c.vms.get("full")
+    assert vm.state == "running" and vm.disks[0].location == "external"
+    assert sorted(p.name for p in small_domain.iterdir()) == ["filler", "lost+found"]
+    before = len(guest.parse_console(c.vms.console("full").text)["wrote"])
+    wait_console(c, "full", lambda i: len(i["wrote"]) >= before + 2)  # still writing
+
+    filler.unlink()
+    assert c.vms.import_("full", to="small").wait(timeout=300).state == "succeeded"
+    before = len(guest.parse_console(c.vms.console("full").text)["wrote"])
+    wait_console(c, "full", lambda i: len(i["wrote"]) >= before + 2)
+    c.vms.stop("full", force=True)
+    _check_final_disk(c, "full", guest_image)
+    c.vms.remove("full")

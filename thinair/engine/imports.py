@@ -33,7 +33,7 @@ from thinair.db.models import Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, exports, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
-from thinair.errors import BackendError, Conflict, InvalidInput
+from thinair.errors import BackendError, Conflict, InvalidInput, StorageError
 from thinair.external import parse_url
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,30 @@ def _import_disk(
                 f"the source of {target} is gone ({problem}); the VM runs on what it has, "
                 "and `import` run again resumes once the source is back"
             ) from e
+        if full := _storage_problem(ctx, job.params["to"]):
+            kept = (
+                "what was copied stays in the temporary disk"
+                if job.params["strategies"][disk_id] == "stream"
+                else "the partial copy is deleted and the VM runs on its temporary disk"
+            )
+            raise StorageError(
+                f"{full}: the copy of {target} stopped; {kept}. Free some space and run "
+                "the import again"
+            ) from e
         raise
     _cleanup_old(job, disk_id)
+
+
+def _storage_problem(ctx: EngineContext, sd_id: str) -> str | None:
+    with ctx.db.session() as s:
+        sd = s.get(StorageDomain, sd_id)
+        if sd is None:
+            return None
+        try:
+            storage.check_space(ctx, sd)
+        except StorageError as e:
+            return e.message
+    return None
 
 
 def _source_problem(ctx: EngineContext, url: str) -> str | None:
