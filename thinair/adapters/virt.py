@@ -184,6 +184,22 @@ class Virt:
             self._conn = conn
             return conn
 
+    def wait_connected(self, timeout: float) -> None:
+        """Wait for libvirtd to answer again (it may be restarting); BackendError
+        if it does not within `timeout` seconds. QEMU keeps running meanwhile and
+        libvirtd takes its domains and block jobs back when it starts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.conn.getLibVersion()
+                return
+            except (BackendError, libvirt.libvirtError):
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"libvirt at {self.uri} did not come back in {timeout:g} s"
+                    ) from None
+                time.sleep(0.5)
+
     def _on_block_job(
         self,
         _conn: libvirt.virConnect,

@@ -39,6 +39,8 @@ from thinair.external import parse_url
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5
+# Seconds an import waits for a restarting libvirtd before it gives up.
+LIBVIRT_RESTART_WAIT = 120.0
 
 
 # -- starting ------------------------------------------------------------------
@@ -247,7 +249,7 @@ def _wait_job(
         if tick is not None:
             tick()
         try:
-            info = ctx.virt.block_job(name, target)
+            info = _block_job_info(ctx, name, target)
         except BackendError:
             if ctx.virt.state(name) not in ("running", "paused"):
                 raise BackendError(
@@ -270,6 +272,16 @@ def _wait_job(
             return ""  # the job ended with no event we saw (e.g. before a restart)
         if job.cancel_requested:
             raise JobCancelled()
+
+
+def _block_job_info(ctx: EngineContext, name: str, target: str) -> tuple[int, int] | None:
+    """The block job's progress, riding out a libvirtd restart: the copy goes on
+    in QEMU meanwhile, and libvirtd picks the job up again when it starts."""
+    try:
+        return ctx.virt.block_job(name, target)
+    except BackendError:
+        ctx.virt.wait_connected(LIBVIRT_RESTART_WAIT)
+        return ctx.virt.block_job(name, target)
 
 
 def _live_mirror(
