@@ -39,6 +39,7 @@ from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, Export, Vm, aware, new_id
 from thinair.engine import storage, vms
 from thinair.engine.context import EngineContext
+from thinair.engine.faults import crash_point
 from thinair.engine.probe import local_image_problem
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, ThinairError
 from thinair.external import validate_format
@@ -574,8 +575,10 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
             export_dir(ctx, record.id).mkdir(mode=0o700)
             if record.vm_id is not None:
                 _freeze(ctx, record)
+                crash_point("expose-frozen")
             _make_credentials(ctx, record)
             pid = _start(ctx, record)
+            crash_point("expose-started")
             with ctx.db.session() as s:
                 e = s.get(Export, record.id)
                 assert e is not None

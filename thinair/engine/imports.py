@@ -32,6 +32,7 @@ from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, exports, storage, vms
 from thinair.engine.context import EngineContext
+from thinair.engine.faults import crash_point
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput, StorageError
 from thinair.external import parse_url
@@ -227,6 +228,7 @@ def _copy_disk(
         else:
             _offline_stream(job, target, overlay, progress)
         _commit(ctx, job, disk_id, new_path=overlay)
+    crash_point("import-committed")
 
 
 def _wait_job(
@@ -326,6 +328,7 @@ def _live_mirror(
             if time.monotonic() > deadline:
                 raise BackendError(f"libvirt did not switch {target} to {dest}")
             ctx.virt.wait_block_event(name, target, 0.2)
+        crash_point("import-pivoted")
     except BaseException:
         _abandon_mirror(ctx, name, target, dest)
         raise

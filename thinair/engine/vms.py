@@ -22,6 +22,7 @@ from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, storage
 from thinair.engine.context import EngineContext
+from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
 from thinair.external import DiskSpec, parse_url, validate_format
@@ -212,7 +213,9 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
             except CommandFailed as e:
                 raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
             _mark_holes(ctx, disk, backing)
+        crash_point("create-overlays")
         ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
+    crash_point("create-defined")
 
 
 def _mark_holes(ctx: EngineContext, disk: Disk, source: str) -> None:
@@ -283,6 +286,7 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
                 f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
             )
         ensure_bridges(ctx, vm_id)
+        crash_point("start-bridges")
         began = time.monotonic()
         ctx.virt.start(name)
         took = time.monotonic() - began
@@ -357,6 +361,7 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
     dom = ctx.virt.lookup(name)
     if dom is not None and ctx.virt.owner(dom) == (ctx.engine_id, vm_id):
         ctx.virt.undefine(name)
+    crash_point("destroy-undefined")
     for disk_id in disk_ids:
         bridges.stop(ctx, disk_id)
     for path in paths:
