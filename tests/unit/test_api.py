@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -14,7 +17,7 @@ import pytest
 
 from tests.conftest import Engine
 from thinair.adapters import qemu_img
-from thinair.client import ThinairAPIError
+from thinair.client import Client, Job, ThinairAPIError
 
 
 def test_storage_domains(test_engine: Engine, storage_dir: Path, workdir: Path) -> None:
@@ -231,3 +234,56 @@ def test_one_flow_at_a_time(test_engine: Engine, storage_dir: Path, workdir: Pat
     vm = c.vms.get("busy")
     assert vm.disks[0].location == "external" and list(final.iterdir()) == []
     c.vms.remove("busy")
+
+
+def _race(*calls: Callable[[], object]) -> list[object]:
+    """Run the calls at the same instant; each result or the error it raised."""
+    barrier = threading.Barrier(len(calls))
+
+    def go(call: Callable[[], object]) -> object:
+        barrier.wait()
+        try:
+            return call()
+        except ThinairAPIError as e:
+            return e
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(go, calls))
+
+
+def test_races_one_wins(test_engine: Engine, storage_dir: Path, workdir: Path) -> None:
+    """Two imports of one disk at once (as import and as disk move), and remove
+    during start: one wins, the other gets a clear conflict, state stays whole."""
+    source = workdir / "data.raw"
+    with open(source, "wb") as f:
+        f.write(os.urandom(8 * 2**20))
+    c = test_engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    final = workdir / "final"
+    final.mkdir(mode=0o755)
+    c.storage_domains.add("final", str(final))
+    for round_ in range(3):
+        _race_round(c, f"race{round_}", source, storage_dir, final)
+
+
+def _race_round(c: Client, name: str, source: Path, storage_dir: Path, final: Path) -> None:
+    disk = c.vms.create(name, disks=[f"{source},storage=tmp"]).disks[0]
+    results = _race(
+        lambda: c.vms.import_(name, to="final", bandwidth_mib=1),
+        lambda: c.disks.move(disk.id, to="final", bandwidth_mib=1),
+    )
+    won = [r for r in results if isinstance(r, Job)]
+    lost = [r for r in results if isinstance(r, ThinairAPIError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert lost[0].code == "conflict", lost[0]
+    assert len([j for j in c.jobs.list() if j.state in ("pending", "running")]) == 1
+    won[0].cancel()
+    assert won[0].wait().state in ("cancelled", "succeeded")
+
+    results = _race(lambda: c.vms.start(name), lambda: c.vms.remove(name, force=True))
+    errors = [r for r in results if isinstance(r, ThinairAPIError)]
+    assert all(e.code in ("conflict", "not_found") for e in errors), errors
+    if name in [vm.name for vm in c.vms.list()]:  # start won, remove was refused
+        c.vms.remove(name, force=True)
+    assert name not in [vm.name for vm in c.vms.list()]
+    assert list(storage_dir.iterdir()) == [] and list(final.iterdir()) == []

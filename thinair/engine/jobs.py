@@ -86,11 +86,14 @@ class JobRunner:
         self.flows: dict[str, Flow] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._changed = threading.Condition()
+        # One check-then-insert at a time, so two requests at the same instant
+        # cannot both find the VM free.
+        self._submitting = threading.Lock()
 
     # -- submitting and running ----------------------------------------------
 
     def submit(self, kind: str, vm_id: str | None, params: dict[str, Any]) -> models.Job:
-        with self.ctx.db.session() as s:
+        with self._submitting, self.ctx.db.session() as s:
             if vm_id is not None:
                 busy = s.scalar(select(Job).where(Job.vm_id == vm_id, Job.state.in_(ACTIVE)))
                 if busy is not None:
