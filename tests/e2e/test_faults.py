@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from tests.conftest import Engine
 from tests.e2e.conftest import wait_console
 from tests.e2e.test_import import _check_final_disk, _wait_step
+from tests.e2e.test_run import domain
 from tests.support import guest
 from thinair.adapters import procfs, qemu_nbd
 
@@ -208,3 +210,42 @@ def test_libvirtd_restart_mid_import(
     c.vms.stop("lr", force=True)
     _check_final_disk(c, "lr", guest_image)
     c.vms.remove("lr")
+
+
+def test_storage_domain_full_mid_pull(
+    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, small_domain: Path
+) -> None:
+    """stream keeps the temporary disk as the final one, so it fills the same
+    domain the guest writes to: the job fails saying so and keeps what it pulled,
+    the guest keeps running (or pauses on the full disk, QEMU's ENOSPC policy,
+    rather than seeing errors), and once space is freed `vm start` resumes it and
+    the import run again completes with every write."""
+    c = engine.client()
+    c.storage_domains.add("small", str(small_domain))
+    c.vms.create("fullp", disks=[f"{guest_export.url},storage=small"], memory_mib=256)
+    c.vms.start("fullp")
+    wait_console(c, "fullp", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    job = c.vms.import_("fullp", to="small", strategy="stream", bandwidth_mib=4)
+    _wait_step(c, job.id, "pull")
+    filler = _fill(small_domain, leave=0)
+    failed = c.jobs.wait(job.id, timeout=180)
+    assert failed.state == "failed", failed
+    assert "is full" in (failed.error or "") and "stays in the temporary disk" in (
+        failed.error or ""
+    ), failed.error
+    # The guest goes on: it rewrites clusters it has. Had a write needed a new
+    # cluster, QEMU would have paused it (its ENOSPC policy); `vm start` resumes
+    # a paused VM once there is space.
+    assert c.vms.get("fullp").state in ("running", "paused")
+    dom = domain("fullp")
+    assert dom is not None
+    if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+        dom.suspend()
+    filler.unlink()
+    assert c.vms.start("fullp").state == "running"
+    before = len(guest.parse_console(c.vms.console("fullp").text)["wrote"])
+    wait_console(c, "fullp", lambda i: len(i["wrote"]) >= before + 2)
+    assert c.vms.import_("fullp", to="small").wait(timeout=300).state == "succeeded"
+    c.vms.stop("fullp", force=True)
+    _check_final_disk(c, "fullp", guest_image)
+    c.vms.remove("fullp")

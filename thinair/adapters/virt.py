@@ -297,6 +297,12 @@ class Virt:
         except libvirt.libvirtError as e:
             raise BackendError(f"libvirt could not start {name}: {e}") from None
 
+    def resume(self, name: str) -> None:
+        try:
+            self._get(name).resume()
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not resume {name}: {e}") from None
+
     def stop(self, name: str, force: bool, timeout: float) -> None:
         """Shut down (ACPI, waiting up to `timeout`) or destroy with `force`."""
         dom = self._get(name)

@@ -281,6 +281,10 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
         state = ctx.virt.state(name)
         if state == "running":
             raise Conflict(f"VM {name!r} is running already")
+        if state == "paused":
+            # QEMU pauses a guest whose write met a full disk: go on once there is space.
+            ctx.virt.resume(name)
+            return get(ctx, vm_id)
         if state == "missing":
             raise BackendError(
                 f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
