@@ -58,3 +58,29 @@ def test_probe(test_engine: Engine, raw_image: Path, workdir: Path, storage_dir:
         assert r.status_code == status and words in r.json()["message"], (body, r.text)
     # A probe creates nothing.
     assert c.vms.list() == [] and list(storage_dir.iterdir()) == []
+
+
+def test_long_poll_takes_the_times_the_api_gives(
+    test_engine: Engine, raw_image: Path, storage_dir: Path
+) -> None:
+    """The page long-polls a job with `since` set to the `updated_at` the API gave
+    it, time zone and all; naive times (UTC) work as well."""
+    c = test_engine.client()
+    c.storage_domains.add("sd", str(storage_dir))
+    c.vms.create("web-poll", disks=[str(raw_image)])
+    token = (test_engine.home / "token").read_text().strip()
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{test_engine.port}/api/v1",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as http:
+        job = http.post("/vms/web-poll/import", json={"to": "sd"}).json()
+        assert job["updated_at"].endswith("Z")
+        for since in [
+            job["updated_at"],
+            job["updated_at"].rstrip("Z"),
+            "2000-01-01T00:00:00+02:00",
+        ]:
+            r = http.get(f"/jobs/{job['id']}", params={"wait": 5, "since": since})
+            assert r.status_code == 200, (since, r.text)
+            assert r.json()["updated_at"].endswith("Z")
+    assert c.jobs.wait(job["id"]).state == "succeeded"

@@ -47,7 +47,7 @@ function h(tag, attrs = {}, ...children) {
     else if (k === "value") el.value = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
   }
   return el;
@@ -443,7 +443,7 @@ async function confirmRollback(vm) {
     h("p", {}, `Roll back ${vm.name}: `, vm.state === "running" ? "stop it, " : "",
       activeJob(vm) ? "cancel its import, " : "", "undefine its domain and delete:"),
     deletes(vm),
-    h("p", {}, "Kept, never written: the external disks ",
+    h("p", {}, `Kept, never written: the external disk${vm.disks.length > 1 ? "s" : ""} `,
       vm.disks.map((d, i) => [i ? ", " : "", h("code", {}, d.external_disk?.url)]), "."),
   ];
   if (await confirmDialog(`Roll back ${vm.name}?`, body, "Roll back and delete")) {
