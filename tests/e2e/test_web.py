@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
@@ -126,10 +127,15 @@ def test_whole_flow_in_a_browser(
     expect(probe).to_contain_text("Reachable")
     page.get_by_role("button", name="Create").click()
     expect(page.locator("#vm-web-b")).to_be_visible()
+    page.locator("#vm-web-b").get_by_role("button", name="Start").click()
+    expect(page.locator("#console-title")).to_have_text("Console of web-b")
+    page.get_by_role("button", name="Close").click()
+    expect(page.locator("#vm-web-b")).to_contain_text("running")
     overlay_b = Path(c.vms.get("web-b").disks[0].volume_path)
     assert overlay_b.exists()
     page.locator("#vm-web-b").get_by_role("button", name="Roll back").click()
     confirm = page.locator("#confirm-dialog")
+    expect(confirm).to_contain_text("Roll back web-b: stop it, undefine its domain and delete:")
     expect(confirm).to_contain_text(str(overlay_b))
     expect(confirm).to_contain_text(f"Kept, never written: the external disk {guest_export.url}")
     shot("rollback-confirm")
@@ -140,6 +146,7 @@ def test_whole_flow_in_a_browser(
     expect(page.locator("#vm-web-b")).to_have_count(0)
     assert not overlay_b.exists()
     assert [v.name for v in c.vms.list()] == ["web-a"]
+    assert "web-b" not in [d.name() for d in libvirt.open("qemu:///system").listAllDomains()]
 
     # Import, slowly, and cancel: the VM stays on its temporary disk.
     def start_import(bandwidth: str) -> None:
@@ -184,9 +191,9 @@ def test_whole_flow_in_a_browser(
     form = page.locator("#expose-form")
     form.get_by_label("Image path").fill(str(image))
     form.get_by_role("button", name="Expose").click()
-    (export,) = c.exports.list()
-    row = page.locator(f"#export-{export.name}")
+    row = page.locator("#exports tr", has_text=str(image))
     expect(row).to_contain_text("running")
+    (export,) = c.exports.list()
     row.get_by_role("button", name="Copy URL").click()
     expect(page.locator("#toast")).to_have_text("URL copied")
     assert page.evaluate("navigator.clipboard.readText()") == export.url

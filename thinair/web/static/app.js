@@ -246,7 +246,8 @@ function renderJobs() {
       cell("Progress", pct !== null
         ? [h("progress", { max: 100, value: pct, "aria-label": `job ${j.id.slice(0, 8)} progress` }, `${pct}%`),
           h("div", { class: "hint" }, `${pct}%, ${bytes(p.done)} of ${bytes(p.total)}`,
-            p.rate ? `, ${bytes(p.rate)}/s` : "", p.eta ? `, ${Math.ceil(p.eta)} s left` : "")]
+            ACTIVE.has(j.state) && p.rate ? `, ${bytes(p.rate)}/s` : "",
+            ACTIVE.has(j.state) && p.eta ? `, ${Math.ceil(p.eta)} s left` : "")]
         : ""),
       cell("Error", j.error || ""),
       cell("", ACTIVE.has(j.state)
