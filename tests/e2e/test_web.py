@@ -84,6 +84,8 @@ def test_whole_flow_in_a_browser(
     page.get_by_label("API token").press("Enter")
     expect(page.locator("#who")).to_contain_text("qemu:///system")
     assert page.evaluate("sessionStorage.getItem('thinair-token')") == token
+    page.reload()  # the tab keeps the token
+    expect(page.locator("#who")).to_contain_text("qemu:///system")
 
     # A storage domain, added in the page, shows its size and free space.
     page.get_by_text("Add a storage domain").click()
@@ -220,4 +222,7 @@ def test_whole_flow_in_a_browser(
 
     row.get_by_role("button", name="Unexpose").click()
     expect(page.locator("#exports")).to_contain_text("No exports.")
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("API token")).to_be_focused()
+    assert page.evaluate("sessionStorage.getItem('thinair-token')") is None
     assert console_errors == [] and server_errors == []

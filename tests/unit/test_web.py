@@ -21,6 +21,7 @@ def test_ui_is_served_without_token_api_is_not(test_engine: Engine) -> None:
         for name, kind in [("app.js", "javascript"), ("app.css", "text/css")]:
             r = http.get(f"/ui/{name}")
             assert r.status_code == 200 and kind in r.headers["content-type"], name
+        assert http.get("/ui", follow_redirects=True).text == page.text
         assert http.get("/ui/nothing.js").status_code == 404
         assert http.get("/ui/../api/v1/vms").status_code == 401
         for method, path in [("GET", "/api/v1/vms"), ("POST", "/api/v1/probe")]:
