@@ -299,6 +299,13 @@ class Disks:
                 return disk
         raise ThinairAPIError(404, "not_found", f"VM {vm!r} has no disk {target!r}")
 
+    def probe(
+        self, url: str, format: str | None = None, check_readonly: bool = True
+    ) -> models.ProbeResult:
+        """Ask an external disk's server what it holds (format, size), creating nothing."""
+        body = {"url": url, "format": format, "check_readonly": check_readonly}
+        return models.ProbeResult.model_validate(self._c.request("POST", "/probe", json=body))
+
     def move(
         self, disk_id: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
     ) -> Job:

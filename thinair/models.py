@@ -60,6 +60,21 @@ class DiskCreate(_Model):
     )
 
 
+class ProbeRequest(_Model):
+    url: str = Field(min_length=1, max_length=4096, description="as QEMU reads it")
+    format: str | None = Field(default=None, description="raw, qcow2, ...; probed when omitted")
+    check_readonly: bool = Field(
+        default=True, description="refuse an NBD export that is not read-only"
+    )
+
+
+class ProbeResult(_Model):
+    url: str
+    format: str = Field(description="as given, or as qemu-img detected it")
+    virtual_size: int = Field(description="bytes the guest sees")
+    read_only: bool | None = Field(description="the server says read-only; None where it cannot")
+
+
 class Disk(_Model):
     id: str
     vm_id: str

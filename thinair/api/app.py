@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import thinair
-from thinair import models
+from thinair import models, web
 from thinair.api import auth
 from thinair.config import Settings
 from thinair.db.models import ApiToken
@@ -152,6 +152,12 @@ def vm_console(ctx: Ctx, ref: str, offset: Annotated[int, Query(ge=0)] = 0) -> m
     return vms.console(ctx, ref, offset)
 
 
+@router.post("/probe", response_model=models.ProbeResult)
+def probe_disk(ctx: Ctx, req: models.ProbeRequest) -> models.ProbeResult:
+    """Check an external disk (reachable? format? size?) before creating a VM on it."""
+    return vms.probe_disk(ctx, req)
+
+
 @router.get("/exports", response_model=list[models.Export])
 def list_exports(ctx: Ctx) -> list[models.Export]:
     return exports.list_all(ctx)
@@ -276,6 +282,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(tokens.router)
     app.include_router(hosts.router)
+    web.mount(app)
 
     @app.get(
         "/api/v1/health",

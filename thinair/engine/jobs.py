@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from thinair import models
-from thinair.db.models import Job, utcnow
+from thinair.db.models import Job, aware, utcnow
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, NotFound, ThinairError
 
@@ -74,9 +74,9 @@ def to_model(job: Job) -> models.Job:
         params=job.params,
         progress=job.progress,
         error=job.error,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        finished_at=job.finished_at,
+        created_at=aware(job.created_at),
+        updated_at=aware(job.updated_at),
+        finished_at=aware(job.finished_at),
     )
 
 
@@ -232,7 +232,8 @@ class JobRunner:
 
     def wait_change(self, job_id: str, since: datetime | None, timeout: float) -> models.Job:
         """Long-poll: the job once it changed after `since` (or ended), or as it is
-        when `timeout` runs out."""
+        when `timeout` runs out. A `since` with no time zone is UTC."""
+        since = aware(since)
         self.wait(
             job_id,
             lambda j: since is None or j.updated_at > since or j.state not in ACTIVE,

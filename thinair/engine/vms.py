@@ -126,6 +126,17 @@ def _resolve_storage(s: Session, ref: str | None) -> StorageDomain:
     raise InvalidInput("several storage domains exist: say which one with storage=NAME")
 
 
+def probe_disk(ctx: EngineContext, req: models.ProbeRequest) -> models.ProbeResult:
+    """Ask an external disk's server what it holds, creating nothing (the check
+    `create` does, on its own: for a form that checks a URL as it is typed)."""
+    validate_format(req.format)
+    spec = DiskSpec(url=req.url, format=req.format, check_readonly=req.check_readonly)
+    p = probe(spec, ctx.settings.probe_timeout, lambda url: bridges.temporary(ctx, url))
+    return models.ProbeResult(
+        url=p.url, format=p.format, virtual_size=p.virtual_size, read_only=p.read_only
+    )
+
+
 def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     """Check everything, then create the overlays and define the domain."""
     specs = [

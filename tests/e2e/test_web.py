@@ -1,0 +1,228 @@
+"""The web UI, end to end in headless Chromium against a live engine and a guest
+that boots from a remote NBD export: sign in, create a VM from a URI (checked as
+it is typed), run it and watch its console, import it with a progress bar (and
+cancel once), roll another VM back, expose an image and copy its URL. Each step
+leaves a screenshot in $THINAIR_SCREENSHOTS (default /var/tmp/thinair-screenshots)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+from playwright.sync_api import BrowserContext, Page, expect
+
+from tests.conftest import Engine
+from tests.support import browser, guest
+from thinair.adapters import qemu_img, qemu_nbd
+
+pytestmark = [pytest.mark.guest, pytest.mark.browser]
+
+
+@pytest.fixture
+def chromium(workdir: Path) -> Iterator[BrowserContext]:
+    with browser.chromium(workdir / "chromium-profile") as context:
+        context.grant_permissions(["clipboard-read", "clipboard-write"])
+        yield context
+
+
+def every_control_is_labelled(page: Page) -> list[str]:
+    """Form controls on the page that a screen reader could not name."""
+    unlabelled: list[str] = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button')]
+            .filter(el => el.offsetParent !== null)
+            .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                          && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+            .map(el => el.outerHTML.slice(0, 120))"""
+    )
+    return unlabelled
+
+
+def fits_width(page: Page) -> bool:
+    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+def new_vm(page: Page, name: str, url: str) -> None:
+    page.get_by_role("button", name="New VM").click()
+    dialog = page.locator("#vm-dialog")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("Name").fill(name)
+    dialog.get_by_label("Memory (MiB)").fill("256")
+    dialog.get_by_label("External disk URI").fill(url)
+    dialog.get_by_label("Format").select_option("raw")
+
+
+def test_whole_flow_in_a_browser(
+    engine: Engine,
+    guest_export: qemu_nbd.Server,
+    storage_dir: Path,
+    workdir: Path,
+    chromium: BrowserContext,
+) -> None:
+    c = engine.client()
+    token = (engine.home / "token").read_text().strip()
+    page = chromium.new_page()
+    shot = browser.Shots(page, browser.screenshot_dir("web-flow"))
+    console_errors: list[str] = []
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    server_errors: list[str] = []
+    page.on(
+        "response",
+        lambda r: server_errors.append(f"{r.status} {r.url}") if r.status >= 500 else None,
+    )
+
+    # Sign in: a wrong token is refused, the right one shows the engine.
+    page.goto(f"http://127.0.0.1:{engine.port}/")
+    assert page.url.endswith("/ui/")
+    page.get_by_label("API token").fill("not-a-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#sign-in-error")).to_contain_text("does not know this token")
+    page.get_by_label("API token").fill(token)
+    shot("sign-in")
+    page.get_by_label("API token").press("Enter")
+    expect(page.locator("#who")).to_contain_text("qemu:///system")
+    assert page.evaluate("sessionStorage.getItem('thinair-token')") == token
+    page.reload()  # the tab keeps the token
+    expect(page.locator("#who")).to_contain_text("qemu:///system")
+
+    # A storage domain, added in the page, shows its size and free space.
+    page.get_by_text("Add a storage domain").click()
+    page.locator("#sd-form").get_by_label("Name").fill("sd")
+    page.locator("#sd-form").get_by_label("Directory").fill(str(storage_dir))
+    page.locator("#sd-form").get_by_role("button", name="Add").click()
+    sd_row = page.locator("#storage tr", has_text=str(storage_dir))
+    expect(sd_row).to_contain_text("GiB")
+    assert [d.name for d in c.storage_domains.list()] == ["sd"]
+
+    # New VM: the URI is checked as it is typed.
+    new_vm(page, "web-a", "nbd://127.0.0.1:1/nothing")
+    probe = page.locator("#disk0-probe")
+    expect(probe).to_contain_text("cannot read nbd://127.0.0.1:1/nothing")
+    shot("new-vm-bad-uri")
+    page.locator("#vm-dialog").get_by_label("External disk URI").fill(guest_export.url)
+    expect(probe).to_have_text("Reachable: raw, 256 MiB, read-only export")
+    assert every_control_is_labelled(page) == []
+    shot("new-vm-uri-checked")
+    page.get_by_role("button", name="Create").click()
+    card = page.locator("#vm-web-a")
+    expect(card).to_contain_text("remote")
+    expect(page.locator("#vm-dialog")).to_be_hidden()
+    assert c.vms.get("web-a").disks[0].external_disk.url == guest_export.url  # type: ignore[union-attr]
+    shot("vm-created")
+
+    # Run it: the console opens and follows the guest booting from the remote disk.
+    card.get_by_role("button", name="Start").click()
+    console = page.locator("#console-text")
+    expect(console).to_contain_text(guest.MARK_BOOT_OK, timeout=180_000)
+    expect(console).to_contain_text(guest.MARK_WROTE, timeout=60_000)
+    expect(page.locator("#console-info")).to_contain_text(re.compile(r"started in \d+\.\d\d s"))
+    shot("console")
+    page.keyboard.press("Escape")  # closes the dialog, as any dialog here
+    expect(page.locator("#console-dialog")).to_be_hidden()
+    expect(card).to_contain_text("running")
+    expect(page.locator("#vm-web-a-start-time")).to_contain_text("started in")
+
+    # Another VM from the same export, rolled back: the dialog says what goes.
+    new_vm(page, "web-b", guest_export.url)
+    expect(probe).to_contain_text("Reachable")
+    page.get_by_role("button", name="Create").click()
+    expect(page.locator("#vm-web-b")).to_be_visible()
+    page.locator("#vm-web-b").get_by_role("button", name="Start").click()
+    expect(page.locator("#console-title")).to_have_text("Console of web-b")
+    page.get_by_role("button", name="Close").click()
+    expect(page.locator("#vm-web-b")).to_contain_text("running")
+    overlay_b = Path(c.vms.get("web-b").disks[0].volume_path)
+    assert overlay_b.exists()
+    page.locator("#vm-web-b").get_by_role("button", name="Roll back").click()
+    confirm = page.locator("#confirm-dialog")
+    expect(confirm).to_contain_text("Roll back web-b: stop it, undefine its domain and delete:")
+    expect(confirm).to_contain_text(str(overlay_b))
+    expect(confirm).to_contain_text(f"Kept, never written: the external disk {guest_export.url}")
+    shot("rollback-confirm")
+    confirm.get_by_role("button", name="Keep it").click()  # no: nothing changes
+    assert overlay_b.exists() and c.vms.get("web-b")
+    page.locator("#vm-web-b").get_by_role("button", name="Roll back").click()
+    confirm.get_by_role("button", name="Roll back and delete").click()
+    expect(page.locator("#vm-web-b")).to_have_count(0)
+    assert not overlay_b.exists()
+    assert [v.name for v in c.vms.list()] == ["web-a"]
+    assert "web-b" not in [d.name() for d in libvirt.open("qemu:///system").listAllDomains()]
+
+    # Import, slowly, and cancel: the VM stays on its temporary disk.
+    def start_import(bandwidth: str) -> None:
+        card.get_by_role("button", name="Import").click()
+        dialog = page.locator("#import-dialog")
+        dialog.get_by_label("Target storage domain").select_option("sd")
+        dialog.get_by_label("Strategy").select_option("stream")
+        dialog.get_by_label("Bandwidth limit").fill(bandwidth)
+        dialog.get_by_role("button", name="Start import").click()
+
+    start_import("2")
+    bar = page.get_by_label("web-a vda import progress")
+    expect(bar).to_be_visible()
+    card.get_by_role("button", name="Cancel import").click()
+    expect(page.locator("#jobs tr", has_text="cancelled")).to_have_count(1)
+    expect(card.locator(".badge", has_text="remote")).to_be_visible()
+    assert c.vms.get("web-a").disks[0].location == "external"
+
+    # Import for real: the bar moves, live, until the disk is local.
+    start_import("16")
+    seen: set[int] = set()
+    while card.locator(".badge", has_text="local").count() == 0:
+        if bar.count():
+            value = bar.get_attribute("value")
+            if value is not None and 0 < int(value) < 100 and int(value) not in seen:
+                if not seen:
+                    shot("import-progress")
+                seen.add(int(value))
+        page.wait_for_timeout(300)
+    assert len(seen) >= 2, f"the progress bar showed only {seen}"
+    expect(page.locator("#jobs tr", has_text="succeeded")).to_have_count(1)
+    expect(card.locator(".badge", has_text="running")).to_be_visible()
+    disk = c.vms.get("web-a").disks[0]
+    assert disk.location == "local" and disk.external_disk is None
+    assert card.get_by_role("button", name="Roll back").count() == 0  # nothing to roll back to
+    shot("imported")
+
+    # Expose an image and copy its URL.
+    image = workdir / "expose-me.qcow2"
+    qemu_img.create(str(image), "qcow2", 16 * 2**20)
+    page.get_by_text("Expose an image").click()
+    form = page.locator("#expose-form")
+    form.get_by_label("Image path").fill(str(image))
+    form.get_by_role("button", name="Expose").click()
+    row = page.locator("#exports tr", has_text=str(image))
+    expect(row).to_contain_text("running")
+    (export,) = c.exports.list()
+    row.get_by_role("button", name="Copy URL").click()
+    expect(page.locator("#toast")).to_have_text("URL copied")
+    assert page.evaluate("navigator.clipboard.readText()") == export.url
+    shot("exported")
+
+    # Keyboard only: the New VM dialog opens, takes focus, and Escape leaves it.
+    page.locator("#new-vm").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#vm-dialog")).to_be_visible()
+    assert page.evaluate("document.activeElement.name") == "name"
+    page.keyboard.press("Escape")
+    expect(page.locator("#vm-dialog")).to_be_hidden()
+
+    # 1280x800 and a narrow phone screen: nothing wider than the window.
+    assert fits_width(page)
+    page.set_viewport_size(browser.NARROW)
+    assert fits_width(page)
+    shot("narrow")
+    new_vm(page, "web-c", guest_export.url)
+    assert fits_width(page)
+    shot("narrow-new-vm")
+    page.keyboard.press("Escape")
+    page.set_viewport_size(browser.DESKTOP)
+
+    row.get_by_role("button", name="Unexpose").click()
+    expect(page.locator("#exports")).to_contain_text("No exports.")
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("API token")).to_be_focused()
+    assert page.evaluate("sessionStorage.getItem('thinair-token')") is None
+    assert console_errors == [] and server_errors == []

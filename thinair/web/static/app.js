@@ -1,0 +1,535 @@
+// thinair's web UI: a page over the REST API (/api/v1), no framework and no build.
+// The token the user signs in with stays in this tab's sessionStorage.
+"use strict";
+
+const API = "/api/v1";
+const TOKEN_KEY = "thinair-token";
+const ACTIVE = new Set(["pending", "running"]);
+const state = { sds: [], vms: [], exports: [], jobs: [], watching: new Set(), signedIn: false };
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// -- the API -------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(method, path, body, signal) {
+  const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const res = await fetch(API + path, {
+    method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (res.status === 204) return null;
+  let data = null;
+  try { data = await res.json(); } catch { /* not JSON */ }
+  if (!res.ok) {
+    if (res.status === 401 && state.signedIn) signOut("The engine refused the token: sign in again.");
+    throw new ApiError(res.status, data?.code || "error", data?.message || res.statusText);
+  }
+  return data;
+}
+
+// -- small helpers ---------------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else if (k === "value") el.value = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
+  }
+  return el;
+}
+
+// Replace a container's content, keeping keyboard focus on the element with the same id.
+function replace(container, ...nodes) {
+  const active = document.activeElement;
+  const id = active && container.contains(active) ? active.id : null;
+  container.replaceChildren(...nodes.flat());
+  if (id) document.getElementById(id)?.focus();
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "?";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n >= 100 || i === 0 ? Math.round(n) : n.toFixed(1)} ${units[i]}`;
+}
+
+const badge = (text, cls) => h("span", { class: `badge ${cls || text}` }, text);
+const table = (heads, rows, empty) => rows.length
+  ? h("table", {}, h("thead", {}, h("tr", {}, heads.map((t) => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, rows))
+  : h("p", { class: "empty" }, empty);
+const cell = (label, ...content) => h("td", { "data-label": label }, ...content);
+
+let toastTimer = null;
+function toast(message, kind = "error") {
+  const el = $("#toast");
+  el.textContent = message;
+  el.className = kind;
+  el.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { el.hidden = true; }, kind === "error" ? 10000 : 4000);
+}
+
+// Run an action from a button: disable it meanwhile, show errors.
+async function act(button, fn) {
+  if (button) button.disabled = true;
+  try {
+    await fn();
+  } catch (e) {
+    toast(e.message);
+  } finally {
+    if (button) button.disabled = false;
+  }
+  await refresh();
+}
+
+// -- sign in -------------------------------------------------------------------
+
+async function signIn(token) {
+  sessionStorage.setItem(TOKEN_KEY, token);
+  const health = await api("GET", "/health");
+  state.signedIn = true;
+  $("#who-text").textContent = `engine ${health.version} on ${health.libvirt_uri}`;
+  $("#who").hidden = false;
+  $("#sign-in-view").hidden = true;
+  $("#app-view").hidden = false;
+  await refresh();
+}
+
+function signOut(message) {
+  state.signedIn = false;
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("#who").hidden = true;
+  $("#app-view").hidden = true;
+  $("#sign-in-view").hidden = false;
+  $("#sign-in-error").textContent = message || "";
+  $("#token").value = "";
+  $("#token").focus();
+}
+
+// -- data ------------------------------------------------------------------------
+
+let refreshing = null;
+function refresh() {
+  // One refresh at a time; a call during one waits for it.
+  if (!state.signedIn) return Promise.resolve();
+  refreshing ??= (async () => {
+    try {
+      [state.sds, state.vms, state.exports, state.jobs] = await Promise.all([
+        api("GET", "/storage_domains"), api("GET", "/vms"), api("GET", "/exports"),
+        api("GET", "/jobs"),
+      ]);
+      render();
+      state.jobs.filter((j) => ACTIVE.has(j.state)).forEach(watchJob);
+    } catch (e) {
+      if (state.signedIn) toast(e.message);
+    } finally {
+      refreshing = null;
+    }
+  })();
+  return refreshing;
+}
+
+// Follow a job through the API's long-poll until it ends: every change (progress,
+// step, state) comes back as soon as the engine records it.
+async function watchJob(job) {
+  if (state.watching.has(job.id)) return;
+  state.watching.add(job.id);
+  let cur = job;
+  while (state.signedIn && ACTIVE.has(cur.state)) {
+    try {
+      cur = await api("GET", `/jobs/${cur.id}?wait=25&since=${encodeURIComponent(cur.updated_at)}`);
+    } catch (e) {
+      if (e.status === 404) break;
+      await sleep(2000);
+      continue;
+    }
+    const i = state.jobs.findIndex((j) => j.id === cur.id);
+    if (i >= 0) state.jobs[i] = cur; else state.jobs.unshift(cur);
+    render();
+  }
+  state.watching.delete(job.id);
+  await refresh();
+}
+
+const vmName = (id) => state.vms.find((v) => v.id === id)?.name || id?.slice(0, 8) || "";
+const sdName = (id) => state.sds.find((s) => s.id === id || s.name === id)?.name || id;
+const activeJob = (vm) => state.jobs.find((j) => j.vm_id === vm.id && ACTIVE.has(j.state));
+
+// -- rendering -------------------------------------------------------------------
+
+function render() {
+  renderVms();
+  renderJobs();
+  renderStorage();
+  renderExports();
+}
+
+function where(vm, disk, job) {
+  if (disk.location === "local") return { label: "local", cls: "local" };
+  if (job && (job.params.disks || []).includes(disk.id)) {
+    const p = job.progress?.disks?.[disk.target];
+    const pct = p && p.total ? Math.floor((100 * p.done) / p.total) : 0;
+    return { label: `copying ${pct}%`, cls: "copying", pct };
+  }
+  return { label: "remote", cls: "remote" };
+}
+
+function renderVms() {
+  const cards = state.vms.map((vm) => {
+    const job = activeJob(vm);
+    const id = `vm-${vm.name}`;
+    const external = vm.disks.filter((d) => d.location === "external");
+    const running = vm.state === "running";
+    const disks = vm.disks.map((d) => {
+      const w = where(vm, d, job);
+      return h("li", {},
+        h("strong", {}, d.target), ` ${bytes(d.virtual_size)} `, badge(w.label, w.cls),
+        h("div", { class: "hint" }, d.external_disk
+          ? ["from ", h("code", {}, d.external_disk.url), ` (${d.external_disk.format}); temporary disk on `,
+            sdName(d.storage_domain)]
+          : ["on ", sdName(d.storage_domain), ": ", h("code", {}, d.volume_path)]),
+        w.cls === "copying"
+          ? h("progress", { max: 100, value: w.pct, id: `${id}-${d.target}-progress`,
+            "aria-label": `${vm.name} ${d.target} import progress` }, `${w.pct}%`)
+          : null);
+    });
+    const button = (label, key, handler, cls) =>
+      h("button", { type: "button", id: `${id}-${key}`, class: cls, onclick: handler }, label);
+    return h("article", { class: "card", id, "aria-labelledby": `${id}-title` },
+      h("h3", { id: `${id}-title` }, vm.name, badge(vm.state)),
+      h("p", { class: "meta" },
+        `${vm.memory_mib} MiB, ${vm.cpus} CPU${vm.cpus > 1 ? "s" : ""}, ${vm.domain_type}`,
+        vm.last_start_seconds !== null
+          ? h("span", { id: `${id}-start-time` }, `; started in ${vm.last_start_seconds.toFixed(2)} s`) : null),
+      h("ul", { "aria-label": `${vm.name} disks` }, disks),
+      job ? h("p", { class: "meta" }, `${job.kind}: ${job.step || job.state}`) : null,
+      h("div", { class: "actions" },
+        running ? button("Stop", "stop", (e) => act(e.target, () => api("POST", `/vms/${vm.name}/stop`, {})))
+          : button("Start", "start", (e) => act(e.target, async () => {
+            await api("POST", `/vms/${vm.name}/start`);
+            openConsole(vm.name);
+          })),
+        button("Console", "console", () => openConsole(vm.name), "secondary"),
+        external.length && !job ? button("Import", "import", () => openImport(vm)) : null,
+        job ? button("Cancel import", "cancel", (e) => act(e.target, () => api("POST", `/jobs/${job.id}/cancel`)), "secondary") : null,
+        external.length === vm.disks.length ? button("Roll back", "rollback", () => confirmRollback(vm), "danger") : null,
+        button("Remove", "remove", () => confirmRemove(vm), "secondary")));
+  });
+  replace($("#vms"), cards.length ? cards : h("p", { class: "empty" }, "No VMs yet: make one with New VM."));
+}
+
+function renderJobs() {
+  const rows = state.jobs.slice(0, 15).map((j) => {
+    const p = j.progress || {};
+    const pct = p.total ? Math.floor((100 * p.done) / p.total) : null;
+    return h("tr", { id: `job-${j.id}` },
+      cell("Job", j.kind, h("div", { class: "hint" }, j.id.slice(0, 8))),
+      cell("VM", vmName(j.vm_id)),
+      cell("State", badge(j.state), j.step ? h("div", { class: "hint" }, j.step) : null),
+      cell("Progress", pct !== null
+        ? [h("progress", { max: 100, value: pct, "aria-label": `job ${j.id.slice(0, 8)} progress` }, `${pct}%`),
+          h("div", { class: "hint" }, `${pct}%, ${bytes(p.done)} of ${bytes(p.total)}`,
+            ACTIVE.has(j.state) && p.rate ? `, ${bytes(p.rate)}/s` : "",
+            ACTIVE.has(j.state) && p.eta ? `, ${Math.ceil(p.eta)} s left` : "")]
+        : ""),
+      cell("Error", j.error || ""),
+      cell("", ACTIVE.has(j.state)
+        ? h("button", { type: "button", class: "secondary", id: `job-${j.id}-cancel`,
+          onclick: (e) => act(e.target, () => api("POST", `/jobs/${j.id}/cancel`)) }, "Cancel")
+        : ""));
+  });
+  replace($("#jobs"), table(["Job", "VM", "State", "Progress", "Error", ""], rows, "No jobs."));
+}
+
+function renderStorage() {
+  const rows = state.sds.map((s) => h("tr", {},
+    cell("Name", s.name), cell("Directory", h("code", {}, s.path)),
+    cell("Size", bytes(s.total_bytes)), cell("Free", bytes(s.free_bytes)),
+    cell("Available", s.available ? "yes" : badge("unavailable", "failed"))));
+  replace($("#storage"), table(["Name", "Directory", "Size", "Free", "Available"], rows,
+    "No storage domain: add one below."));
+}
+
+function urlBox(url, id) {
+  return h("div", { class: "url-box" },
+    h("input", { readonly: true, value: url, id: `${id}-url`, "aria-label": "URL" }),
+    h("button", { type: "button", class: "secondary", id: `${id}-copy`, onclick: () => copy(url, `${id}-url`) },
+      "Copy URL"));
+}
+
+function renderExports() {
+  const rows = state.exports.map((x) => h("tr", { id: `export-${x.name}` },
+    cell("Name", x.name), cell("Image", h("code", {}, x.image), h("div", { class: "hint" },
+      `${x.format}, ${bytes(x.virtual_size)}`)),
+    cell("URL", urlBox(x.url, `export-${x.name}`)),
+    cell("State", badge(x.state), x.clients !== null ? h("div", { class: "hint" }, `${x.clients} clients`) : null),
+    cell("", h("button", { type: "button", class: "secondary", id: `export-${x.name}-remove`,
+      onclick: (e) => act(e.target, () => api("DELETE", `/exports/${x.id}`)) }, "Unexpose"))));
+  replace($("#exports"), table(["Name", "Image", "URL", "State", ""], rows, "No exports."));
+}
+
+async function copy(text, inputId) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    const input = document.getElementById(inputId);  // no clipboard API: select it for Ctrl+C
+    input.focus();
+    input.select();
+    toast("Selected: press Ctrl+C to copy", "info");
+    return;
+  }
+  toast("URL copied", "info");
+}
+
+// -- dialogs -----------------------------------------------------------------------
+
+document.addEventListener("click", (e) => {
+  if (e.target.matches("[data-close]")) e.target.closest("dialog").close();
+});
+
+function sdOptions(select, selected) {
+  select.replaceChildren(...state.sds.map((s) => h("option", { value: s.name, selected: s.name === selected }, s.name)));
+}
+
+// New VM, with the URI checked as it is typed.
+function addDiskRow() {
+  const row = $("#disk-row").content.firstElementChild.cloneNode(true);
+  const n = $("#disk-rows").children.length;
+  row.querySelectorAll("input, select").forEach((el) => { el.id = `disk${n}-${el.name}`; });
+  row.querySelector(".probe").id = `disk${n}-probe`;
+  row.querySelector("[name=url]").setAttribute("aria-describedby", `disk${n}-probe`);
+  sdOptions(row.querySelector("[name=storage_domain]"));
+  let timer = null;
+  let controller = null;
+  const check = () => {
+    clearTimeout(timer);
+    controller?.abort();
+    const url = row.querySelector("[name=url]").value.trim();
+    const format = row.querySelector("[name=format]").value || null;
+    const out = row.querySelector(".probe");
+    if (!url) { out.textContent = ""; out.className = "probe"; return; }
+    out.textContent = "Checking…";
+    out.className = "probe wait";
+    timer = setTimeout(async () => {
+      controller = new AbortController();
+      try {
+        const p = await api("POST", "/probe", { url, format }, controller.signal);
+        const ro = p.read_only === true ? ", read-only export" : "";
+        out.textContent = `Reachable: ${p.format}, ${bytes(p.virtual_size)}${ro}`;
+        out.className = "probe ok";
+      } catch (e) {
+        if (e.name === "AbortError") return;
+        out.textContent = e.message;
+        out.className = "probe bad";
+      }
+    }, 500);
+  };
+  row.querySelector("[name=url]").addEventListener("input", check);
+  row.querySelector("[name=format]").addEventListener("change", check);
+  row.querySelector(".remove-disk").addEventListener("click", () => {
+    if ($("#disk-rows").children.length > 1) row.remove();
+  });
+  $("#disk-rows").append(row);
+  row.querySelector("[name=url]").focus();
+}
+
+function openNewVm() {
+  if (!state.sds.length) {
+    toast("Add a storage domain first: the temporary disks go there.");
+    return;
+  }
+  $("#vm-form").reset();
+  $("#disk-rows").replaceChildren();
+  $("#vm-form-error").textContent = "";
+  $("#vm-dialog").showModal();
+  addDiskRow();
+  $("#vm-form [name=name]").focus();
+}
+
+async function createVm(e) {
+  e.preventDefault();
+  const form = e.target;
+  const body = {
+    name: form.elements.name.value.trim(),
+    memory_mib: Number(form.elements.memory_mib.value),
+    cpus: Number(form.elements.cpus.value),
+    disks: [...$("#disk-rows").children].map((row) => ({
+      external_disk: { url: row.querySelector("[name=url]").value.trim(),
+        format: row.querySelector("[name=format]").value || null },
+      storage_domain: row.querySelector("[name=storage_domain]").value || null,
+    })),
+  };
+  const button = $("#vm-create");
+  button.disabled = true;
+  button.textContent = "Creating…";
+  try {
+    await api("POST", "/vms", body);
+    $("#vm-dialog").close();
+    await refresh();
+    document.getElementById(`vm-${body.name}-start`)?.focus();
+  } catch (err) {
+    $("#vm-form-error").textContent = err.message;
+  } finally {
+    button.disabled = false;
+    button.textContent = "Create";
+  }
+}
+
+let importing = null;
+function openImport(vm) {
+  importing = vm;
+  const form = $("#import-form");
+  form.reset();
+  $("#import-title").textContent = `Import ${vm.name}`;
+  $("#import-error").textContent = "";
+  sdOptions(form.elements.to, vm.disks[0] && sdName(vm.disks[0].storage_domain));
+  $("#import-dialog").showModal();
+}
+
+async function startImport(e) {
+  e.preventDefault();
+  const form = e.target;
+  const body = { to: form.elements.to.value, strategy: form.elements.strategy.value || null,
+    bandwidth_mib: form.elements.bandwidth_mib.value ? Number(form.elements.bandwidth_mib.value) : null };
+  try {
+    const job = await api("POST", `/vms/${importing.name}/import`, body);
+    $("#import-dialog").close();
+    state.jobs.unshift(job);
+    render();
+    watchJob(job);
+  } catch (err) {
+    $("#import-error").textContent = err.message;
+  }
+}
+
+// A confirmation that says what will happen; resolves true when confirmed.
+function confirmDialog(title, body, yes) {
+  const dialog = $("#confirm-dialog");
+  $("#confirm-title").textContent = title;
+  replace($("#confirm-body"), body);
+  $("#confirm-yes").textContent = yes;
+  dialog.returnValue = "";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "yes"), { once: true });
+  });
+}
+
+function deletes(vm) {
+  return h("ul", {}, vm.disks.map((d) => h("li", {},
+    `${d.target}: `, h("code", {}, d.volume_path), ` on ${sdName(d.storage_domain)}`,
+    d.location === "external" ? " (temporary disk: the guest's writes since it was created)"
+      : " (imported: the VM's only copy of its data)")));
+}
+
+async function confirmRollback(vm) {
+  const body = [
+    h("p", {}, `Roll back ${vm.name}: `, vm.state === "running" ? "stop it, " : "",
+      activeJob(vm) ? "cancel its import, " : "", "undefine its domain and delete:"),
+    deletes(vm),
+    h("p", {}, `Kept, never written: the external disk${vm.disks.length > 1 ? "s" : ""} `,
+      vm.disks.map((d, i) => [i ? ", " : "", h("code", {}, d.external_disk?.url)]), "."),
+  ];
+  if (await confirmDialog(`Roll back ${vm.name}?`, body, "Roll back and delete")) {
+    await act(null, () => api("POST", `/vms/${vm.name}/rollback`));
+  }
+}
+
+async function confirmRemove(vm) {
+  const body = [
+    h("p", {}, `Remove ${vm.name}: `, vm.state === "running" ? "power it off, " : "",
+      "undefine its domain and delete:"),
+    deletes(vm),
+  ];
+  if (await confirmDialog(`Remove ${vm.name}?`, body, "Remove and delete")) {
+    await act(null, () => api("DELETE", `/vms/${vm.name}?force=true`));
+  }
+}
+
+// The serial console, followed while its dialog is open.
+let consoleRun = 0;
+async function openConsole(name) {
+  const run = ++consoleRun;
+  const dialog = $("#console-dialog");
+  const pre = $("#console-text");
+  $("#console-title").textContent = `Console of ${name}`;
+  pre.textContent = "";
+  if (!dialog.open) dialog.showModal();
+  let offset = 0;
+  while (dialog.open && run === consoleRun) {
+    const vm = state.vms.find((v) => v.name === name);
+    $("#console-info").textContent = vm
+      ? `${vm.state}${vm.last_start_seconds !== null ? `; started in ${vm.last_start_seconds.toFixed(2)} s` : ""}`
+      : "";
+    try {
+      const c = await api("GET", `/vms/${name}/console?offset=${offset}`);
+      if (c.text && run === consoleRun) {
+        const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 20;
+        pre.append(c.text);
+        if (atEnd) pre.scrollTop = pre.scrollHeight;
+      }
+      offset = c.offset;
+    } catch (e) {
+      $("#console-info").textContent = e.message;
+    }
+    await sleep(1000);
+  }
+}
+
+// -- wiring ----------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#sign-in").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    $("#sign-in-error").textContent = "";
+    try {
+      await signIn($("#token").value.trim());
+    } catch (err) {
+      signOut(err.status === 401 ? "The engine does not know this token." : err.message);
+    }
+  });
+  $("#sign-out").addEventListener("click", () => signOut());
+  $("#new-vm").addEventListener("click", openNewVm);
+  $("#add-disk").addEventListener("click", addDiskRow);
+  $("#vm-form").addEventListener("submit", createVm);
+  $("#import-form").addEventListener("submit", startImport);
+  $("#sd-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const f = e.target;
+    act(f.querySelector("button"), async () => {
+      await api("POST", "/storage_domains", { name: f.elements.name.value.trim(), path: f.elements.path.value.trim() });
+      f.reset();
+    });
+  });
+  $("#expose-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const f = e.target;
+    act(f.querySelector("button"), async () => {
+      const x = await api("POST", "/exports", { image: f.elements.image.value.trim(),
+        format: f.elements.format.value || null, protocol: f.elements.protocol.value });
+      f.reset();
+      toast(`Exposed at ${x.url}`, "info");
+    });
+  });
+  // VM states change outside jobs too (a guest powering itself off): look again now and then.
+  setInterval(() => { if (!document.hidden) refresh(); }, 5000);
+  const saved = sessionStorage.getItem(TOKEN_KEY);
+  if (saved) signIn(saved).catch(() => signOut()); else signOut();
+});
