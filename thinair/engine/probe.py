@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from thinair.adapters import nbd_client, qemu_img
 from thinair.adapters._process import CommandFailed
 from thinair.errors import ExternalDiskError
-from thinair.external import DiskSpec, parse_url
+from thinair.external import DiskSpec, ExternalURL, parse_url
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,14 @@ class Probed:
     read_only: bool | None  # None where the protocol cannot tell
 
 
-def _qemu_img_reason(stderr: str) -> str:
+def _qemu_img_reason(stderr: str, url: str) -> str:
     # qemu-img prefixes its messages with "qemu-img: Could not open '...': ";
-    # keep the last, most specific part.
+    # keep the last, most specific part, and the name when it is another file
+    # of the image (a backing file or an extent).
     line = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+    if m := re.match(r"qemu-img: Could not open '([^']*)': (.*)", line):
+        name, reason = m.groups()
+        return reason if name == url else f"{name} (named by the image): {reason}"
     return line.split(": ", 2)[-1] if line.startswith("qemu-img:") else line
 
 
@@ -38,6 +44,28 @@ def local_image_problem(path: str) -> str | None:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         return f"{path} is not a file or a block device"
     return None
+
+
+def check_files(ext: ExternalURL, info: qemu_img.ImageInfo) -> None:
+    """Refuse a remote image that makes QEMU open anything but the server's own
+    files: a qcow2 backing file, a VMDK extent or a data file is resolved by QEMU
+    on this host, so a remote image naming `/etc/shadow` (or another server)
+    would have QEMU read it. Relative names resolve against the URL: a qcow2
+    chain or a VMDK descriptor with its extents beside it on one HTTP server is
+    fine. An NBD export serves one image, so anything else named is refused."""
+    if ext.is_local:
+        return
+    top = info.chain[0]["filename"]
+    parts = urlsplit(ext.url)
+    where = "the export itself" if ext.is_nbd else f"{parts.scheme}://{parts.netloc}/"
+    for name in info.files():
+        if name != top and (ext.is_nbd or not name.startswith(where)):
+            raise ExternalDiskError(
+                f"{ext.url} names {name!r} (a backing file or extent) outside {where}: "
+                "QEMU would open it on this host. Serve the whole image from one place "
+                "(for NBD, export the chain flattened: qemu-nbd -f qcow2), or flatten it "
+                "with qemu-img convert"
+            )
 
 
 def probe(
@@ -64,20 +92,23 @@ def probe(
                 "temporary disk; export it read-only (qemu-nbd --read-only), or pass "
                 "check-readonly=off if nothing else writes to it"
             )
+    opened = ext.url
     try:
         if ext.is_tls:
             if tls_bridge is None:
                 raise ExternalDiskError(f"{ext.url}: NBD over TLS needs a bridge")
-            with tls_bridge(ext.url) as readable:
-                info = qemu_img.info(readable, fmt=spec.format, timeout=timeout)
+            with tls_bridge(ext.url) as opened:
+                info = qemu_img.info(opened, spec.format, timeout, backing_chain=True)
         else:
-            info = qemu_img.info(ext.url, fmt=spec.format, timeout=timeout)
+            info = qemu_img.info(ext.url, spec.format, timeout, backing_chain=True)
     except CommandFailed as e:
         if e.returncode is None:
             raise ExternalDiskError(f"{ext.url} did not answer in {timeout:g} s") from None
-        raise ExternalDiskError(f"cannot read {ext.url}: {_qemu_img_reason(e.stderr)}") from None
+        reason = _qemu_img_reason(e.stderr, opened)
+        raise ExternalDiskError(f"cannot read {ext.url}: {reason}") from None
     if info.virtual_size <= 0:
         raise ExternalDiskError(f"{ext.url} is empty")
+    check_files(ext, info)
     return Probed(
         url=ext.url, format=info.format, virtual_size=info.virtual_size, read_only=read_only
     )
