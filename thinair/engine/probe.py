@@ -52,14 +52,18 @@ def check_files(ext: ExternalURL, info: qemu_img.ImageInfo) -> None:
     on this host, so a remote image naming `/etc/shadow` (or another server)
     would have QEMU read it. Relative names resolve against the URL: a qcow2
     chain or a VMDK descriptor with its extents beside it on one HTTP server is
-    fine. An NBD export serves one image, so anything else named is refused."""
+    fine. An NBD export or a tar member is one image, so anything else named is
+    refused (QEMU would resolve it on this host, not in the export or tar)."""
     if ext.is_local:
         return
     top = info.chain[0]["filename"]
     parts = urlsplit(ext.url)
-    where = "the export itself" if ext.is_nbd else f"{parts.scheme}://{parts.netloc}/"
+    single = ext.is_nbd or ext.is_tar
+    where = "the export itself" if single else f"{parts.scheme}://{parts.netloc}/"
+    if ext.is_tar:
+        where = "the tar"
     for name in info.files():
-        if name != top and (ext.is_nbd or not name.startswith(where)):
+        if name != top and (single or not name.startswith(where)):
             raise ExternalDiskError(
                 f"{ext.url} names {name!r} (a backing file or extent) outside {where}: "
                 "QEMU would open it on this host. Serve the whole image from one place "
@@ -71,11 +75,11 @@ def check_files(ext: ExternalURL, info: qemu_img.ImageInfo) -> None:
 def probe(
     spec: DiskSpec,
     timeout: float,
-    tls_bridge: Callable[[str], AbstractContextManager[str]] | None = None,
+    bridge: Callable[[str], AbstractContextManager[str]] | None = None,
 ) -> Probed:
     """Check that the external disk can be read, and learn its format and size.
-    QEMU's tools cannot read NBD over TLS themselves: for that, `tls_bridge(url)`
-    yields a URL they can read. Raises ExternalDiskError with a one-line reason."""
+    QEMU's tools cannot read NBD over TLS or a tar member themselves: for those,
+    `bridge(url)` yields a URL they can read. Raises ExternalDiskError with a one-line reason."""
     ext = parse_url(spec.url)
     read_only: bool | None = None
     if ext.is_local and (problem := local_image_problem(ext.url)):
@@ -94,10 +98,10 @@ def probe(
             )
     opened = ext.url
     try:
-        if ext.is_tls:
-            if tls_bridge is None:
-                raise ExternalDiskError(f"{ext.url}: NBD over TLS needs a bridge")
-            with tls_bridge(ext.url) as opened:
+        if ext.is_tls or ext.is_tar:
+            if bridge is None:
+                raise ExternalDiskError(f"{ext.url}: needs a bridge to be read")
+            with bridge(ext.url) as opened:
                 info = qemu_img.info(opened, spec.format, timeout, backing_chain=True)
         else:
             info = qemu_img.info(ext.url, spec.format, timeout, backing_chain=True)
