@@ -192,21 +192,36 @@ def _render_vm(vm: Any) -> None:
 
 @vm_app.command("create")
 def vm_create(
-    name: str,
+    name: Annotated[
+        str | None, typer.Argument(help="The VM's name (from the OVF with --ova).")
+    ] = None,
     disk: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--disk", help="URL[,format=F][,storage=SD][,check-readonly=off]; repeat for more"
         ),
-    ],
-    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 512,
-    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    ] = None,
+    ova: Annotated[
+        str | None,
+        typer.Option(help="An OVA (path or http(s) URL): its OVF gives disks, name, memory, CPUs."),
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="With --ova: storage domain for the temporary disks.")
+    ] = None,
+    memory: Annotated[int | None, typer.Option(help="Memory in MiB [default: 512].")] = None,
+    cpus: Annotated[int | None, typer.Option(help="Virtual CPUs [default: 1].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a VM whose disks are temporary overlays on external disks."""
+    """Create a VM whose disks are temporary overlays on external disks (or on
+    the disks inside an OVA, read in place)."""
     with _errors():
         vm = Client().vms.create(
-            name, [_absolute_disk(d) for d in disk], memory_mib=memory, cpus=cpus
+            name,
+            [_absolute_disk(d) for d in disk or []],
+            memory_mib=memory,
+            cpus=cpus,
+            ova=_absolute_disk(ova) if ova else None,
+            storage_domain=storage,
         )
     _emit(vm, as_json, lambda: _render_vm(vm))
 

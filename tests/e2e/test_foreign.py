@@ -101,3 +101,38 @@ def test_import_foreign_image(
     _check_final_disk(c, name, guest_image)
     assert list((workdir / "tmp").iterdir()) == []
     c.vms.remove(name)
+
+
+@pytest.mark.parametrize("via", ["path", "http"])
+def test_boots_from_ova(
+    engine: Engine, guest_image: Path, storage_dir: Path, http_cache: str, via: str
+) -> None:
+    """`vm create --ova`: the OVF gives name, memory and CPUs; the VMDK inside the
+    tar is read in place through nbdkit's tar filter, never unpacked."""
+    ova_path = foreign.guest_ova(guest_image, name="fx-appliance")
+    source = str(ova_path) if via == "path" else http_cache + ova_path.name
+    c = engine.client()
+    c.storage_domains.add("sd", str(storage_dir))
+    name = f"fx-ova-{via}"
+    done = engine.cli("vm", "create", name, "--ova", source, "--cpus", "2", "--json", check=True)
+    vm = c.vms.get(name)
+    assert (vm.memory_mib, vm.cpus) == (256, 2)  # memory from the OVF, CPUs as given
+    (disk,) = vm.disks
+    assert disk.external_disk is not None and disk.external_disk.format == "vmdk"
+    assert disk.external_disk.url.startswith("tar+") and "fx-appliance-disk1.vmdk" in done.stdout
+    c.vms.start(name)
+    info = wait_console(c, name, lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    assert info["pattern_md5"] == guest.expected_pattern_md5()
+    # Only the overlay was written: the storage domain holds nothing else.
+    assert len(list(storage_dir.iterdir())) == 1
+    c.vms.rollback(name)
+    assert list(storage_dir.iterdir()) == []
+    assert list((engine.home / "bridges").glob("*.sock")) == []
+
+
+def test_ova_name_from_ovf(engine: Engine, guest_image: Path, storage_dir: Path) -> None:
+    c = engine.client()
+    c.storage_domains.add("sd", str(storage_dir))
+    vm = c.vms.create(None, ova=str(foreign.guest_ova(guest_image, name="fx-appliance")))
+    assert (vm.name, vm.memory_mib, vm.cpus) == ("fx-appliance", 256, 1)
+    c.vms.rollback(vm.name)

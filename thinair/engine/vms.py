@@ -20,7 +20,7 @@ from thinair import models
 from thinair.adapters import qemu_img, qemu_io, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, storage
+from thinair.engine import bridges, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.probe import Probed, probe
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
@@ -125,8 +125,30 @@ def _resolve_storage(s: Session, ref: str | None) -> StorageDomain:
     raise InvalidInput("several storage domains exist: say which one with storage=NAME")
 
 
+def _from_ova(ctx: EngineContext, req: models.VmCreate) -> models.VmCreate:
+    """The request with the OVA's disks, and its name, memory and CPUs where
+    the request does not give them."""
+    assert req.ova is not None
+    appliance = ova.read(ctx, req.ova)
+    given = req.model_fields_set
+    return models.VmCreate(
+        name=req.name or appliance.name,
+        memory_mib=req.memory_mib if "memory_mib" in given else appliance.memory_mib or 512,
+        cpus=req.cpus if "cpus" in given else appliance.cpus or 1,
+        disks=[
+            models.DiskCreate(
+                external_disk=models.ExternalDisk(url=url), storage_domain=req.storage_domain
+            )
+            for url in appliance.disks
+        ],
+    )
+
+
 def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     """Check everything, then create the overlays and define the domain."""
+    if req.ova:
+        req = _from_ova(ctx, req)
+    assert req.name is not None
     specs = [
         DiskSpec(
             url=d.external_disk.url,
