@@ -38,6 +38,11 @@ app.add_typer(jobs_app, name="jobs")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 app.add_typer(token_app, name="token")
 host_app = typer.Typer(no_args_is_help=True, help="libvirt hosts.")
+backup_app = typer.Typer(
+    no_args_is_help=True,
+    help="Backups: run a VM from one to look at it, then restore it or discard it.",
+)
+app.add_typer(backup_app, name="backup")
 app.add_typer(host_app, name="host")
 
 out = Console()
@@ -192,21 +197,36 @@ def _render_vm(vm: Any) -> None:
 
 @vm_app.command("create")
 def vm_create(
-    name: str,
+    name: Annotated[
+        str | None, typer.Argument(help="The VM's name (from the OVF with --ova).")
+    ] = None,
     disk: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--disk", help="URL[,format=F][,storage=SD][,check-readonly=off]; repeat for more"
         ),
-    ],
-    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 512,
-    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    ] = None,
+    ova: Annotated[
+        str | None,
+        typer.Option(help="An OVA (path or http(s) URL): its OVF gives disks, name, memory, CPUs."),
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="With --ova: storage domain for the temporary disks.")
+    ] = None,
+    memory: Annotated[int | None, typer.Option(help="Memory in MiB [default: 512].")] = None,
+    cpus: Annotated[int | None, typer.Option(help="Virtual CPUs [default: 1].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a VM whose disks are temporary overlays on external disks."""
+    """Create a VM whose disks are temporary overlays on external disks (or on
+    the disks inside an OVA, read in place)."""
     with _errors():
         vm = Client().vms.create(
-            name, [_absolute_disk(d) for d in disk], memory_mib=memory, cpus=cpus
+            name,
+            [_absolute_disk(d) for d in disk or []],
+            memory_mib=memory,
+            cpus=cpus,
+            ova=_absolute_disk(ova) if ova else None,
+            storage_domain=storage,
         )
     _emit(vm, as_json, lambda: _render_vm(vm))
 
@@ -420,6 +440,54 @@ def vm_import(
         client = Client()
         job = client.vms.import_(name, to=to, strategy=strategy, bandwidth_mib=bandwidth)
         _follow(client, job, as_json, no_wait)
+
+
+@backup_app.command("preview")
+def backup_preview(
+    backups: Annotated[
+        list[str],
+        typer.Argument(
+            help="The backup's disks (path or URL, as for --disk; a qcow2 chain of "
+            "incremental backups is read through its top)."
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="The preview VM's name.")],
+    storage: Annotated[
+        str | None, typer.Option(help="Storage domain for the throw-away overlays.")
+    ] = None,
+    memory: Annotated[int | None, typer.Option(help="Memory in MiB [default: 512].")] = None,
+    cpus: Annotated[int | None, typer.Option(help="Virtual CPUs [default: 1].")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a VM from a backup: the backup is only read, the guest's writes go to
+    a throw-away overlay. Then `backup restore NAME --to SD` keeps it, or
+    `vm rollback NAME` discards it."""
+    with _errors():
+        client = Client()
+        disks = [_absolute_disk(b) for b in backups]
+        if storage:
+            disks = [d if ",storage=" in d else f"{d},storage={storage}" for d in disks]
+        client.vms.create(name, disks, memory_mib=memory, cpus=cpus)
+        try:
+            vm = client.vms.start(name)
+        except ThinairAPIError:
+            client.vms.rollback(name)
+            raise
+    _emit(vm, as_json, lambda: _render_vm(vm))
+
+
+@backup_app.command("restore")
+def backup_restore(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="Storage domain to restore to.")],
+    strategy: StrategyOpt = None,
+    bandwidth: BandwidthOpt = None,
+    no_wait: NoWaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Keep a previewed backup: copy its disks, with the guest's writes, to local
+    storage while it runs (an import)."""
+    vm_import(name, to, strategy, bandwidth, no_wait, as_json)
 
 
 @disk_app.command("move")

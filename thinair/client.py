@@ -216,17 +216,19 @@ class Vms:
 
     def create(
         self,
-        name: str,
-        disks: Sequence[str | models.DiskCreate],
-        memory_mib: int = 512,
-        cpus: int = 1,
+        name: str | None,
+        disks: Sequence[str | models.DiskCreate] = (),
+        memory_mib: int | None = None,
+        cpus: int | None = None,
+        ova: str | None = None,
+        storage_domain: str | None = None,
     ) -> Vm:
-        body = {
-            "name": name,
-            "memory_mib": memory_mib,
-            "cpus": cpus,
-            "disks": [disk_from_option(d) for d in disks],
-        }
+        """A VM on external disks, or from an OVA (path or URL, as the engine
+        sees it), whose OVF gives what is not given here."""
+        body: dict[str, Any] = {"name": name, "disks": [disk_from_option(d) for d in disks]}
+        extra = {"memory_mib": memory_mib, "cpus": cpus, "ova": ova}
+        extra["storage_domain"] = storage_domain
+        body.update({k: v for k, v in extra.items() if v is not None})
         return self._vm(self._c.request("POST", "/vms", json=body))
 
     def start(self, ref: str) -> Vm:

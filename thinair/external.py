@@ -6,6 +6,11 @@ An external disk is data at a URL thinair does not own, given as QEMU reads it:
 ``ftp(s)://``, ``ssh://[user@]host[:port]/path`` or a local absolute path. The
 check here is syntactic only (no I/O); ``probe`` in the engine asks the server.
 
+A disk inside a tar file (an OVA's) is ``tar+file:///path/x.ova#ENTRY``,
+``tar+http://host/x.ova#ENTRY`` or ``tar+https://...#ENTRY``: QEMU reads it
+through a local nbdkit with its tar filter (see thinair.engine.bridges), so the
+disk is never unpacked. ENTRY is the member's name, percent-encoded.
+
 A ``--disk`` option is ``URL[,format=F][,storage=SD][,check-readonly=off]``;
 ``,,`` stands for a literal comma, as in QEMU's own option syntax.
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from thinair.errors import InvalidInput
 
@@ -27,6 +32,7 @@ FORMATS = frozenset(
 
 _SCHEMES = frozenset(
     {"nbd", "nbd+unix", "nbds", "nbds+unix", "http", "https", "ftp", "ftps", "ssh"}
+    | {"tar+file", "tar+http", "tar+https"}
 )
 # libnbd's URI query parameters for TLS, each naming a file or directory.
 _TLS_PARAMS = frozenset({"tls-psk-file", "tls-certificates"})
@@ -58,12 +64,34 @@ class ExternalURL:
 
     @property
     def local_files(self) -> list[str]:
-        """The local files the engine would read for this URL: the image itself,
-        or the TLS key or certificates an ``nbds://`` URL names."""
+        """The local files the engine would read for this URL: the image itself
+        (or the tar holding it), or the TLS key or certificates an ``nbds://`` URL
+        names."""
         if self.is_local:
             return [self.url]
+        if self.is_tar:
+            inner, _entry = self.tar_entry
+            return [inner] if inner.startswith("/") else []
         query = parse_qs(urlsplit(self.url).query)
         return [values[0] for key, values in query.items() if key in _TLS_PARAMS]
+
+    @property
+    def is_tar(self) -> bool:
+        return self.scheme.startswith("tar+")
+
+    @property
+    def tar_entry(self) -> tuple[str, str]:
+        """(the tar file's own URL or path, the member's name) of a tar+ URL."""
+        inner, _, entry = self.url.removeprefix("tar+").partition("#")
+        if inner.startswith("file://"):
+            inner = inner.removeprefix("file://")
+        return inner, unquote(entry)
+
+
+def tar_url(source: str, entry: str) -> str:
+    """The URL of member `entry` of the tar at `source` (a path or an http(s) URL)."""
+    prefix = "tar+file://" if source.startswith("/") else "tar+"
+    return f"{prefix}{source}#{quote(entry, safe='')}"
 
 
 def parse_url(text: str) -> ExternalURL:
@@ -88,6 +116,15 @@ def parse_url(text: str) -> ExternalURL:
     scheme = parts.scheme.lower()
     if scheme == "file":
         return parse_url(parts.path)
+    if scheme.startswith("tar+") and scheme in _SCHEMES:
+        inner, _, entry = text[len("tar+") :].partition("#")
+        if not entry or "#" in entry:
+            raise InvalidInput(f"{text!r}: a tar+ URL names its member after '#'")
+        if parse_url(inner).scheme != scheme.removeprefix("tar+") or (
+            scheme == "tar+file" and not inner.startswith("file:///")
+        ):
+            raise InvalidInput(f"bad tar+ URL {text!r}")
+        return ExternalURL(url=text, scheme=scheme)
     if scheme not in _SCHEMES:
         raise InvalidInput(
             f"unsupported URL scheme {parts.scheme!r} in {text!r}; use one of "

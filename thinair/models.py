@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 # Names appear in paths, libvirt domain names and XML: keep them plain.
 Name = Annotated[
@@ -88,11 +88,28 @@ class Disk(_Model):
 
 
 class VmCreate(_Model):
-    name: Name
+    name: Name | None = Field(default=None, description="required unless `ova` gives it")
     # strict: JSON true is not 1 CPU, nor "512" a size
     memory_mib: int = Field(default=512, ge=16, le=1024 * 1024, strict=True)
     cpus: int = Field(default=1, ge=1, le=64, strict=True)
-    disks: list[DiskCreate] = Field(min_length=1, max_length=26)
+    disks: list[DiskCreate] = Field(default_factory=list, max_length=26)
+    ova: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="an OVA (path or http(s) URL) instead of disks: its OVF gives the "
+        "disks and, unless given here, the name, memory and CPUs; no disk is unpacked",
+    )
+    storage_domain: str | None = Field(
+        default=None, description="with `ova`: the storage domain for the temporary disks"
+    )
+
+    @model_validator(mode="after")
+    def _disks_or_ova(self) -> VmCreate:
+        if bool(self.disks) == bool(self.ova):
+            raise ValueError("give either disks or an ova")
+        if self.name is None and not self.ova:
+            raise ValueError("a name is required")
+        return self
 
 
 class Vm(_Model):

@@ -450,6 +450,8 @@ def test_vm_create_api(
 def test_vm_create_sdk(
     setup: Setup, unchanged: None, case: str, name: Any, url: Any, extra: Any
 ) -> None:
+    if None in extra.values():
+        pytest.skip("the SDK takes None as 'not given': the engine's default applies")
     _refused(lambda: setup.client.vms.create(name, [setup.fill(url).replace(",", ",,")], **extra))
 
 

@@ -10,6 +10,8 @@ a Unix socket rather than from the remote server itself, for two reasons:
   the key (libnbd's `tls-psk-file`), so it is in neither the domain XML nor
   QEMU's command line, and QEMU talks plain NBD over a local socket only QEMU's
   user may open.
+A disk inside a tar file (an OVA's VMDK) is read the same way, through the tar
+filter over the file or curl plugin (see `source_args`), so it is never unpacked.
 The bridge runs detached (it must outlive the engine as long as the VM runs on
 it); it is found again by its pid file and command line. The binary can be
 overridden with THINAIR_NBDKIT.
@@ -22,7 +24,7 @@ import pwd
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from thinair.adapters import procfs
 
@@ -42,21 +44,8 @@ def start(uri: str, socket: Path, pid_file: Path, window: float, owner: str | No
     `owner` (QEMU's user under qemu:///system) gets the socket."""
     for stale in (socket, pid_file):
         stale.unlink(missing_ok=True)
-    delay = 1
-    argv = [
-        _binary(),
-        "--readonly",
-        "--unix",
-        str(socket),
-        "--pidfile",
-        str(pid_file),
-        "--filter=retry",
-        "nbd",
-        *_plugin_args(uri),
-        f"retries={max(1, int(window / delay))}",
-        f"retry-delay={delay}",
-        "retry-exponential=no",
-    ]
+    argv = [_binary(), "--readonly", "--unix", str(socket), "--pidfile", str(pid_file)]
+    argv += source_args(uri, window)
     try:
         # nbdkit forks into the background once the socket is listening.
         done = subprocess.run(
@@ -81,6 +70,12 @@ def start(uri: str, socket: Path, pid_file: Path, window: float, owner: str | No
             raise BridgeError("nbdkit started but wrote no pid file")
         time.sleep(0.01)
     pid = int(pid_file.read_text().strip())
+    give_socket(socket, owner)
+    return pid
+
+
+def give_socket(socket: Path, owner: str | None) -> None:
+    """Let only `owner` (and root) open the socket."""
     if owner:
         try:
             entry = pwd.getpwnam(owner)
@@ -89,7 +84,29 @@ def start(uri: str, socket: Path, pid_file: Path, window: float, owner: str | No
         else:
             os.chown(socket, entry.pw_uid, entry.pw_gid)
     os.chmod(socket, 0o600)
-    return pid
+
+
+def source_args(uri: str, window: float) -> list[str]:
+    """nbdkit's filters, plugin and parameters that read `uri`: an NBD URI
+    (libnbd's), an http(s) URL, or thinair's ``tar+file:///PATH#ENTRY`` and
+    ``tar+http(s)://...#ENTRY`` for member ENTRY of a tar file. Remote reads go
+    through the retry filter, retrying for up to `window` seconds."""
+    delay = 1
+    retry = [
+        f"retries={max(1, int(window / delay))}",
+        f"retry-delay={delay}",
+        "retry-exponential=no",
+    ]
+    tar: list[str] = []
+    if uri.startswith("tar+"):
+        inner, _, entry = uri.removeprefix("tar+").partition("#")
+        tar = ["--filter=tar", f"tar-entry={unquote(entry)}"]
+        if inner.startswith("file://"):
+            return [tar[0], "file", f"file={inner.removeprefix('file://')}", tar[1]]
+        uri = inner
+    if uri.startswith(("http://", "https://")):
+        return [*tar[:1], "--filter=retry", "curl", f"url={uri}", *tar[1:], *retry]
+    return ["--filter=retry", "nbd", *_plugin_args(uri), *retry]
 
 
 def _plugin_args(uri: str) -> list[str]:
@@ -121,8 +138,3 @@ def stop(socket: Path, pid_file: Path) -> None:
         procfs.terminate(pid, PROGRAMS, str(socket))
     for path in (socket, pid_file):
         path.unlink(missing_ok=True)
-
-
-def find_all(directory: Path) -> dict[int, str]:
-    """Every bridge whose socket lives in `directory`: {pid: command line}."""
-    return procfs.find(PROGRAMS, str(directory) + "/")

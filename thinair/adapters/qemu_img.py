@@ -25,6 +25,19 @@ class ImageInfo:
     actual_size: int | None
     backing_filename: str | None
     raw: dict[str, Any]
+    chain: list[dict[str, Any]]  # every layer, top first (one unless backing_chain)
+
+    def files(self) -> list[str]:
+        """Every file QEMU opens to read the image: each layer, a VMDK's extents
+        and a qcow2's external data file."""
+        names = []
+        for layer in self.chain:
+            names.append(layer["filename"])
+            data = layer.get("format-specific", {}).get("data", {})
+            names += [extent["filename"] for extent in data.get("extents", [])]
+            if data.get("data-file"):
+                names.append(data["data-file"])
+        return names
 
 
 def info(
@@ -37,13 +50,15 @@ def info(
         argv.append("--backing-chain")
     argv.append(filename)
     data = json.loads(run(argv, timeout=timeout))
-    top = data[0] if isinstance(data, list) else data
+    chain = data if isinstance(data, list) else [data]
+    top = chain[0]
     return ImageInfo(
         format=top["format"],
         virtual_size=int(top["virtual-size"]),
         actual_size=top.get("actual-size"),
         backing_filename=top.get("backing-filename"),
         raw=top,
+        chain=chain,
     )
 
 

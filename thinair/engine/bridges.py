@@ -1,6 +1,7 @@
-"""Bridges: the local nbdkit each NBD external disk is read through (see
-thinair.adapters.nbdkit for why). One per disk, named by the disk's id under
-THINAIR_HOME/bridges; started when the disk's overlay is made, kept alive while
+"""Bridges: the local nbdkit each NBD external disk, and each disk inside a tar
+file (an OVA's), is read through (see thinair.adapters.nbdkit for why). One per
+disk, named by the disk's id under THINAIR_HOME/bridges; started when the disk's
+overlay is made, kept alive while
 the disk is external, stopped when it becomes local or the VM goes away."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from thinair.adapters import nbdkit
+from thinair.adapters import nbdkit, procfs, qemu_nbd
 from thinair.engine.context import EngineContext
 from thinair.errors import ExternalDiskError
 from thinair.external import parse_url
@@ -22,8 +23,27 @@ log = logging.getLogger(__name__)
 QEMU_USER = "libvirt-qemu"
 
 
-def bridged(url: str | None) -> bool:
-    return url is not None and parse_url(url).scheme in ("nbd", "nbd+unix", "nbds", "nbds+unix")
+# Formats QEMU reads but libvirt 9.0 cannot name as a backing format (its list
+# has no vhdx): a disk in one is decoded by a local qemu-nbd bridge instead of
+# nbdkit, and QEMU reads it raw from there.
+DECODED = frozenset({"vhdx", "parallels"})
+PROGRAMS = nbdkit.PROGRAMS | {"qemu-nbd"}
+
+
+def bridged(url: str | None, fmt: str | None = None) -> bool:
+    """NBD sources, disks inside tar files and formats libvirt cannot name are
+    read through a bridge."""
+    if url is None:
+        return False
+    ext = parse_url(url)
+    return ext.is_nbd or ext.is_tar or fmt in DECODED
+
+
+def source(ctx: EngineContext, disk_id: str, url: str, fmt: str) -> tuple[str, str]:
+    """What the disk's overlay reads: (backing file, backing format)."""
+    if not bridged(url, fmt):
+        return url, fmt
+    return backing_url(ctx, disk_id), "raw" if fmt in DECODED else fmt
 
 
 def _dir(ctx: EngineContext) -> Path:
@@ -41,28 +61,59 @@ def backing_url(ctx: EngineContext, disk_id: str) -> str:
     return f"nbd+unix:///?socket={_paths(ctx, disk_id)[0]}"
 
 
-def ensure(ctx: EngineContext, disk_id: str, url: str) -> bool:
+def _running(socket: Path, pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if procfs.matches(pid, PROGRAMS, str(socket)) else None
+
+
+def ensure(ctx: EngineContext, disk_id: str, url: str, fmt: str | None = None) -> bool:
     """Start the disk's bridge unless it runs already; True if it had to start."""
     socket, pid_file = _paths(ctx, disk_id)
-    if nbdkit.running(socket, pid_file) is not None:
+    if _running(socket, pid_file) is not None:
         return False
     owner = QEMU_USER if ctx.settings.libvirt_uri.endswith("/system") else None
     try:
-        pid = nbdkit.start(url, socket, pid_file, ctx.settings.reconnect_window, owner)
-    except nbdkit.BridgeError as e:
+        if fmt in DECODED:
+            pid = _start_decoder(url, fmt, socket, pid_file, owner)
+        else:
+            pid = nbdkit.start(url, socket, pid_file, ctx.settings.reconnect_window, owner)
+    except (nbdkit.BridgeError, qemu_nbd.ServerError) as e:
         raise ExternalDiskError(f"cannot bridge to {url}: {e}") from None
     log.info("bridge for disk %s to %s: pid %d", disk_id, url, pid)
     return True
 
 
+def _start_decoder(url: str, fmt: str, socket: Path, pid_file: Path, owner: str | None) -> int:
+    ext = parse_url(url)
+    if ext.is_tls or ext.is_tar:
+        raise nbdkit.BridgeError(f"a {fmt} disk over NBD with TLS or inside a tar is not supported")
+    for stale in (socket, pid_file):
+        stale.unlink(missing_ok=True)
+    server = qemu_nbd.Server(
+        url, fmt=fmt, unix_socket=str(socket), cache="writeback", aio="threads"
+    )
+    pid = server.start_detached(str(pid_file), str(socket.with_suffix(".log")))
+    nbdkit.give_socket(socket, owner)
+    return pid
+
+
 def stop(ctx: EngineContext, disk_id: str) -> None:
-    nbdkit.stop(*_paths(ctx, disk_id))
+    socket, pid_file = _paths(ctx, disk_id)
+    pid = _running(socket, pid_file)
+    if pid is not None:
+        procfs.terminate(pid, PROGRAMS, str(socket))
+    for path in (socket, pid_file, socket.with_suffix(".log")):
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
 def temporary(ctx: EngineContext, url: str) -> Iterator[str]:
-    """A short-lived bridge, for probing a source only the bridge can read
-    (NBD over TLS); yields the URL to give QEMU's tools."""
+    """A short-lived bridge, for reading a source only a bridge can read (NBD
+    over TLS, a tar member) or that libnbd should read (an OVA over HTTP);
+    yields the URL to give QEMU's tools or libnbd."""
     name = f"probe-{uuid.uuid4().hex[:12]}"
     socket, pid_file = _paths(ctx, name)
     try:
@@ -74,20 +125,23 @@ def temporary(ctx: EngineContext, url: str) -> Iterator[str]:
         nbdkit.stop(socket, pid_file)
 
 
-def reconcile(ctx: EngineContext, wanted: dict[str, str]) -> list[str]:
-    """Keep the bridges of `wanted` ({disk id: url}) running and stop every other
-    bridge under this engine's home."""
+def reconcile(ctx: EngineContext, wanted: dict[str, tuple[str, str | None]]) -> list[str]:
+    """Keep the bridges of `wanted` ({disk id: (url, format)}) running and stop
+    every other bridge under this engine's home."""
     actions = []
-    for disk_id, url in wanted.items():
+    for disk_id, (url, fmt) in wanted.items():
         try:
-            if ensure(ctx, disk_id, url):
+            if ensure(ctx, disk_id, url, fmt):
                 actions.append(f"restarted the bridge of disk {disk_id}")
         except ExternalDiskError as e:  # its source is gone: its VM will say so
             actions.append(f"could not restart the bridge of disk {disk_id}: {e.message}")
     keep = {str(_paths(ctx, disk_id)[0]) for disk_id in wanted}
-    for pid, line in nbdkit.find_all(_dir(ctx)).items():
+    for pid, line in procfs.find(PROGRAMS, str(_dir(ctx)) + "/").items():
         if not any(sock in line for sock in keep):
             sock = next(w for w in line.split() if w.endswith(".sock"))
-            nbdkit.stop(Path(sock), Path(sock).with_suffix(".pid"))
+            sock = sock.removeprefix("--socket=")
+            procfs.terminate(pid, PROGRAMS, sock)
+            for path in (Path(sock), Path(sock).with_suffix(".pid")):
+                path.unlink(missing_ok=True)
             actions.append(f"stopped orphan bridge {pid}")
     return actions

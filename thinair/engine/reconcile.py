@@ -43,9 +43,9 @@ def reconcile(ctx: EngineContext) -> list[str]:
     # bridges outlive an engine, but not a reboot or a kill.
     with ctx.db.session() as s:
         wanted = {
-            d.id: d.external_url
+            d.id: (d.external_url, d.external_format)
             for d in s.scalars(select(Disk).join(Vm).where(Vm.phase == "ready"))
-            if d.external_url and bridges.bridged(d.external_url)
+            if d.external_url and bridges.bridged(d.external_url, d.external_format)
         }
     actions += bridges.reconcile(ctx, wanted)
     actions += exports.reconcile(ctx)

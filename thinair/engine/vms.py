@@ -20,7 +20,7 @@ from thinair import models
 from thinair.adapters import qemu_img, qemu_io, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, storage
+from thinair.engine import bridges, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -137,8 +137,30 @@ def probe_disk(ctx: EngineContext, req: models.ProbeRequest) -> models.ProbeResu
     )
 
 
+def _from_ova(ctx: EngineContext, req: models.VmCreate) -> models.VmCreate:
+    """The request with the OVA's disks, and its name, memory and CPUs where
+    the request does not give them."""
+    assert req.ova is not None
+    appliance = ova.read(ctx, req.ova)
+    given = req.model_fields_set
+    return models.VmCreate(
+        name=req.name or appliance.name,
+        memory_mib=req.memory_mib if "memory_mib" in given else appliance.memory_mib or 512,
+        cpus=req.cpus if "cpus" in given else appliance.cpus or 1,
+        disks=[
+            models.DiskCreate(
+                external_disk=models.ExternalDisk(url=url), storage_domain=req.storage_domain
+            )
+            for url in appliance.disks
+        ],
+    )
+
+
 def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     """Check everything, then create the overlays and define the domain."""
+    if req.ova:
+        req = _from_ova(ctx, req)
+    assert req.name is not None
     specs = [
         DiskSpec(
             url=d.external_disk.url,
@@ -213,23 +235,21 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
         vm = find(s, vm_id)
         for disk in vm.disks:
             assert disk.external_url and disk.external_format
-            backing = disk.external_url
-            if bridges.bridged(disk.external_url):
-                bridges.ensure(ctx, disk.id, disk.external_url)
-                backing = bridges.backing_url(ctx, disk.id)
+            url, fmt = disk.external_url, disk.external_format
+            if bridges.bridged(url, fmt):
+                bridges.ensure(ctx, disk.id, url, fmt)
+            backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
             try:
-                qemu_img.create_overlay(
-                    disk.volume_path, backing, disk.external_format, disk.virtual_size
-                )
+                qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
             except CommandFailed as e:
                 raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
-            _mark_holes(ctx, disk, backing)
+            _mark_holes(ctx, disk, backing, backing_fmt)
         crash_point("create-overlays")
         ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
     crash_point("create-defined")
 
 
-def _mark_holes(ctx: EngineContext, disk: Disk, source: str) -> None:
+def _mark_holes(ctx: EngineContext, disk: Disk, source: str, fmt: str) -> None:
     """Mark the external disk's holes as zero clusters in the new overlay.
 
     The external disk is read-only and never changes, so a hole there reads as
@@ -241,9 +261,7 @@ def _mark_holes(ctx: EngineContext, disk: Disk, source: str) -> None:
     assert disk.external_url and disk.external_format
     cluster = 64 * 1024
     try:
-        holes = qemu_img.zero_ranges(
-            source, disk.external_format, timeout=ctx.settings.probe_timeout
-        )
+        holes = qemu_img.zero_ranges(source, fmt, timeout=ctx.settings.probe_timeout)
         aligned = []
         for offset, length in holes:
             start = -(-offset // cluster) * cluster  # whole clusters only
@@ -392,10 +410,10 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
 def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:
     """(Re)start the bridges the VM's external NBD disks are read through."""
     with ctx.db.session() as s:
-        wanted = [(d.id, d.external_url) for d in find(s, vm_id).disks]
-    for disk_id, url in wanted:
-        if url and bridges.bridged(url):
-            bridges.ensure(ctx, disk_id, url)
+        wanted = [(d.id, d.external_url, d.external_format) for d in find(s, vm_id).disks]
+    for disk_id, url, fmt in wanted:
+        if url and bridges.bridged(url, fmt):
+            bridges.ensure(ctx, disk_id, url, fmt)
 
 
 def redefine(ctx: EngineContext, vm_id: str) -> None:
