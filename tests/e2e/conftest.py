@@ -34,6 +34,16 @@ def engine(make_engine: Callable[..., Engine]) -> Engine:
 
 
 @pytest.fixture
+def domains(engine: Engine, workdir: Path) -> tuple[Path, Path]:
+    """Storage domains "tmp" and "final", added to the engine."""
+    paths = workdir / "tmp", workdir / "final"
+    for path in paths:
+        path.mkdir(mode=0o755)
+        engine.client().storage_domains.add(path.name, str(path))
+    return paths
+
+
+@pytest.fixture
 def guest_export(guest_image: Path, nbd_export: Callable[..., qemu_nbd.Server]) -> qemu_nbd.Server:
     """The guest image exported read-only by qemu-nbd, as another host would."""
     return nbd_export(guest_image)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import Engine
 from tests.e2e.conftest import wait_console
-from tests.e2e.test_import import _check_final_disk, _wait_step
+from tests.e2e.test_import import _check_final_disk, _finish, _wait_step
 from tests.e2e.test_run import domain
 from tests.support import guest
 from thinair.adapters import procfs, qemu_nbd
@@ -41,11 +41,7 @@ def test_source_restart_mid_import_loses_nothing(
         server.start()
         final = c.jobs.wait(job.id, timeout=300)
         assert final.state == "succeeded", final.error
-        before = len(guest.parse_console(c.vms.console("rs").text)["wrote"])
-        wait_console(c, "rs", lambda i: len(i["wrote"]) >= before + 2)
-        c.vms.stop("rs", force=True)
-        _check_final_disk(c, "rs", guest_image)
-        c.vms.remove("rs")
+        _finish(c, "rs", guest_image)
     finally:
         server.stop()
 

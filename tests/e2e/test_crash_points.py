@@ -14,9 +14,8 @@ import pytest
 
 from tests.conftest import Engine
 from tests.e2e.conftest import wait_console
-from tests.e2e.test_import import _check_final_disk
+from tests.e2e.test_import import _finish
 from tests.e2e.test_run import domain
-from tests.support import guest
 from thinair.adapters import procfs, qemu_nbd
 from thinair.adapters.virt import Virt
 from thinair.client import Client, EngineUnreachable
@@ -133,8 +132,8 @@ def test_killed_while_importing(
     strategy: str,
 ) -> None:
     engine = crashing(point)
-    tmp, final = workdir / "tmp", workdir / "final"
     c = engine.client()
+    tmp, final = workdir / "tmp", workdir / "final"
     for path in (tmp, final):
         path.mkdir(mode=0o755)
         c.storage_domains.add(path.name, str(path))
@@ -149,11 +148,7 @@ def test_killed_while_importing(
     vm = c.vms.get("cp-imp")
     assert vm.state == "running" and vm.disks[0].location == "local"
     _assert_consistent(engine, c, [tmp, final])
-    before = len(guest.parse_console(c.vms.console("cp-imp").text)["wrote"])
-    wait_console(c, "cp-imp", lambda i: len(i["wrote"]) >= before + 2)
-    c.vms.stop("cp-imp", force=True)
-    _check_final_disk(c, "cp-imp", guest_image)
-    c.vms.remove("cp-imp")
+    _finish(c, "cp-imp", guest_image)
 
 
 def test_killed_while_exposing_an_image(

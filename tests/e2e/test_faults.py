@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import Engine
 from tests.e2e.conftest import wait_console
-from tests.e2e.test_import import _check_final_disk, _wait_step
+from tests.e2e.test_import import _finish, _wait_step
 from tests.e2e.test_run import domain
 from tests.support import guest
 from thinair.adapters import procfs, qemu_nbd
@@ -26,12 +26,13 @@ pytestmark = pytest.mark.guest
 
 @pytest.mark.parametrize("strategy", ["stream", "mirror"])
 def test_qemu_killed_mid_import(
-    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, workdir: Path, strategy: str
+    engine: Engine,
+    guest_export: qemu_nbd.Server,
+    guest_image: Path,
+    domains: tuple[Path, Path],
+    strategy: str,
 ) -> None:
-    tmp, final = workdir / "tmp", workdir / "final"
-    for path in (tmp, final):
-        path.mkdir(mode=0o755)
-        engine.client().storage_domains.add(path.name, str(path))
+    tmp, final = domains
     c = engine.client()
     home = "final" if strategy == "stream" else "tmp"
     c.vms.create("qk", disks=[f"{guest_export.url},storage={home}"], memory_mib=256)
@@ -52,11 +53,7 @@ def test_qemu_killed_mid_import(
     info = wait_console(c, "qk", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
     assert min(info["wrote"]) > max(first)
     assert c.vms.import_("qk", to="final", strategy=strategy).wait().state == "succeeded"
-    before = len(guest.parse_console(c.vms.console("qk").text)["wrote"])
-    wait_console(c, "qk", lambda i: len(i["wrote"]) >= before + 2)
-    c.vms.stop("qk", force=True)
-    _check_final_disk(c, "qk", guest_image)
-    c.vms.remove("qk")
+    _finish(c, "qk", guest_image)
 
 
 def test_source_gone_for_good_then_back(
@@ -89,11 +86,7 @@ def test_source_gone_for_good_then_back(
         server.start()
         done = c.vms.import_("gone", to="final").wait(timeout=300)
         assert done.state == "succeeded", done.error
-        before = len(guest.parse_console(c.vms.console("gone").text)["wrote"])
-        wait_console(c, "gone", lambda i: len(i["wrote"]) >= before + 2)
-        c.vms.stop("gone", force=True)
-        _check_final_disk(c, "gone", guest_image)
-        c.vms.remove("gone")
+        _finish(c, "gone", guest_image)
     finally:
         server.stop()
 
@@ -155,11 +148,7 @@ def test_storage_domain_full_mid_copy(
 
     filler.unlink()
     assert c.vms.import_("full", to="small").wait(timeout=300).state == "succeeded"
-    before = len(guest.parse_console(c.vms.console("full").text)["wrote"])
-    wait_console(c, "full", lambda i: len(i["wrote"]) >= before + 2)
-    c.vms.stop("full", force=True)
-    _check_final_disk(c, "full", guest_image)
-    c.vms.remove("full")
+    _finish(c, "full", guest_image)
 
 
 def _restart_libvirtd() -> None:
@@ -187,13 +176,14 @@ def _restart_libvirtd() -> None:
 
 @pytest.mark.parametrize("strategy", ["stream", "mirror"])
 def test_libvirtd_restart_mid_import(
-    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, workdir: Path, strategy: str
+    engine: Engine,
+    guest_export: qemu_nbd.Server,
+    guest_image: Path,
+    domains: tuple[Path, Path],
+    strategy: str,
 ) -> None:
     """libvirtd restarts while a disk is copied: the job carries on and completes."""
-    tmp, final = workdir / "tmp", workdir / "final"
-    for path in (tmp, final):
-        path.mkdir(mode=0o755)
-        engine.client().storage_domains.add(path.name, str(path))
+    tmp, final = domains
     c = engine.client()
     home = "final" if strategy == "stream" else "tmp"
     c.vms.create("lr", disks=[f"{guest_export.url},storage={home}"], memory_mib=256)
@@ -205,11 +195,7 @@ def test_libvirtd_restart_mid_import(
     assert c.jobs.get(job.id).state == "running"
     done = c.jobs.wait(job.id, timeout=300)
     assert done.state == "succeeded", done.error
-    before = len(guest.parse_console(c.vms.console("lr").text)["wrote"])
-    wait_console(c, "lr", lambda i: len(i["wrote"]) >= before + 2)
-    c.vms.stop("lr", force=True)
-    _check_final_disk(c, "lr", guest_image)
-    c.vms.remove("lr")
+    _finish(c, "lr", guest_image)
 
 
 def test_storage_domain_full_mid_pull(
@@ -246,6 +232,4 @@ def test_storage_domain_full_mid_pull(
     before = len(guest.parse_console(c.vms.console("fullp").text)["wrote"])
     wait_console(c, "fullp", lambda i: len(i["wrote"]) >= before + 2)
     assert c.vms.import_("fullp", to="small").wait(timeout=300).state == "succeeded"
-    c.vms.stop("fullp", force=True)
-    _check_final_disk(c, "fullp", guest_image)
-    c.vms.remove("fullp")
+    _finish(c, "fullp", guest_image)

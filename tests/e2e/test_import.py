@@ -40,14 +40,14 @@ def _check_final_disk(client: Client, vm_name: str, guest_image: Path) -> None:
         assert boot_area == f.read(guest.FAT_SIZE)
 
 
-@pytest.fixture
-def domains(engine: Engine, workdir: Path) -> tuple[Path, Path]:
-    """Storage domains "tmp" and "final", added to the engine."""
-    paths = workdir / "tmp", workdir / "final"
-    for path in paths:
-        path.mkdir(mode=0o755)
-        engine.client().storage_domains.add(path.name, str(path))
-    return paths
+def _finish(client: Client, vm_name: str, guest_image: Path) -> None:
+    """After an import: the guest goes on writing on its final disk; then stop it,
+    check the disk (_check_final_disk) and remove the VM."""
+    before = len(guest.parse_console(client.vms.console(vm_name).text)["wrote"])
+    wait_console(client, vm_name, lambda i: len(i["wrote"]) >= before + 2)
+    client.vms.stop(vm_name, force=True)
+    _check_final_disk(client, vm_name, guest_image)
+    client.vms.remove(vm_name)
 
 
 @pytest.mark.parametrize("strategy", ["stream", "mirror"])
