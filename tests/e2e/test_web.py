@@ -242,6 +242,15 @@ def test_whole_flow_in_a_browser(
     page.keyboard.press("Escape")
     page.set_viewport_size(browser.DESKTOP)
 
+    # Changes made elsewhere (another client, the guest, libvirt) show up live from
+    # the engine's event stream, well before the page's 30 s look-again.
+    c.vms.create("bl-web-live", disks=["size=1M"])
+    expect(page.locator("#vm-bl-web-live")).to_contain_text("local, blank", timeout=10_000)
+    c.vms.stop("web-a", force=True)
+    expect(card.locator("h3 .badge")).to_have_text("stopped", timeout=10_000)
+    c.vms.remove("bl-web-live")
+    expect(page.locator("#vm-bl-web-live")).to_have_count(0, timeout=10_000)
+
     row.get_by_role("button", name="Unexpose").click()
     expect(page.locator("#exports")).to_contain_text("No exports.")
     page.get_by_role("button", name="Sign out").click()
