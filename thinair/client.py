@@ -10,9 +10,10 @@ c.vms.start("web1")
 from __future__ import annotations
 
 import builtins
+import json
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,31 @@ class Client:
             return None
         return r.json()
 
+    def events(self) -> Generator[tuple[str, dict[str, Any]], None, None]:
+        """Follow the engine's events (GET /events, server-sent events) as (kind,
+        data) pairs, until the caller stops iterating: first ("hello", {}), then
+        "vm" (id, name, and state when libvirt reported one), "job" (the whole
+        job) and "resync" (fell behind: read everything again)."""
+        try:
+            with self._http.stream(
+                "GET", "/events", timeout=httpx.Timeout(10, read=EVENTS_READ_TIMEOUT)
+            ) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    body = r.json()
+                    raise ThinairAPIError(r.status_code, body["code"], body["message"])
+                kind, data = "message", ""
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+                    elif not line and data:
+                        yield kind, json.loads(data)
+                        kind, data = "message", ""
+        except httpx.TransportError as e:
+            raise EngineUnreachable(self.url, str(e) or type(e).__name__) from None
+
     def health(self) -> models.Health:
         return models.Health.model_validate(self.request("GET", "/health"))
 
@@ -105,6 +131,11 @@ class Client:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+# The engine pings an event stream every 15 s: silence longer than this is a
+# dead connection.
+EVENTS_READ_TIMEOUT = 60.0
 
 
 class Vm(models.Vm):

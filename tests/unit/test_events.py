@@ -4,7 +4,6 @@ QEMU's do)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,23 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import Engine
+from thinair.client import Client, ThinairAPIError
 
 Event = tuple[str, dict[str, Any]]
-
-
-def _events(lines: Iterator[str]) -> Iterator[Event]:
-    """(event, data) from an SSE stream; comments (pings) are skipped."""
-    kind, data = "message", ""
-    for line in lines:
-        if line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("data:"):
-            data += line[5:].strip()
-        elif line == "" and data:
-            yield kind, json.loads(data)
-            kind, data = "message", ""
 
 
 def _until(events: Iterator[Event], wanted: Callable[[Event], bool], seen: list[Event]) -> Event:
@@ -49,13 +37,17 @@ def test_events_follow_vms_and_jobs(
     token = (test_engine.home / "token").read_text().strip()
     url = f"http://127.0.0.1:{test_engine.port}/api/v1/events"
     assert httpx.get(url).status_code == 401  # a token, as for every API call
+    with pytest.raises(ThinairAPIError) as e:
+        next(Client(test_engine.settings.url, token="wrong").events())
+    assert e.value.status == 401
 
-    seen: list[Event] = []
-    headers = {"Authorization": f"Bearer {token}"}
-    with httpx.stream("GET", url, headers=headers, timeout=60) as r:
+    with httpx.stream("GET", url, headers={"Authorization": f"Bearer {token}"}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = _events(r.iter_lines())
+
+    seen: list[Event] = []
+    events = c.events()  # the SDK reads the same stream
+    try:
         assert next(events) == ("hello", {})
 
         vm = c.vms.create("bl-ev", disks=[str(raw_image), "size=8M"])
@@ -81,6 +73,8 @@ def test_events_follow_vms_and_jobs(
 
         c.vms.remove("bl-ev")
         _until(events, lambda e: e == ("vm", {"id": vm.id, "name": "bl-ev"}), seen)
+    finally:
+        events.close()
     assert all(e[0] in ("vm", "job") for e in seen), seen
 
 
