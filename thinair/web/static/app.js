@@ -128,10 +128,16 @@ function signOut(message) {
 // -- data ------------------------------------------------------------------------
 
 let refreshing = null;
+let refreshAgain = null;
 function refresh() {
-  // One refresh at a time; a call during one waits for it.
+  // One refresh at a time. A call during one gets another one after it, since
+  // what it asks to see (a change just made) may have come after that one read.
   if (!state.signedIn) return Promise.resolve();
-  refreshing ??= (async () => {
+  if (refreshing) {
+    refreshAgain ??= refreshing.then(() => { refreshAgain = null; return refresh(); });
+    return refreshAgain;
+  }
+  refreshing = (async () => {
     try {
       [state.sds, state.vms, state.exports, state.jobs] = await Promise.all([
         api("GET", "/storage_domains"), api("GET", "/vms"), api("GET", "/exports"),
