@@ -23,6 +23,7 @@ from rich.table import Table
 from thinair.client import Client, ThinairAPIError
 from thinair.config import Settings
 from thinair.errors import ThinairError
+from thinair.external import is_blank_option
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Run virtual machines out of thin air."
@@ -170,6 +171,8 @@ def storage_remove(name: str, as_json: JsonOpt = False) -> None:
 
 def _absolute_disk(option: str) -> str:
     """A relative local path is relative to where the user stands, not the engine."""
+    if is_blank_option(option):
+        return option
     url = option.split(",", 1)[0]
     if "://" not in url and not url.startswith("/"):
         return os.path.abspath(url) + option[len(url) :]
@@ -190,7 +193,11 @@ def _render_vm(vm: Any) -> None:
     for d in vm.disks:
         ext = f"{d.external_disk.url} ({d.external_disk.format})" if d.external_disk else "-"
         table.add_row(
-            d.target, d.location, _size(d.virtual_size), f"{d.storage_domain}:{d.volume_path}", ext
+            d.target,
+            "local (blank)" if d.blank else d.location,
+            _size(d.virtual_size),
+            f"{d.storage_domain}:{d.volume_path}",
+            ext,
         )
     out.print(table)
 
@@ -203,7 +210,10 @@ def vm_create(
     disk: Annotated[
         list[str] | None,
         typer.Option(
-            "--disk", help="URL[,format=F][,storage=SD][,check-readonly=off]; repeat for more"
+            "--disk",
+            help="URL[,format=F][,storage=SD][,check-readonly=off] for an external disk, or "
+            "size=N[,storage=SD] for a blank one (N in GiB as virt-install, or 512M, 2T...); "
+            "repeat for more",
         ),
     ] = None,
     ova: Annotated[
@@ -218,7 +228,7 @@ def vm_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a VM whose disks are temporary overlays on external disks (or on
-    the disks inside an OVA, read in place)."""
+    the disks inside an OVA, read in place), and blank disks made with it."""
     with _errors():
         vm = Client().vms.create(
             name,
@@ -320,12 +330,14 @@ def vm_console(
         offset = chunk.offset
         _write_console(chunk.text, as_json, offset)
         while follow:
-            time.sleep(0.5)
-            chunk = client.vms.console(name, offset)
+            chunk = client.vms.console(name, offset, wait=CONSOLE_WAIT)
             if chunk.offset < offset:  # the VM restarted: its log began anew
                 offset = 0
             offset = chunk.offset
             _write_console(chunk.text, as_json, offset)
+
+
+CONSOLE_WAIT = 25.0  # seconds the engine holds a console read while nothing comes
 
 
 def _write_console(text: str, as_json: bool, offset: int) -> None:

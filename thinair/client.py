@@ -10,9 +10,10 @@ c.vms.start("web1")
 from __future__ import annotations
 
 import builtins
+import json
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from pydantic import PrivateAttr
 from thinair import models
 from thinair.config import Settings
 from thinair.errors import ThinairError
-from thinair.external import parse_disk_option
+from thinair.external import is_blank_option, parse_blank_option, parse_disk_option
 
 
 class ThinairAPIError(Exception):
@@ -94,6 +95,31 @@ class Client:
             return None
         return r.json()
 
+    def events(self) -> Generator[tuple[str, dict[str, Any]], None, None]:
+        """Follow the engine's events (GET /events, server-sent events) as (kind,
+        data) pairs, until the caller stops iterating: first ("hello", {}), then
+        "vm" (id, name, and state when libvirt reported one), "job" (the whole
+        job) and "resync" (fell behind: read everything again)."""
+        try:
+            with self._http.stream(
+                "GET", "/events", timeout=httpx.Timeout(10, read=EVENTS_READ_TIMEOUT)
+            ) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    body = r.json()
+                    raise ThinairAPIError(r.status_code, body["code"], body["message"])
+                kind, data = "message", ""
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+                    elif not line and data:
+                        yield kind, json.loads(data)
+                        kind, data = "message", ""
+        except httpx.TransportError as e:
+            raise EngineUnreachable(self.url, str(e) or type(e).__name__) from None
+
     def health(self) -> models.Health:
         return models.Health.model_validate(self.request("GET", "/health"))
 
@@ -105,6 +131,11 @@ class Client:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+# The engine pings an event stream every 15 s: silence longer than this is a
+# dead connection.
+EVENTS_READ_TIMEOUT = 60.0
 
 
 class Vm(models.Vm):
@@ -138,8 +169,8 @@ class Vm(models.Vm):
     def remove(self, force: bool = False) -> None:
         self._client.vms.remove(self.id, force=force)
 
-    def console(self, offset: int = 0) -> models.Console:
-        return self._client.vms.console(self.id, offset)
+    def console(self, offset: int = 0, wait: float = 0) -> models.Console:
+        return self._client.vms.console(self.id, offset, wait)
 
 
 class Job(models.Job):
@@ -186,11 +217,15 @@ class StorageDomains:
 
 
 def disk_from_option(option: str | models.DiskCreate) -> dict[str, Any]:
-    """A disk for the API from a CLI-style ``URL[,format=F][,storage=SD]`` string.
+    """A disk for the API from a CLI-style ``URL[,format=F][,storage=SD]`` string,
+    or ``size=N[,storage=SD]`` for a blank disk (N in GiB, or with K, M, G, T).
     The engine validates it; only the option syntax is parsed here."""
     if isinstance(option, models.DiskCreate):
-        return option.model_dump(mode="json")
+        return option.model_dump(mode="json", exclude_none=True)
     try:
+        if is_blank_option(option):
+            blank = parse_blank_option(option)
+            return {"blank": {"virtual_size": blank.virtual_size}, "storage_domain": blank.storage}
         spec = parse_disk_option(option)
     except ThinairError as e:
         raise ThinairAPIError(400, e.code, e.message) from None
@@ -223,7 +258,7 @@ class Vms:
         ova: str | None = None,
         storage_domain: str | None = None,
     ) -> Vm:
-        """A VM on external disks, or from an OVA (path or URL, as the engine
+        """A VM on external (or blank) disks, or from an OVA (path or URL, as the engine
         sees it), whose OVF gives what is not given here."""
         body: dict[str, Any] = {"name": name, "disks": [disk_from_option(d) for d in disks]}
         extra = {"memory_mib": memory_mib, "cpus": cpus, "ova": ova}
@@ -252,9 +287,14 @@ class Vms:
         body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
         return self._c.jobs._job(self._c.request("POST", f"/vms/{ref}/import", json=body))
 
-    def console(self, ref: str, offset: int = 0) -> models.Console:
+    def console(self, ref: str, offset: int = 0, wait: float = 0) -> models.Console:
+        """The serial console from `offset` on; with `wait`, the engine answers
+        once there is more (or after `wait` seconds)."""
+        params: dict[str, Any] = {"offset": offset}
+        if wait:
+            params["wait"] = wait
         return models.Console.model_validate(
-            self._c.request("GET", f"/vms/{ref}/console", params={"offset": offset})
+            self._c.request("GET", f"/vms/{ref}/console", params=params)
         )
 
 

@@ -17,8 +17,10 @@ A ``--disk`` option is ``URL[,format=F][,storage=SD][,check-readonly=off]``;
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from thinair.errors import InvalidInput
@@ -181,6 +183,52 @@ def _split_options(text: str) -> list[str]:
     # ",," is a literal comma (QEMU's convention); a single "," separates options.
     pieces = text.replace(",,", "\0").split(",")
     return [p.replace("\0", ",") for p in pieces]
+
+
+@dataclass(frozen=True)
+class BlankSpec:
+    """A ``--disk size=N[,storage=SD]`` option: an empty disk of N bytes."""
+
+    virtual_size: int
+    storage: str | None = None
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(?:([kmgt])(?:i?b)?)?$", re.IGNORECASE)
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``10G``, ``512M``, ``1.5T``... (binary units, as qemu-img takes
+    them); a bare number is GiB, as virt-install's ``--disk size=N``. Rounded up
+    to a whole 512-byte sector."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise InvalidInput(
+            f"bad size {text!r}: give GiB (size=10, as virt-install) or a number with "
+            "K, M, G or T (size=512M)"
+        )
+    unit = _UNITS[m.group(2).lower()] if m.group(2) else 2**30
+    exact = Fraction(m.group(1)) * unit
+    return math.ceil(exact / 512) * 512
+
+
+def is_blank_option(text: str) -> bool:
+    return text.strip().startswith("size=")
+
+
+def parse_blank_option(text: str) -> BlankSpec:
+    """Parse ``size=N[,storage=SD]`` (virt-install's spelling of a new disk)."""
+    values: dict[str, str] = {}
+    for option in _split_options(text.strip()):
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("size", "storage") or not value:
+            raise InvalidInput(
+                f"bad blank disk option {option!r} in {text!r}; known: size=N, storage=SD"
+            )
+        if key in values:
+            raise InvalidInput(f"disk option {key!r} given twice in {text!r}")
+        values[key] = value
+    return BlankSpec(virtual_size=parse_size(values["size"]), storage=values.get("storage"))
 
 
 def parse_disk_option(text: str) -> DiskSpec:

@@ -48,16 +48,45 @@ class ExternalDisk(_Model):
     tls: Literal["none"] = "none"
 
 
+# The largest blank disk: QEMU's qcow2 allows more, but no storage domain here
+# holds 64 TiB, and a typo of a few zeros should not go through.
+MAX_BLANK_SIZE = 64 * 2**40
+
+
+class BlankDisk(_Model):
+    # strict: JSON true or "10G" is not a size
+    virtual_size: int = Field(
+        strict=True,
+        ge=2**20,
+        le=MAX_BLANK_SIZE,
+        multiple_of=512,
+        description="bytes the guest sees: 1 MiB to 64 TiB, a multiple of 512",
+    )
+
+
 class DiskCreate(_Model):
-    external_disk: ExternalDisk
+    external_disk: ExternalDisk | None = Field(
+        default=None, description="the disk's data, read-only, at a URL (or give blank)"
+    )
+    blank: BlankDisk | None = Field(
+        default=None,
+        description="an empty local disk instead: a plain qcow2 volume on the storage "
+        "domain, part of the VM (rollback deletes it)",
+    )
     storage_domain: str | None = Field(
         default=None,
-        description="name or id of the storage domain for the temporary disk; "
+        description="name or id of the storage domain for the temporary (or blank) disk; "
         "may be omitted when there is only one",
     )
     check_readonly: bool = Field(
         default=True, description="refuse an NBD export that is not read-only"
     )
+
+    @model_validator(mode="after")
+    def _external_or_blank(self) -> DiskCreate:
+        if (self.external_disk is None) == (self.blank is None):
+            raise ValueError("give either external_disk or blank")
+        return self
 
 
 class ProbeRequest(_Model):
@@ -85,6 +114,11 @@ class Disk(_Model):
     virtual_size: int
     location: Literal["external", "local"]
     external_disk: ExternalDisk | None
+    blank: bool = Field(
+        default=False,
+        description="created empty with the VM, local from the start: rollback deletes "
+        "it, where an imported disk makes rollback refuse",
+    )
 
 
 class VmCreate(_Model):

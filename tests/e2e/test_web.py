@@ -7,6 +7,7 @@ leaves a screenshot in $THINAIR_SCREENSHOTS (default /var/tmp/thinair-screenshot
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,29 +125,50 @@ def test_whole_flow_in_a_browser(
     expect(card).to_contain_text("running")
     expect(page.locator("#vm-web-a-start-time")).to_contain_text("started in")
 
-    # Another VM from the same export, rolled back: the dialog says what goes.
+    # Another VM from the same export, with a blank second disk, rolled back: the
+    # dialog says what goes, the blank disk with the temporary one.
     new_vm(page, "web-b", guest_export.url)
     expect(probe).to_contain_text("Reachable")
+    page.get_by_role("button", name="Add another disk").click()
+    page.locator("#disk1-kind").select_option("blank")
+    expect(page.locator("#disk1-url")).to_be_hidden()
+    page.locator("#disk1-size").fill("0.0625")  # GiB: 64 MiB
+    assert every_control_is_labelled(page) == []
+    shot("new-vm-blank-disk")
     page.get_by_role("button", name="Create").click()
-    expect(page.locator("#vm-web-b")).to_be_visible()
-    page.locator("#vm-web-b").get_by_role("button", name="Start").click()
+    card_b = page.locator("#vm-web-b")
+    expect(card_b).to_be_visible()
+    expect(card_b.locator(".badge", has_text="local, blank")).to_be_visible()
+    boot_b, blank_b = c.vms.get("web-b").disks
+    assert (boot_b.location, blank_b.location, blank_b.blank) == ("external", "local", True)
+    assert blank_b.virtual_size == 64 * 2**20 and blank_b.external_disk is None
+    assert qemu_img.info(blank_b.volume_path).backing_filename is None
+    card_b.get_by_role("button", name="Start").click()
     expect(page.locator("#console-title")).to_have_text("Console of web-b")
     page.get_by_role("button", name="Close").click()
-    expect(page.locator("#vm-web-b")).to_contain_text("running")
-    overlay_b = Path(c.vms.get("web-b").disks[0].volume_path)
+    expect(card_b).to_contain_text("running")
+    blklist = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "domblklist", "web-b"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert blklist[blklist.index("vdb") + 1] == blank_b.volume_path  # QEMU has it
+    overlay_b = Path(boot_b.volume_path)
     assert overlay_b.exists()
-    page.locator("#vm-web-b").get_by_role("button", name="Roll back").click()
+    card_b.get_by_role("button", name="Roll back").click()
     confirm = page.locator("#confirm-dialog")
     expect(confirm).to_contain_text("Roll back web-b: stop it, undefine its domain and delete:")
     expect(confirm).to_contain_text(str(overlay_b))
-    expect(confirm).to_contain_text(f"Kept, never written: the external disk {guest_export.url}")
+    expect(confirm).to_contain_text(f"{blank_b.volume_path} on sd (blank disk made with the VM")
+    expect(confirm).to_contain_text(f"Kept, never written: the external disk {guest_export.url}.")
     shot("rollback-confirm")
     confirm.get_by_role("button", name="Keep it").click()  # no: nothing changes
     assert overlay_b.exists() and c.vms.get("web-b")
-    page.locator("#vm-web-b").get_by_role("button", name="Roll back").click()
+    card_b.get_by_role("button", name="Roll back").click()
     confirm.get_by_role("button", name="Roll back and delete").click()
     expect(page.locator("#vm-web-b")).to_have_count(0)
-    assert not overlay_b.exists()
+    assert not overlay_b.exists() and not Path(blank_b.volume_path).exists()
     assert [v.name for v in c.vms.list()] == ["web-a"]
     assert "web-b" not in [d.name() for d in libvirt.open("qemu:///system").listAllDomains()]
 
@@ -219,6 +241,15 @@ def test_whole_flow_in_a_browser(
     shot("narrow-new-vm")
     page.keyboard.press("Escape")
     page.set_viewport_size(browser.DESKTOP)
+
+    # Changes made elsewhere (another client, the guest, libvirt) show up live from
+    # the engine's event stream, well before the page's 30 s look-again.
+    c.vms.create("bl-web-live", disks=["size=1M"])
+    expect(page.locator("#vm-bl-web-live")).to_contain_text("local, blank", timeout=10_000)
+    c.vms.stop("web-a", force=True)
+    expect(card.locator("h3 .badge")).to_have_text("stopped", timeout=10_000)
+    c.vms.remove("bl-web-live")
+    expect(page.locator("#vm-bl-web-live")).to_have_count(0, timeout=10_000)
 
     row.get_by_role("button", name="Unexpose").click()
     expect(page.locator("#exports")).to_contain_text("No exports.")

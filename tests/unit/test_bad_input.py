@@ -135,6 +135,38 @@ BAD_DISK_OPTIONS = [
     "nbd://host/disk,format=raw;id",
 ]
 
+# Blank disks: the disk entry of a create request (REST), and the same as a
+# `--disk size=...` option where the option syntax can say it (SDK and CLI).
+BAD_BLANKS: list[tuple[dict[str, Any], str | None]] = [
+    ({"blank": {"virtual_size": 0}}, "size=0"),
+    ({"blank": {"virtual_size": -1}}, "size=-1"),
+    ({"blank": {"virtual_size": -(2**63)}}, "size=-8E"),
+    ({"blank": {"virtual_size": 512}}, "size=512K,,0"),
+    ({"blank": {"virtual_size": 2**20 - 512}}, "size=0.0001"),
+    ({"blank": {"virtual_size": 2**20 + 1}}, "size=1K"),
+    ({"blank": {"virtual_size": 2**63}}, "size=8388608T"),
+    ({"blank": {"virtual_size": 10**30}}, "size=1000000000000000000000"),
+    ({"blank": {"virtual_size": 65 * 2**40}}, "size=65T"),
+    ({"blank": {"virtual_size": 60 * 2**40}}, "size=60T"),  # fits no domain here
+    ({"blank": {"virtual_size": 1.5e9}}, "size=1.5e9"),
+    ({"blank": {"virtual_size": "10G"}}, "size=10X"),
+    ({"blank": {"virtual_size": "1073741824"}}, "size="),
+    ({"blank": {"virtual_size": True}}, "size=true"),
+    ({"blank": {"virtual_size": None}}, "size=none"),
+    ({"blank": {"virtual_size": []}}, "size=nan"),
+    ({"blank": {"virtual_size": "Infinity"}}, "size=inf"),
+    ({"blank": {}}, "size"),
+    ({"blank": 10}, "size=1 G"),
+    ({"blank": "10G"}, "size=1G,size=2G"),
+    ({"blank": {"virtual_size": 2**30, "extra": 1}}, "size=1G,format=raw"),
+    ({"blank": {"virtual_size": 2**30}, "storage_domain": "nope"}, "size=1G,storage=nope"),
+    ({"blank": {"virtual_size": 2**30}, "storage_domain": "../sd"}, "size=1G,storage=../sd"),
+    ({"blank": {"virtual_size": 2**30}, "storage_domain": ""}, "size=1G,storage="),
+    ({"blank": {"virtual_size": 2**30}, "external_disk": {"url": "{image}"}}, "size=1G,"),
+    ({"blank": None}, "size=1G;reboot"),
+    ({"blank": {"virtual_size": 2**30, "url": "{image}"}}, "size=$(id)"),
+]
+
 BAD_NAMES = [
     "",
     " ",
@@ -478,6 +510,20 @@ def test_disk_options(setup: Setup, unchanged: None, option: str) -> None:
     _cli(setup, "vm", "create", "vm1", "--disk", option)
 
 
+@pytest.mark.parametrize(("disk", "option"), BAD_BLANKS, ids=[repr(b)[:60] for b in BAD_BLANKS])
+def test_blank_disks(
+    setup: Setup, unchanged: None, disk: dict[str, Any], option: str | None
+) -> None:
+    """A blank disk of a bad size (zero, negative, huge, not in sectors, not a
+    number, bigger than the domain's free space) or with a bad option: refused,
+    beside a good external boot disk, and nothing is made."""
+    boot = {"external_disk": {"url": str(setup.image)}}
+    _api(setup, "POST", "/vms", json={"name": "vm1", "disks": [boot, setup.fill(disk)]})
+    if option is not None:
+        _refused(lambda: setup.client.vms.create("vm1", [str(setup.image), option]))
+        _cli(setup, "vm", "create", "vm1", "--disk", str(setup.image), "--disk", option)
+
+
 # -- other operations ----------------------------------------------------------
 
 
@@ -595,5 +641,6 @@ def test_corpus_size() -> None:
         + len(BAD_EXPOSES)
         + len(BAD_STORAGE)
         + len(BAD_BODIES)
+        + len(BAD_BLANKS)
     )
     assert inputs >= 200, inputs

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libvirt
@@ -59,6 +60,22 @@ _JOB_STATUS = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: JOB_CANCELED,
     libvirt.VIR_DOMAIN_BLOCK_JOB_READY: JOB_READY,
 }
+
+
+# Domain lifecycle events (LIFECYCLE) as the state the domain is in afterwards.
+_LIFECYCLE_STATE = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "running",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "running",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "stopping",
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "missing",
+}
+
+# Called with (domain UUID, domain name, state) from libvirt's event thread.
+LifecycleListener = Callable[[str, str, str], None]
 
 
 class BlockJobEvents:
@@ -161,6 +178,9 @@ class Virt:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self.block_events = BlockJobEvents()
+        # Told of every domain state change libvirt reports; it must not call
+        # libvirt (it runs in libvirt's event thread).
+        self.on_lifecycle: LifecycleListener | None = None
 
     @property
     def conn(self) -> libvirt.virConnect:
@@ -180,6 +200,10 @@ class Virt:
             with contextlib.suppress(libvirt.libvirtError):  # the test driver has no jobs
                 conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
+                )
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
                 )
             self._conn = conn
             return conn
@@ -213,6 +237,23 @@ class Virt:
         if name:
             log.info("block job on %s %s: %s", dom.name(), target, name)
             self.block_events.record(dom.UUIDString(), target, name)
+
+    def _on_lifecycle(
+        self,
+        _conn: libvirt.virConnect,
+        dom: libvirt.virDomain,
+        event: int,
+        _detail: int,
+        _opaque: object,
+    ) -> None:
+        state = _LIFECYCLE_STATE.get(event)
+        listener = self.on_lifecycle
+        if state is None or listener is None:
+            return
+        try:
+            listener(dom.UUIDString(), dom.name(), state)
+        except Exception:  # never into libvirt's event loop
+            log.exception("lifecycle listener failed")
 
     def close(self) -> None:
         with self._lock:

@@ -3,7 +3,11 @@ with a stable `code` and a `message`, and HTTP statuses are chosen here."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -13,6 +17,8 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import thinair
@@ -148,8 +154,59 @@ def rollback_vm(ctx: Ctx, ref: str) -> Response:
 
 
 @router.get("/vms/{ref}/console", response_model=models.Console)
-def vm_console(ctx: Ctx, ref: str, offset: Annotated[int, Query(ge=0)] = 0) -> models.Console:
-    return vms.console(ctx, ref, offset)
+async def vm_console(
+    ctx: Ctx,
+    ref: str,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    wait: Annotated[
+        float, Query(ge=0, le=60, description="long-poll: wait up to this long for new output")
+    ] = 0,
+) -> models.Console:
+    """The serial console from `offset` on; with `wait`, once there is something
+    past `offset` (or the wait ran out)."""
+    path = await run_in_threadpool(vms.console_path, ctx, ref)
+    deadline = time.monotonic() + wait
+    while wait and _console_size(path) == offset and time.monotonic() < deadline:
+        await asyncio.sleep(CONSOLE_POLL)
+    return await run_in_threadpool(vms.console, ctx, ref, offset)
+
+
+CONSOLE_POLL = 0.2
+
+
+def _console_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+@router.get(
+    "/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
+)
+async def events(ctx: Ctx) -> EventSourceResponse:
+    """Server-sent events, until the client goes: `vm` (id, name, and the state
+    when libvirt reports one) when a VM is created, removed, started, imported
+    or changes state; `job` (the whole job) on every change of a job; `resync`
+    when the client fell behind and should read everything again. The first
+    event, `hello`, says the stream is open: read the state then."""
+    sub = ctx.events.subscribe(asyncio.get_running_loop())
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        try:
+            yield ServerSentEvent(event="hello", data="{}")
+            while True:
+                event = await sub.get()
+                yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
+        finally:
+            ctx.events.unsubscribe(sub)
+
+    return EventSourceResponse(stream(), ping=EVENTS_PING)
+
+
+EVENTS_PING = 15
 
 
 @router.post("/probe", response_model=models.ProbeResult)

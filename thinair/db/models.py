@@ -7,7 +7,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, overload
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -78,6 +89,9 @@ class Disk(Base):
     external_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     external_format: Mapped[str | None] = mapped_column(String(16), nullable=True)
     external_read_only: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # Made empty with the VM (local from the start): part of what the VM created,
+    # so rollback deletes it; an imported disk (local, not blank) blocks rollback.
+    blank: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     vm: Mapped[Vm] = relationship(back_populates="disks")
     storage_domain: Mapped[StorageDomain] = relationship()

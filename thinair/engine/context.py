@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 from thinair.adapters.virt import Virt
 from thinair.config import Settings
-from thinair.db.models import new_id
+from thinair.db.models import Vm, new_id
 from thinair.db.session import Database
+from thinair.engine.events import EventHub
 from thinair.errors import Conflict
 
 if TYPE_CHECKING:
@@ -23,12 +24,23 @@ class EngineContext:
         settings.home.mkdir(parents=True, exist_ok=True)
         settings.console_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url)
+        self.events = EventHub()
         self.virt = Virt(settings.libvirt_uri)
+        self.virt.on_lifecycle = self._on_lifecycle
         self._busy: dict[str, str] = {}
         self._busy_lock = threading.Lock()
         self._engine_id: str | None = None
         self._domain_type: str | None = None
         self.jobs: JobRunner | None = None  # set by the service that runs jobs
+
+    def _on_lifecycle(self, dom_uuid: str, name: str, state: str) -> None:
+        """A domain changed state: an event for clients if it is one of our VMs
+        (a VM's id is its domain's UUID)."""
+        with self.db.session() as s:
+            vm = s.get(Vm, dom_uuid)
+            if vm is None or vm.name != name:
+                return
+        self.events.vm_changed(dom_uuid, name, state)
 
     def migrate(self) -> None:
         self.db.upgrade()

@@ -479,7 +479,9 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str) -> 
         vm = disk.vm
         s.flush()
         ctx.virt.define(virt.domain_xml(vms.domain_spec(ctx, vm)))
+        vm_id, vm_name = vm.id, vm.name
     bridges.stop(ctx, disk_id)  # QEMU reads nothing through it any more
+    ctx.events.vm_changed(vm_id, vm_name)
 
 
 def _cleanup_old(job: JobHandle, disk_id: str) -> None:

@@ -8,6 +8,7 @@ asked for in the record too, so it survives a restart as well.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -129,7 +130,7 @@ class JobRunner:
             job.updated_at = utcnow()
             handle = JobHandle(self, job.id, job.vm_id, dict(job.params))
             flow = self.flows[job.kind]
-        self._notify()
+        self._notify(job_id)
         state, error = "succeeded", None
         try:
             flow(self.ctx, handle)
@@ -147,7 +148,7 @@ class JobRunner:
                 job.state, job.error = state, error
                 job.updated_at = job.finished_at = utcnow()
         self._threads.pop(job_id, None)
-        self._notify()
+        self._notify(job_id)
 
     # -- state ---------------------------------------------------------------
 
@@ -169,11 +170,13 @@ class JobRunner:
             if params is not None:
                 job.params = params
             job.updated_at = utcnow()
-        self._notify()
+        self._notify(job_id)
 
-    def _notify(self) -> None:
+    def _notify(self, job_id: str) -> None:
         with self._changed:
             self._changed.notify_all()
+        with contextlib.suppress(NotFound):
+            self.ctx.events.publish("job", self.get(job_id).model_dump(mode="json"))
 
     def cancel(self, job_id: str) -> models.Job:
         with self.ctx.db.session() as s:
@@ -184,7 +187,7 @@ class JobRunner:
                 raise Conflict(f"job {job_id} is {job.state} already")
             job.params = {**job.params, "cancel": True}
             job.updated_at = utcnow()
-        self._notify()
+        self._notify(job_id)
         return self.get(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:

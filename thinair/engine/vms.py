@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def disk_model(disk: Disk) -> models.Disk:
         virtual_size=disk.virtual_size,
         location="external" if disk.external_url else "local",
         external_disk=external,
+        blank=disk.blank,
     )
 
 
@@ -92,6 +94,11 @@ def list_all(ctx: EngineContext) -> list[models.Vm]:
 def get(ctx: EngineContext, ref: str) -> models.Vm:
     with ctx.db.session() as s:
         return to_model(ctx, find(s, ref))
+
+
+def console_path(ctx: EngineContext, ref: str) -> str:
+    with ctx.db.session() as s:
+        return find(s, ref).console_log
 
 
 def console(ctx: EngineContext, ref: str, offset: int) -> models.Console:
@@ -157,10 +164,12 @@ def _from_ova(ctx: EngineContext, req: models.VmCreate) -> models.VmCreate:
 
 
 def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
-    """Check everything, then create the overlays and define the domain."""
+    """Check everything, then create the overlays (and blank volumes) and define
+    the domain."""
     if req.ova:
         req = _from_ova(ctx, req)
     assert req.name is not None
+    # One spec per external disk, None for a blank one.
     specs = [
         DiskSpec(
             url=d.external_disk.url,
@@ -168,22 +177,29 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
             storage=d.storage_domain,
             check_readonly=d.check_readonly,
         )
+        if d.external_disk
+        else None
         for d in req.disks
     ]
     for spec in specs:  # cheap checks first
+        if spec is None:
+            continue
         for path in parse_url(spec.url).local_files:
             storage.check_image_root(ctx, path, "disk image" if path == spec.url else "file")
         validate_format(spec.format)
     with ctx.db.session() as s:
         if s.scalar(select(Vm).where(Vm.name == req.name)):
             raise Conflict(f"VM {req.name!r} exists already")
-        domains = [_resolve_storage(s, spec.storage) for spec in specs]
+        domains = [_resolve_storage(s, d.storage_domain) for d in req.disks]
+        _check_blank_fit(ctx, req.disks, domains)
         for sd in {sd.id: sd for sd in domains}.values():
             storage.check_space(ctx, sd)
     if ctx.virt.lookup(req.name) is not None:
         raise Conflict(f"libvirt already has a domain named {req.name!r} (not thinair's)")
-    probed: list[Probed] = [
+    probed: list[Probed | None] = [
         probe(spec, ctx.settings.probe_timeout, lambda url: bridges.temporary(ctx, url))
+        if spec
+        else None
         for spec in specs
     ]
 
@@ -199,17 +215,23 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
             console_log="",
         )
         vm.console_log = str(ctx.settings.console_dir / f"{vm.id}.log")
-        for index, (sd, p) in enumerate(zip(domains, probed, strict=True)):
+        for index, (sd, d, p) in enumerate(zip(domains, req.disks, probed, strict=True)):
+            if p is None:
+                assert d.blank is not None
+                size = d.blank.virtual_size
+            else:
+                size = p.virtual_size
             disk = Disk(
                 id=new_id(),
                 position=index,
                 target=virt.disk_target(index),
                 storage_domain_id=sd.id,
                 volume_format="qcow2",
-                virtual_size=p.virtual_size,
-                external_url=p.url,
-                external_format=p.format,
-                external_read_only=p.read_only,
+                virtual_size=size,
+                external_url=p.url if p else None,
+                external_format=p.format if p else None,
+                external_read_only=p.read_only if p else None,
+                blank=p is None,
                 volume_path="",
             )
             disk.volume_path = str(Path(sd.path) / f"{disk.id}.qcow2")
@@ -223,17 +245,53 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
             with ctx.db.session() as s:
                 vm = find(s, vm_id)
                 vm.phase = "ready"
-                return to_model(ctx, vm)
+                created = to_model(ctx, vm)
+            ctx.events.vm_changed(created.id, created.name)
+            return created
     except BaseException:
         log.exception("creating VM %s failed; undoing", req.name)
         _destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
         raise
 
 
+def _check_blank_fit(
+    ctx: EngineContext, disks: list[models.DiskCreate], domains: list[StorageDomain]
+) -> None:
+    """Refuse blank disks whose full size does not fit in their domain's free space
+    (a guest that fills a disk with no room behind it gets paused by QEMU)."""
+    wanted: dict[str, int] = {}
+    for d, sd in zip(disks, domains, strict=True):
+        if d.blank is not None:
+            wanted[sd.id] = wanted.get(sd.id, 0) + d.blank.virtual_size
+    for sd in domains:
+        if sd.id not in wanted:
+            continue
+        need = wanted.pop(sd.id)
+        try:
+            free = shutil.disk_usage(sd.path).free - ctx.settings.min_free_mib * 2**20
+        except OSError:
+            continue  # check_space says why
+        if need > free:
+            raise InvalidInput(
+                f"blank disks of {_gib(need)} do not fit on storage domain {sd.name!r}: "
+                f"{_gib(max(free, 0))} free (less the {ctx.settings.min_free_mib} MiB kept free)"
+            )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def _materialize(ctx: EngineContext, vm_id: str) -> None:
     with ctx.db.session() as s:
         vm = find(s, vm_id)
         for disk in vm.disks:
+            if disk.blank:
+                try:
+                    qemu_img.create(disk.volume_path, "qcow2", disk.virtual_size)
+                except CommandFailed as e:
+                    raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+                continue
             assert disk.external_url and disk.external_format
             url, fmt = disk.external_url, disk.external_format
             if bridges.bridged(url, fmt):
@@ -326,7 +384,9 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
         with ctx.db.session() as s:
             vm = find(s, vm_id)
             vm.last_start_seconds = round(took, 3)
-            return to_model(ctx, vm)
+            started = to_model(ctx, vm)
+        ctx.events.vm_changed(vm_id, name)
+        return started
 
 
 def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
@@ -355,15 +415,15 @@ def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
 
 
 def rollback(ctx: EngineContext, ref: str) -> None:
-    """Stop the VM and discard its temporary disks; the external disks were never
-    written, so nothing else changes."""
+    """Stop the VM and discard its temporary disks and the blank disks made with
+    it; the external disks were never written, so nothing else changes."""
     with ctx.db.session() as s:
         vm = find(s, ref)
         vm_id, name = vm.id, vm.name
-        local = [d.target for d in vm.disks if not d.external_url]
-    if local:
+        imported = [d.target for d in vm.disks if not d.external_url and not d.blank]
+    if imported:
         raise Conflict(
-            f"{name}: disk {', '.join(local)} is local already (imported); there is "
+            f"{name}: disk {', '.join(imported)} is local already (imported); there is "
             "nothing to roll back to: use `vm remove` to delete the VM"
         )
     _cancel_jobs(ctx, vm_id)
@@ -405,6 +465,7 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
         vm = s.get(Vm, vm_id)
         if vm is not None:
             s.delete(vm)
+    ctx.events.vm_changed(vm_id, name)
 
 
 def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:

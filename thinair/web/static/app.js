@@ -109,11 +109,13 @@ async function signIn(token) {
   $("#who").hidden = false;
   $("#sign-in-view").hidden = true;
   $("#app-view").hidden = false;
+  followEvents();
   await refresh();
 }
 
 function signOut(message) {
   state.signedIn = false;
+  stopEvents();
   sessionStorage.removeItem(TOKEN_KEY);
   $("#who").hidden = true;
   $("#app-view").hidden = true;
@@ -126,17 +128,22 @@ function signOut(message) {
 // -- data ------------------------------------------------------------------------
 
 let refreshing = null;
+let refreshAgain = null;
 function refresh() {
-  // One refresh at a time; a call during one waits for it.
+  // One refresh at a time. A call during one gets another one after it, since
+  // what it asks to see (a change just made) may have come after that one read.
   if (!state.signedIn) return Promise.resolve();
-  refreshing ??= (async () => {
+  if (refreshing) {
+    refreshAgain ??= refreshing.then(() => { refreshAgain = null; return refresh(); });
+    return refreshAgain;
+  }
+  refreshing = (async () => {
     try {
       [state.sds, state.vms, state.exports, state.jobs] = await Promise.all([
         api("GET", "/storage_domains"), api("GET", "/vms"), api("GET", "/exports"),
         api("GET", "/jobs"),
       ]);
       render();
-      state.jobs.filter((j) => ACTIVE.has(j.state)).forEach(watchJob);
     } catch (e) {
       if (state.signedIn) toast(e.message);
     } finally {
@@ -146,26 +153,73 @@ function refresh() {
   return refreshing;
 }
 
-// Follow a job through the API's long-poll until it ends: every change (progress,
-// step, state) comes back as soon as the engine records it.
-async function watchJob(job) {
-  if (state.watching.has(job.id)) return;
-  state.watching.add(job.id);
-  let cur = job;
-  while (state.signedIn && ACTIVE.has(cur.state)) {
+// Live updates: one stream of server-sent events (GET /events) while signed in,
+// read with fetch() so that the token goes in a header, never in the URL (an
+// EventSource cannot send one). "hello" (the stream is open) and "resync" (we fell
+// behind) mean: read everything again; "vm": a VM changed; "job": a job, whole.
+let eventsRun = 0;
+let eventsAbort = null;
+
+async function followEvents() {
+  const run = ++eventsRun;
+  while (state.signedIn && run === eventsRun) {
+    eventsAbort = new AbortController();
     try {
-      cur = await api("GET", `/jobs/${cur.id}?wait=25&since=${encodeURIComponent(cur.updated_at)}`);
+      const res = await fetch(`${API}/events`, {
+        headers: { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` },
+        signal: eventsAbort.signal,
+      });
+      if (res.status === 401) { signOut("The engine refused the token: sign in again."); return; }
+      if (!res.ok) throw new Error(`events: HTTP ${res.status}`);
+      const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf = (buf + value).replace(/\r\n/g, "\n");
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          onEvent(buf.slice(0, end));
+          buf = buf.slice(end + 2);
+        }
+      }
     } catch (e) {
-      if (e.status === 404) break;
-      await sleep(2000);
-      continue;
+      if (e.name === "AbortError") return;
     }
-    const i = state.jobs.findIndex((j) => j.id === cur.id);
-    if (i >= 0) state.jobs[i] = cur; else state.jobs.unshift(cur);
-    render();
+    // The engine went away or restarted: try again shortly.
+    if (state.signedIn && run === eventsRun) await sleep(2000);
   }
-  state.watching.delete(job.id);
-  await refresh();
+}
+
+function stopEvents() {
+  eventsRun++;
+  eventsAbort?.abort();
+}
+
+function onEvent(block) {
+  let kind = "message";
+  let data = "";
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) kind = line.slice(6).trim();
+    else if (line.startsWith("data:")) data += line.slice(5).trim();
+  }
+  if (!data) return;  // a ping
+  if (kind === "job") {
+    const job = JSON.parse(data);
+    const i = state.jobs.findIndex((j) => j.id === job.id);
+    if (i >= 0) state.jobs[i] = job; else state.jobs.unshift(job);
+    render();
+    if (!ACTIVE.has(job.state)) refreshSoon();  // its VM's disks changed
+  } else {
+    refreshSoon();  // hello, resync, vm
+  }
+}
+
+// Many events at once (a VM started: its state, its start time) make one refresh.
+let refreshTimer = null;
+function refreshSoon() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(refresh, 150);
 }
 
 const vmName = (id) => state.vms.find((v) => v.id === id)?.name || id?.slice(0, 8) || "";
@@ -175,6 +229,7 @@ const activeJob = (vm) => state.jobs.find((j) => j.vm_id === vm.id && ACTIVE.has
 // -- rendering -------------------------------------------------------------------
 
 function render() {
+  renderConsoleInfo();
   renderVms();
   renderJobs();
   renderStorage();
@@ -182,6 +237,7 @@ function render() {
 }
 
 function where(vm, disk, job) {
+  if (disk.blank) return { label: "local, blank", cls: "blank" };
   if (disk.location === "local") return { label: "local", cls: "local" };
   if (job && (job.params.disks || []).includes(disk.id)) {
     const p = job.progress?.disks?.[disk.target];
@@ -204,7 +260,7 @@ function renderVms() {
         h("div", { class: "hint" }, d.external_disk
           ? ["from ", h("code", {}, d.external_disk.url), ` (${d.external_disk.format}); temporary disk on `,
             sdName(d.storage_domain)]
-          : ["on ", sdName(d.storage_domain), ": ", h("code", {}, d.volume_path)]),
+          : [d.blank ? "made blank on " : "on ", sdName(d.storage_domain), ": ", h("code", {}, d.volume_path)]),
         w.cls === "copying"
           ? h("progress", { max: 100, value: w.pct, id: `${id}-${d.target}-progress`,
             "aria-label": `${vm.name} ${d.target} import progress` }, `${w.pct}%`)
@@ -229,7 +285,8 @@ function renderVms() {
         button("Console", "console", () => openConsole(vm.name), "secondary"),
         external.length && !job ? button("Import", "import", () => openImport(vm)) : null,
         job ? button("Cancel import", "cancel", (e) => act(e.target, () => api("POST", `/jobs/${job.id}/cancel`)), "secondary") : null,
-        external.length === vm.disks.length ? button("Roll back", "rollback", () => confirmRollback(vm), "danger") : null,
+        vm.disks.every((d) => d.location === "external" || d.blank)
+          ? button("Roll back", "rollback", () => confirmRollback(vm), "danger") : null,
         button("Remove", "remove", () => confirmRemove(vm), "secondary")));
   });
   replace($("#vms"), cards.length ? cards : h("p", { class: "empty" }, "No VMs yet: make one with New VM."));
@@ -316,6 +373,25 @@ function addDiskRow() {
   row.querySelector(".probe").id = `disk${n}-probe`;
   row.querySelector("[name=url]").setAttribute("aria-describedby", `disk${n}-probe`);
   sdOptions(row.querySelector("[name=storage_domain]"));
+  const kind = row.querySelector("[name=kind]");
+  kind.addEventListener("change", () => {
+    const blank = kind.value === "blank";
+    row.classList.toggle("is-blank", blank);
+    row.querySelectorAll("label.external").forEach((l) => { l.hidden = blank; });
+    row.querySelector("label.blank").hidden = !blank;
+    row.querySelector("[name=url]").disabled = blank;
+    row.querySelector("[name=format]").disabled = blank;
+    row.querySelector("[name=size]").disabled = !blank;
+    if (blank) {
+      clearTimeout(timer);
+      controller?.abort();
+      row.querySelector(".probe").textContent = "";
+      row.querySelector("[name=size]").focus();
+    } else {
+      check();
+      row.querySelector("[name=url]").focus();
+    }
+  });
   let timer = null;
   let controller = null;
   const check = () => {
@@ -347,7 +423,7 @@ function addDiskRow() {
     if ($("#disk-rows").children.length > 1) row.remove();
   });
   $("#disk-rows").append(row);
-  row.querySelector("[name=url]").focus();
+  row.querySelector("[name=kind]").focus();
 }
 
 function openNewVm() {
@@ -370,11 +446,16 @@ async function createVm(e) {
     name: form.elements.name.value.trim(),
     memory_mib: Number(form.elements.memory_mib.value),
     cpus: Number(form.elements.cpus.value),
-    disks: [...$("#disk-rows").children].map((row) => ({
-      external_disk: { url: row.querySelector("[name=url]").value.trim(),
-        format: row.querySelector("[name=format]").value || null },
-      storage_domain: row.querySelector("[name=storage_domain]").value || null,
-    })),
+    disks: [...$("#disk-rows").children].map((row) => {
+      const storage_domain = row.querySelector("[name=storage_domain]").value || null;
+      if (row.querySelector("[name=kind]").value === "blank") {
+        // GiB to bytes, in whole 512-byte sectors
+        const gib = Number(row.querySelector("[name=size]").value);
+        return { blank: { virtual_size: Math.ceil((gib * 2 ** 30) / 512) * 512 }, storage_domain };
+      }
+      return { external_disk: { url: row.querySelector("[name=url]").value.trim(),
+        format: row.querySelector("[name=format]").value || null }, storage_domain };
+    }),
   };
   const button = $("#vm-create");
   button.disabled = true;
@@ -411,9 +492,8 @@ async function startImport(e) {
   try {
     const job = await api("POST", `/vms/${importing.name}/import`, body);
     $("#import-dialog").close();
-    state.jobs.unshift(job);
+    if (!state.jobs.some((j) => j.id === job.id)) state.jobs.unshift(job);
     render();
-    watchJob(job);
   } catch (err) {
     $("#import-error").textContent = err.message;
   }
@@ -436,16 +516,18 @@ function deletes(vm) {
   return h("ul", {}, vm.disks.map((d) => h("li", {},
     `${d.target}: `, h("code", {}, d.volume_path), ` on ${sdName(d.storage_domain)}`,
     d.location === "external" ? " (temporary disk: the guest's writes since it was created)"
-      : " (imported: the VM's only copy of its data)")));
+      : d.blank ? " (blank disk made with the VM: all the guest wrote to it)"
+        : " (imported: the VM's only copy of its data)")));
 }
 
 async function confirmRollback(vm) {
+  const external = vm.disks.filter((d) => d.external_disk);
   const body = [
     h("p", {}, `Roll back ${vm.name}: `, vm.state === "running" ? "stop it, " : "",
       activeJob(vm) ? "cancel its import, " : "", "undefine its domain and delete:"),
     deletes(vm),
-    h("p", {}, `Kept, never written: the external disk${vm.disks.length > 1 ? "s" : ""} `,
-      vm.disks.map((d, i) => [i ? ", " : "", h("code", {}, d.external_disk?.url)]), "."),
+    external.length ? h("p", {}, `Kept, never written: the external disk${external.length > 1 ? "s" : ""} `,
+      external.map((d, i) => [i ? ", " : "", h("code", {}, d.external_disk.url)]), ".") : null,
   ];
   if (await confirmDialog(`Roll back ${vm.name}?`, body, "Roll back and delete")) {
     await act(null, () => api("POST", `/vms/${vm.name}/rollback`));
@@ -463,34 +545,48 @@ async function confirmRemove(vm) {
   }
 }
 
-// The serial console, followed while its dialog is open.
+// The serial console, followed while its dialog is open: each read waits on the
+// engine (long-poll) until the guest printed more.
 let consoleRun = 0;
+let consoleName = null;
 async function openConsole(name) {
   const run = ++consoleRun;
   const dialog = $("#console-dialog");
   const pre = $("#console-text");
+  consoleName = name;
   $("#console-title").textContent = `Console of ${name}`;
   pre.textContent = "";
+  renderConsoleInfo();
   if (!dialog.open) dialog.showModal();
+  const stop = new AbortController();
+  dialog.addEventListener("close", () => stop.abort(), { once: true });
   let offset = 0;
   while (dialog.open && run === consoleRun) {
-    const vm = state.vms.find((v) => v.name === name);
-    $("#console-info").textContent = vm
-      ? `${vm.state}${vm.last_start_seconds !== null ? `; started in ${vm.last_start_seconds.toFixed(2)} s` : ""}`
-      : "";
     try {
-      const c = await api("GET", `/vms/${name}/console?offset=${offset}`);
-      if (c.text && run === consoleRun) {
+      const c = await api("GET", `/vms/${name}/console?offset=${offset}&wait=25`, undefined, stop.signal);
+      if (run !== consoleRun) return;
+      if (c.offset < offset) pre.textContent = "";  // the VM started again: a new log
+      if (c.text) {
         const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 20;
         pre.append(c.text);
         if (atEnd) pre.scrollTop = pre.scrollHeight;
       }
       offset = c.offset;
     } catch (e) {
+      if (e.name === "AbortError") return;
       $("#console-info").textContent = e.message;
+      if (e.status === 404) return;
+      await sleep(2000);
     }
-    await sleep(1000);
   }
+}
+
+function renderConsoleInfo() {
+  if (!consoleName) return;
+  const vm = state.vms.find((v) => v.name === consoleName);
+  $("#console-info").textContent = vm
+    ? `${vm.state}${vm.last_start_seconds !== null ? `; started in ${vm.last_start_seconds.toFixed(2)} s` : ""}`
+    : "";
 }
 
 // -- wiring ----------------------------------------------------------------------
@@ -528,8 +624,9 @@ document.addEventListener("DOMContentLoaded", () => {
       toast(`Exposed at ${x.url}`, "info");
     });
   });
-  // VM states change outside jobs too (a guest powering itself off): look again now and then.
-  setInterval(() => { if (!document.hidden) refresh(); }, 5000);
+  // VMs and jobs come as events; storage domains' free space and exports' clients
+  // do not: look again now and then.
+  setInterval(() => { if (!document.hidden) refresh(); }, 30000);
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) signIn(saved).catch(() => signOut()); else signOut();
 });
