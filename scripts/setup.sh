@@ -14,6 +14,7 @@ packages=(
   nbdkit libnbd-bin python3-libnbd python3-libvirt python3-venv
   syslinux syslinux-common mtools dosfstools cpio
   gnutls-bin nginx-light qemu-block-extra tcpdump
+  postgresql iproute2
 )
 missing=()
 for p in "${packages[@]}"; do

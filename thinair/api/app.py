@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import make_url
 
 import thinair
 from thinair import models
@@ -251,14 +252,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         imports.register(runner)
         ctx.jobs = runner
         runner.resume_all()
+        runner.start_polling()
         app.state.ctx = ctx
         log.info(
             "engine ready at %s (libvirt %s, database %s)",
             settings.listen,
             settings.libvirt_uri,
-            settings.db_url,
+            make_url(settings.db_url).render_as_string(hide_password=True),
         )
         yield
+        runner.stop_polling()
         ctx.close()
 
     app = FastAPI(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import IntegrityError
 
 from thinair.adapters.virt import Virt
 from thinair.config import Settings
-from thinair.db.models import new_id
+from thinair.db.models import Installation, new_id
 from thinair.db.session import Database
 from thinair.errors import Conflict
 
@@ -32,16 +34,32 @@ class EngineContext:
 
     def migrate(self) -> None:
         self.db.upgrade()
+        _ = self.engine_id
 
     @property
     def engine_id(self) -> str:
-        """This engine's identity, kept in THINAIR_HOME: its domains carry it so that
-        two engines on one libvirtd never touch each other's domains."""
+        """The installation's identity, kept in the database and shared by every
+        engine on it: the domains thinair defines carry it, so that two
+        installations on one libvirtd never touch each other's domains, while the
+        engines of one installation share theirs. An installation from before the
+        database kept it adopts the one in THINAIR_HOME/engine-id; the file keeps a
+        copy for tools that look there."""
         if self._engine_id is None:
             path = self.settings.home / "engine-id"
-            if not path.exists():
-                path.write_text(new_id() + "\n")
-            self._engine_id = path.read_text().strip()
+            try:
+                with self.db.session() as s:
+                    row = s.get(Installation, 1)
+                    if row is None:
+                        old = path.read_text().strip() if path.exists() else None
+                        row = Installation(key=1, id=old or new_id())
+                        s.add(row)
+                    installation_id = row.id
+            except IntegrityError:  # another engine wrote it first: take that one
+                with self.db.session() as s:
+                    installation_id = s.get_one(Installation, 1).id
+            if not path.exists() or path.read_text().strip() != installation_id:
+                path.write_text(installation_id + "\n")
+            self._engine_id = installation_id
         return self._engine_id
 
     @property
@@ -52,16 +70,32 @@ class EngineContext:
 
     @contextmanager
     def vm_busy(self, vm_id: str, what: str) -> Iterator[None]:
-        """Hold a VM for one flow; a second flow on it gets a clear conflict."""
+        """Hold a VM for one flow; a second flow on it, in this engine or in another
+        on the same database, gets a clear conflict."""
         with self._busy_lock:
             if vm_id in self._busy:
                 raise Conflict(f"the VM is busy: {self._busy[vm_id]} is in progress")
+            if not self.db.locks.try_lock(f"vm:{vm_id}"):
+                raise Conflict("the VM is busy: another engine is working on it")
             self._busy[vm_id] = what
         try:
             yield
         finally:
             with self._busy_lock:
                 self._busy.pop(vm_id, None)
+                self.db.locks.unlock(f"vm:{vm_id}")
+
+    @contextmanager
+    def vm_if_free(self, vm_id: str) -> Iterator[bool]:
+        """Hold a VM if no flow (here or in another engine) holds it: says whether."""
+        hold = ExitStack()
+        try:
+            hold.enter_context(self.vm_busy(vm_id, "reconcile"))
+            free = True
+        except Conflict:
+            free = False
+        with hold:
+            yield free
 
     def close(self) -> None:
         self.virt.close()

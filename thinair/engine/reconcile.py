@@ -5,7 +5,8 @@
 - a ready VM whose domain libvirt lost is defined again from its record;
 - a domain this engine defined that has no record is undefined (its volumes went
   with the record, so it could not run anyway).
-Only domains carrying this engine's id are touched.
+Only domains carrying this installation's id are touched, and only VMs no flow
+holds (another engine on the same database may be creating or removing one).
 Exports are reconciled too (see engine/exports.py): live servers adopted, dead
 ones started again, servers without a record stopped.
 """
@@ -29,12 +30,18 @@ def reconcile(ctx: EngineContext) -> list[str]:
     with ctx.db.session() as s:
         records = {vm.id: (vm.name, vm.phase) for vm in s.scalars(select(Vm))}
     for vm_id, (name, phase) in records.items():
-        if phase in ("creating", "removing"):
-            vms._destroy(ctx, vm_id)
-            actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
-        elif ctx.virt.lookup(name) is None:
-            vms.redefine(ctx, vm_id)
-            actions.append(f"defined {name} again")
+        with ctx.vm_if_free(vm_id) as free:
+            if not free:
+                continue
+            with ctx.db.session() as s:  # as it is now that we hold it
+                vm = s.get(Vm, vm_id)
+                phase = vm.phase if vm is not None else "gone"
+            if phase in ("creating", "removing"):
+                vms._destroy(ctx, vm_id)
+                actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
+            elif phase == "ready" and ctx.virt.lookup(name) is None:
+                vms.redefine(ctx, vm_id)
+                actions.append(f"defined {name} again")
     for vm_id, name in ctx.virt.owned_domains(ctx.engine_id).items():
         if vm_id not in records:
             ctx.virt.undefine(name)

@@ -152,10 +152,23 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
         for spec in specs
     ]
 
+    # Hold the VM (against other engines' reconcilers too) before it is recorded.
+    vm_id = new_id()
+    with ctx.vm_busy(vm_id, "create"):
+        return _create(ctx, req, vm_id, domains, probed)
+
+
+def _create(
+    ctx: EngineContext,
+    req: models.VmCreate,
+    vm_id: str,
+    domains: list[StorageDomain],
+    probed: list[Probed],
+) -> models.Vm:
     # Record the intent, with every path we are about to create, before creating it.
     with ctx.db.session() as s:
         vm = Vm(
-            id=new_id(),
+            id=vm_id,
             name=req.name,
             memory_mib=req.memory_mib,
             cpus=req.cpus,
@@ -180,15 +193,12 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
             disk.volume_path = str(Path(sd.path) / f"{disk.id}.qcow2")
             vm.disks.append(disk)
         s.add(vm)
-        s.flush()
-        vm_id = vm.id
     try:
-        with ctx.vm_busy(vm_id, "create"):
-            _materialize(ctx, vm_id)
-            with ctx.db.session() as s:
-                vm = find(s, vm_id)
-                vm.phase = "ready"
-                return to_model(ctx, vm)
+        _materialize(ctx, vm_id)
+        with ctx.db.session() as s:
+            vm = find(s, vm_id)
+            vm.phase = "ready"
+            return to_model(ctx, vm)
     except BaseException:
         log.exception("creating VM %s failed; undoing", req.name)
         _destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
