@@ -132,8 +132,8 @@ def list_vm_disks(ctx: Ctx, ref: str) -> list[models.Disk]:
 
 
 @router.post("/vms/{ref}/start", response_model=models.Vm)
-def start_vm(ctx: Ctx, ref: str) -> models.Vm:
-    return vms.start(ctx, ref)
+def start_vm(ctx: Ctx, ref: str, req: models.VmStart | None = None) -> models.Vm:
+    return vms.start(ctx, ref, (req or models.VmStart()).host)
 
 
 @router.post("/vms/{ref}/stop", response_model=models.Vm)

@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from thinair.adapters.virt import Virt
 from thinair.config import Settings
-from thinair.db.models import Installation, new_id
+from thinair.db.models import LOCAL_HOST_ID, Host, Installation, Vm, new_id
 from thinair.db.session import Database
 from thinair.errors import Conflict
 
@@ -25,11 +26,13 @@ class EngineContext:
         settings.home.mkdir(parents=True, exist_ok=True)
         settings.console_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url)
-        self.virt = Virt(settings.libvirt_uri)
+        self.virt = Virt(settings.libvirt_uri)  # the local host
+        self._virts: dict[str, Virt] = {settings.libvirt_uri: self.virt}
+        self._virts_lock = threading.Lock()
+        self._domain_types: dict[str, str] = {}
         self._busy: dict[str, str] = {}
         self._busy_lock = threading.Lock()
         self._engine_id: str | None = None
-        self._domain_type: str | None = None
         self.jobs: JobRunner | None = None  # set by the service that runs jobs
 
     def migrate(self) -> None:
@@ -64,9 +67,34 @@ class EngineContext:
 
     @property
     def domain_type(self) -> str:
-        if self._domain_type is None:
-            self._domain_type = self.virt.choose_domain_type(self.settings.domain_type)
-        return self._domain_type
+        return self.domain_type_on(self.virt)
+
+    def domain_type_on(self, virt: Virt) -> str:
+        if virt.uri not in self._domain_types:
+            self._domain_types[virt.uri] = virt.choose_domain_type(self.settings.domain_type)
+        return self._domain_types[virt.uri]
+
+    def virt_at(self, uri: str | None) -> Virt:
+        """The libvirt connection to a host (None: the local one), one per host."""
+        uri = uri or self.settings.libvirt_uri
+        with self._virts_lock:
+            if uri not in self._virts:
+                self._virts[uri] = Virt(uri)
+            return self._virts[uri]
+
+    def host_virt(self, host_id: str | None) -> Virt:
+        """The libvirt connection to the host with this id (None: the local one)."""
+        if host_id is None or host_id == LOCAL_HOST_ID:
+            return self.virt
+        with self.db.session() as s:
+            host = s.get(Host, host_id)
+            return self.virt_at(host.libvirt_uri if host else None)
+
+    def vm_virt(self, name: str) -> Virt:
+        """The libvirt connection to the host where the VM named `name` is defined."""
+        with self.db.session() as s:
+            host_id = s.scalar(select(Vm.host_id).where(Vm.name == name))
+        return self.host_virt(host_id)
 
     @contextmanager
     def vm_busy(self, vm_id: str, what: str) -> Iterator[None]:
@@ -98,5 +126,6 @@ class EngineContext:
             yield free
 
     def close(self) -> None:
-        self.virt.close()
+        for virt in self._virts.values():
+            virt.close()
         self.db.dispose()

@@ -426,11 +426,11 @@ def _merge_back(ctx: EngineContext, e: Export) -> None:
     with ctx.db.session() as s:
         vm = s.get(Vm, e.vm_id)
         name = vm.name if vm is not None else None
-    if name is not None and ctx.virt.state(name) != "missing":
-        chain = ctx.virt.disk_chain(name, e.disk)
+    if name is not None and ctx.vm_virt(name).state(name) != "missing":
+        chain = ctx.vm_virt(name).disk_chain(name, e.disk)
         if chain and chain[0] == e.snapshot_path:
-            if ctx.virt.state(name) in ("running", "paused"):
-                snapshot.merge_back(ctx.virt, name, e.disk, e.image)
+            if ctx.vm_virt(name).state(name) in ("running", "paused"):
+                snapshot.merge_back(ctx.vm_virt(name), name, e.disk, e.image)
             else:
                 snapshot.merge_back_offline(e.snapshot_path)
         if _configured_top(ctx, name, e.disk) != e.image:
@@ -443,7 +443,7 @@ def _merge_back(ctx: EngineContext, e: Export) -> None:
 
 
 def _configured_top(ctx: EngineContext, name: str, target: str) -> str | None:
-    root_el = ET.fromstring(ctx.virt.xml(name, inactive=True))
+    root_el = ET.fromstring(ctx.vm_virt(name).xml(name, inactive=True))
     for disk in root_el.iterfind("devices/disk"):
         tgt, src = disk.find("target"), disk.find("source")
         if tgt is not None and tgt.get("dev") == target and src is not None:
@@ -487,12 +487,12 @@ def _vm_disk(
     if phase != "ready":
         raise Conflict(f"VM {name!r} is {phase}")
     hold.enter_context(ctx.vm_busy(vm_id, f"an export of its disk {target}"))
-    if ctx.virt.state(name) not in ("running", "paused"):
+    if ctx.vm_virt(name).state(name) not in ("running", "paused"):
         raise Conflict(
             f"VM {name!r} is not running: nothing writes to {target}, expose its volume "
             f"{volume} itself"
         )
-    if ctx.virt.disk_chain(name, target)[0] != volume:
+    if ctx.vm_virt(name).disk_chain(name, target)[0] != volume:
         raise Conflict(f"VM {name!r} {target} is not on its volume {volume} now")
     return vm_id, volume, fmt, size
 
@@ -595,7 +595,7 @@ def _freeze(ctx: EngineContext, e: Export) -> None:
         vm = s.get(Vm, e.vm_id)
         assert vm is not None
         name = vm.name
-    snapshot.freeze(ctx.virt, name, e.disk, e.snapshot_path)
+    snapshot.freeze(ctx.vm_virt(name), name, e.disk, e.snapshot_path)
     log.info(
         "froze %s %s at %s; the guest writes to %s now", name, e.disk, e.image, e.snapshot_path
     )

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, selectinload
 from thinair import models
 from thinair.adapters import qemu_img, qemu_io, virt
 from thinair.adapters._process import CommandFailed
-from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, storage
+from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
+from thinair.engine import bridges, hosts, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.probe import Probed, probe
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
@@ -62,7 +62,7 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
     if vm.phase == "creating":
         state = "creating"
     elif state is None:
-        state = ctx.virt.state(vm.name)
+        state = _virt(ctx, vm).state(vm.name)
     return models.Vm(
         id=vm.id,
         name=vm.name,
@@ -72,20 +72,49 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         cpus=vm.cpus,
         domain_type=vm.domain_type,
         disks=[disk_model(d) for d in vm.disks],
+        host=vm.host.name if vm.host else LOCAL_HOST,
         last_start_seconds=vm.last_start_seconds,
         created_at=vm.created_at,
     )
 
 
+def _virt(ctx: EngineContext, vm: Vm) -> virt.Virt:
+    """libvirt on the VM's host."""
+    return ctx.host_virt(vm.host_id)
+
+
+def _local(vm: Vm) -> bool:
+    return vm.host_id in (None, LOCAL_HOST_ID)
+
+
 def list_all(ctx: EngineContext) -> list[models.Vm]:
-    states = ctx.virt.states()
     with ctx.db.session() as s:
-        vms = s.scalars(
-            select(Vm)
-            .order_by(Vm.name)
-            .options(selectinload(Vm.disks).selectinload(Disk.storage_domain))
+        vms = list(
+            s.scalars(
+                select(Vm)
+                .order_by(Vm.name)
+                .options(
+                    selectinload(Vm.disks).selectinload(Disk.storage_domain),
+                    selectinload(Vm.host),
+                )
+            )
         )
-        return [to_model(ctx, vm, states.get(vm.name, "missing")) for vm in vms]
+        states: dict[str, dict[str, str]] = {}  # one libvirt call per host
+        for host_id in {vm.host_id for vm in vms}:
+            try:
+                states[host_id] = ctx.host_virt(host_id).states()
+            except BackendError:
+                states[host_id] = {}
+        return [
+            to_model(
+                ctx,
+                vm,
+                states[vm.host_id].get(
+                    vm.name, "missing" if states[vm.host_id] or _local(vm) else "unknown"
+                ),
+            )
+            for vm in vms
+        ]
 
 
 def get(ctx: EngineContext, ref: str) -> models.Vm:
@@ -145,7 +174,10 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
         domains = [_resolve_storage(s, spec.storage) for spec in specs]
         for sd in {sd.id: sd for sd in domains}.values():
             storage.check_space(ctx, sd)
-    if ctx.virt.lookup(req.name) is not None:
+        host = hosts.choose(ctx, s, domains, req.memory_mib, req.host)
+        host_id = host.id
+    host_virt = ctx.host_virt(host_id)
+    if host_virt.lookup(req.name) is not None:
         raise Conflict(f"libvirt already has a domain named {req.name!r} (not thinair's)")
     probed: list[Probed] = [
         probe(spec, ctx.settings.probe_timeout, lambda url: bridges.temporary(ctx, url))
@@ -155,13 +187,14 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     # Hold the VM (against other engines' reconcilers too) before it is recorded.
     vm_id = new_id()
     with ctx.vm_busy(vm_id, "create"):
-        return _create(ctx, req, vm_id, domains, probed)
+        return _create(ctx, req, vm_id, host_id, domains, probed)
 
 
 def _create(
     ctx: EngineContext,
     req: models.VmCreate,
     vm_id: str,
+    host_id: str,
     domains: list[StorageDomain],
     probed: list[Probed],
 ) -> models.Vm:
@@ -173,8 +206,9 @@ def _create(
             memory_mib=req.memory_mib,
             cpus=req.cpus,
             phase="creating",
-            domain_type=ctx.domain_type,
+            domain_type=ctx.domain_type_on(ctx.host_virt(host_id)),
             console_log="",
+            host_id=host_id,
         )
         vm.console_log = str(ctx.settings.console_dir / f"{vm.id}.log")
         for index, (sd, p) in enumerate(zip(domains, probed, strict=True)):
@@ -211,7 +245,8 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
         for disk in vm.disks:
             assert disk.external_url and disk.external_format
             backing = disk.external_url
-            if bridges.bridged(disk.external_url):
+            # A bridge is a process on this machine: only VMs here read through one.
+            if _local(vm) and bridges.bridged(disk.external_url):
                 bridges.ensure(ctx, disk.id, disk.external_url)
                 backing = bridges.backing_url(ctx, disk.id)
             try:
@@ -221,7 +256,7 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
             except CommandFailed as e:
                 raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
             _mark_holes(ctx, disk, backing)
-        ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
+        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
 
 
 def _mark_holes(ctx: EngineContext, disk: Disk, source: str) -> None:
@@ -279,12 +314,16 @@ def _ready(s: Session, ref: str) -> Vm:
     return vm
 
 
-def start(ctx: EngineContext, ref: str) -> models.Vm:
+def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
     with ctx.vm_busy(vm_id, "start"):
-        state = ctx.virt.state(name)
+        if host is not None:
+            _move(ctx, vm_id, host)
+        with ctx.db.session() as s:
+            host_virt = _virt(ctx, find(s, vm_id))
+        state = host_virt.state(name)
         if state == "running":
             raise Conflict(f"VM {name!r} is running already")
         if state == "missing":
@@ -293,7 +332,7 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
             )
         ensure_bridges(ctx, vm_id)
         began = time.monotonic()
-        ctx.virt.start(name)
+        host_virt.start(name)
         took = time.monotonic() - began
         with ctx.db.session() as s:
             vm = find(s, vm_id)
@@ -301,13 +340,46 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
             return to_model(ctx, vm)
 
 
+def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
+    """Define a stopped VM on another host (that reaches its storage and has the
+    memory), and undefine it where it was."""
+    with ctx.db.session() as s:
+        vm = find(s, vm_id)
+        target = hosts.choose(ctx, s, [d.storage_domain for d in vm.disks], vm.memory_mib, host_ref)
+        if target.id == vm.host_id:
+            return
+        if any(bridges.bridged(d.external_url) for d in vm.disks) and (
+            _local(vm) or target.id == LOCAL_HOST_ID
+        ):
+            raise Conflict(
+                f"{vm.name} reads its external NBD disks "
+                f"{'through this machine' if _local(vm) else 'directly'}: it cannot move to "
+                f"{target.name} before it is imported"
+            )
+        old = _virt(ctx, vm)
+        name = vm.name
+        if old.state(name) not in ("stopped", "missing"):
+            raise Conflict(f"VM {name!r} is running on {vm.host.name}: stop it first to move it")
+        new = ctx.host_virt(target.id)
+        if new.lookup(name) is not None:
+            raise Conflict(f"host {target.name} already has a domain named {name!r}")
+        vm.host_id = target.id
+        vm.domain_type = ctx.domain_type_on(new)
+        s.flush()
+        new.define(virt.domain_xml(domain_spec(ctx, vm)))
+    dom = old.lookup(name)
+    if dom is not None and old.owner(dom) == (ctx.engine_id, vm_id):
+        old.undefine(name)
+
+
 def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
+        host_virt = _virt(ctx, vm)
     with ctx.vm_busy(vm_id, "stop"):
-        if ctx.virt.state(name) not in ("stopped", "missing"):
-            ctx.virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
+        if host_virt.state(name) not in ("stopped", "missing"):
+            host_virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
     return get(ctx, vm_id)
 
 
@@ -319,7 +391,8 @@ def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
     with ctx.db.session() as s:
         vm = find(s, ref)
         vm_id, name = vm.id, vm.name
-    if not force and ctx.virt.state(name) not in ("stopped", "missing"):
+        host_virt = _virt(ctx, vm)
+    if not force and host_virt.state(name) not in ("stopped", "missing"):
         raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "remove"):
@@ -363,9 +436,10 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
         name = vm.name
         paths = [d.volume_path for d in vm.disks] + [vm.console_log]
         disk_ids = [d.id for d in vm.disks]
-    dom = ctx.virt.lookup(name)
-    if dom is not None and ctx.virt.owner(dom) == (ctx.engine_id, vm_id):
-        ctx.virt.undefine(name)
+        host_virt = _virt(ctx, vm)
+    dom = host_virt.lookup(name)
+    if dom is not None and host_virt.owner(dom) == (ctx.engine_id, vm_id):
+        host_virt.undefine(name)
     for disk_id in disk_ids:
         bridges.stop(ctx, disk_id)
     for path in paths:
@@ -381,7 +455,8 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
 def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:
     """(Re)start the bridges the VM's external NBD disks are read through."""
     with ctx.db.session() as s:
-        wanted = [(d.id, d.external_url) for d in find(s, vm_id).disks]
+        vm = find(s, vm_id)
+        wanted = [(d.id, d.external_url) for d in vm.disks] if _local(vm) else []
     for disk_id, url in wanted:
         if url and bridges.bridged(url):
             bridges.ensure(ctx, disk_id, url)
@@ -391,4 +466,4 @@ def redefine(ctx: EngineContext, vm_id: str) -> None:
     """Define a ready VM's domain again from its record (libvirt lost it)."""
     with ctx.db.session() as s:
         vm = find(s, vm_id)
-        ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
+        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
