@@ -258,13 +258,13 @@ class HostCreate(_Model):
 class Host(_Model):
     name: str
     libvirt_uri: str
-    # None while the host cannot be reached (see `error`).
-    hypervisor: str | None
-    hypervisor_version: str | None
-    cpus: int | None
-    memory_mib: int | None
-    free_memory_mib: int | None
-    domain_type: str | None = Field(description="kvm, or qemu (TCG) where KVM cannot run guests")
+    # While the host cannot be reached (reachable false, see error): "" and 0.
+    hypervisor: str
+    hypervisor_version: str
+    cpus: int
+    memory_mib: int
+    free_memory_mib: int = Field(description="what a new guest can have (free + page cache)")
+    domain_type: str = Field(description="kvm, or qemu (TCG) where KVM cannot run guests")
     id: str | None = None
     local: bool = Field(default=True, description="the engine's own libvirt (THINAIR_LIBVIRT_URI)")
     reachable: bool = True

@@ -48,12 +48,12 @@ def to_model(ctx: EngineContext, host: Host, vms: int = 0) -> models.Host:
         libvirt_uri=where,
         local=host.id == LOCAL_HOST_ID,
         vms=vms,
-        hypervisor=None,
-        hypervisor_version=None,
-        cpus=None,
-        memory_mib=None,
-        free_memory_mib=None,
-        domain_type=None,
+        hypervisor="",
+        hypervisor_version="",
+        cpus=0,
+        memory_mib=0,
+        free_memory_mib=0,
+        domain_type="",
     )
     try:
         virt = ctx.virt_at(where)
