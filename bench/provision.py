@@ -4,13 +4,15 @@ The test guest image is exposed by the engine (`thinair expose`, one qemu-nbd
 serving every VM); each VM gets its own qcow2 overlay over it (128 MiB of
 memory; the test guest does not boot in 64 MiB here). First one VM alone
 (created, started, booted: the reference), then N (50; 10 with --quick)
-created and started from 8 threads, until every guest printed its boot marker.
+created and started from 8 threads, until every guest printed on its console
+(its boot loader read the kernel and initramfs through the export; a full boot
+of 50 TCG guests on two cores is CPU-bound, and starved guest kernels may panic
+in their timer check, so boots are counted, not waited for).
 Figures:
   - time to N running VMs (libvirt says running) against N x one VM's;
-  - time to N booted guests against one guest's (TCG on this machine's CPUs:
-    booting is CPU-bound, so this grows with N);
-  - the export's read throughput while the N boot against while one boots
-    (image bytes the server read, over the time to booted);
+  - time to N guests' kernels loaded against one guest's;
+  - the export's read throughput while the N load against while one does
+    (image bytes the server read, over that time);
   - storage the N overlays take against one copy of the template [< 1].
 
     .venv/bin/python bench/provision.py [--quick]
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Lab, MiB, Row, bench_main, guest_image, log  # noqa: E402
 
-from tests.support.provision import Provisioned, provision, wait_booted  # noqa: E402
+from tests.support.provision import Provisioned, provision, wait_kernels  # noqa: E402
 
 MEMORY_MIB = 128
 
@@ -36,10 +38,11 @@ def _run_batch(lab: Lab, url: str, export_id: str, count: int, tag: str) -> tupl
     before = c.exports.get(export_id).bytes_read or 0
     names = [lab.vm_name(f"{tag}{i}") for i in range(count)]
     result = provision(lab.client, url, names, memory_mib=MEMORY_MIB, storage="tmp")
-    wait_booted(c, result)
+    wait_kernels(c, result)
     read = (c.exports.get(export_id).bytes_read or 0) - before
     log(
-        f"{count} VM(s): running in {result.running:.1f} s, booted in {result.booted:.1f} s, "
+        f"{count} VM(s): running in {result.running:.1f} s, kernels loaded in "
+        f"{result.started:.1f} s ({len(result.booted)} booted by then), "
         f"export read {read / MiB:.0f} MiB"
     )
     return result, read
@@ -60,7 +63,7 @@ def run(quick: bool) -> list[Row]:
             lab.remove_vm(name)
         many, many_read = _run_batch(lab, export.url, export.id, count, "n")
         used = _overlays(lab)
-        assert one.booted is not None and many.booted is not None
+        assert one.started is not None and many.started is not None
     template = os.stat(image).st_size
     return [
         Row(
@@ -73,17 +76,17 @@ def run(quick: bool) -> list[Row]:
             detail={"created": many.created, "one": one.running},
         ),
         Row(
-            f"time to {count} booted guests (x one guest)",
-            many.booted,
+            f"time to {count} guests' kernels loaded (x one guest)",
+            many.started,
             "s",
-            reference=one.booted,
-            detail={"boot_times": sorted(many.boot_times.values())},
+            reference=one.started,
+            detail={"times": sorted(many.start_times.values()), "booted": len(many.booted)},
         ),
         Row(
-            f"export throughput while {count} boot (x one)",
-            many_read / MiB / many.booted,
+            f"export throughput while {count} load (x one)",
+            many_read / MiB / many.started,
             "MiB/s",
-            reference=one_read / MiB / one.booted,
+            reference=one_read / MiB / one.started,
             detail={"bytes_read": many_read, "one_bytes_read": one_read},
         ),
         Row(
