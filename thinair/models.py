@@ -244,6 +244,9 @@ class Export(_Model):
     )
     error: str | None = Field(description="why the server could not be started again")
     created_at: datetime
+    engine: str | None = Field(
+        default=None, description="the engine that runs its server (machine:THINAIR_HOME)"
+    )
 
 
 class HostCreate(_Model):

@@ -19,6 +19,7 @@ from sqlalchemy import inspect, select
 
 from tests.conftest import ROOT, Engine
 from tests.unit import test_api
+from thinair.client import ThinairAPIError
 from thinair.config import Settings
 from thinair.db.models import LOCAL_HOST_ID, Host, Job, Vm
 from thinair.db.session import Database
@@ -219,12 +220,21 @@ def test_two_engines_on_one_libvirt(
     make_engine: Callable[..., Engine], pg_url: str, storage_dir: Path, raw_image: Path
 ) -> None:
     """Two engines on one database and one libvirtd: an engine starting up leaves
-    the other's VMs alone, and either can manage them."""
+    the other's VMs and export servers alone; either can manage the VMs, only the
+    one that runs an export's server can stop it."""
     a = make_engine("qemu:///system", THINAIR_DB=pg_url)
     a.client().storage_domains.add("sd", str(storage_dir))
     vm = a.client().vms.create("so-pg-vm", disks=[str(raw_image)], memory_mib=64)
+    export = a.client().exports.create(image=str(raw_image), format="raw")
     b = make_engine("qemu:///system", THINAIR_DB=pg_url)  # reconciles on start
     assert b.log().count("reconcile:") == 0, b.log()
+    seen = b.client().exports.get(export.id)
+    assert seen.engine is not None and seen.engine.endswith(str(a.home))
+    assert a.client().exports.get(export.id).state == "running"
+    with pytest.raises(ThinairAPIError) as e:
+        b.client().exports.remove(export.id)
+    assert e.value.code == "conflict"
+    a.client().exports.remove(export.id)
     conn = libvirt.open("qemu:///system")
     try:
         assert conn.lookupByName("so-pg-vm").UUIDString() == vm.id

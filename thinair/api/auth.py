@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import socket
 
 from sqlalchemy import select
 
@@ -29,8 +28,7 @@ def admin_name(ctx: EngineContext) -> str:
     starting does not revoke the token of another."""
     if not ctx.db.locks.shared:
         return ADMIN
-    where = f"{socket.gethostname()}:{ctx.settings.home.resolve()}"
-    return f"{ADMIN}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+    return f"{ADMIN}-{hashlib.sha256(ctx.engine_name.encode()).hexdigest()[:12]}"
 
 
 def ensure_admin_token(ctx: EngineContext) -> None:

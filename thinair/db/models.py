@@ -191,4 +191,7 @@ class Export(Base):
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Why the server could not be started again after an engine restart.
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The engine whose machine runs the server (EngineContext.engine_name); None
+    # from before engines shared a database: the one engine's.
+    engine: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

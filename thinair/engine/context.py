@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -64,6 +65,12 @@ class EngineContext:
                 path.write_text(installation_id + "\n")
             self._engine_id = installation_id
         return self._engine_id
+
+    @property
+    def engine_name(self) -> str:
+        """This engine among those sharing a database: its machine and THINAIR_HOME.
+        What runs as processes here (export servers) belongs to it alone."""
+        return f"{socket.gethostname()}:{self.settings.home.resolve()}"
 
     @property
     def domain_type(self) -> str:

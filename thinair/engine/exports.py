@@ -155,9 +155,10 @@ def _alive(ctx: EngineContext, e: Export) -> bool:
 
 
 def to_model(ctx: EngineContext, e: Export) -> models.Export:
-    running = _alive(ctx, e)
+    # Another engine's server runs on its machine: what its record says, no more.
+    running = _alive(ctx, e) if mine(ctx, e) else e.phase == "ready" and e.error is None
     clients = bytes_read = None
-    if running and e.pid is not None:
+    if running and e.pid is not None and mine(ctx, e):
         clients = procfs.unix_clients(e.socket) if e.socket else procfs.tcp_clients(e.port or 0)
         if e.protocol == "nbd":
             bytes_read = procfs.bytes_read(e.pid)
@@ -182,6 +183,7 @@ def to_model(ctx: EngineContext, e: Export) -> models.Export:
         bytes_read=bytes_read,
         error=e.error,
         created_at=aware(e.created_at),
+        engine=e.engine,
         **_tls_files(ctx, e),
     )
 
@@ -548,6 +550,7 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
             export_id = new_id()
             record = Export(
                 id=export_id,
+                engine=ctx.engine_name,
                 name=req.name
                 or _default_name(s, f"{req.vm}-{req.disk or 'vda'}" if req.vm else image),
                 image=image,
@@ -601,10 +604,20 @@ def _freeze(ctx: EngineContext, e: Export) -> None:
     )
 
 
+def mine(ctx: EngineContext, e: Export) -> bool:
+    """Is the export served from this engine's machine and home?"""
+    return e.engine is None or e.engine == ctx.engine_name
+
+
 def remove(ctx: EngineContext, ref: str) -> None:
     """Stop the export's server and delete everything it owned."""
     with ctx.db.session() as s:
-        export_id = find(s, ref).id
+        e = find(s, ref)
+        if not mine(ctx, e):
+            raise Conflict(
+                f"export {e.name} is served by the engine at {e.engine}: remove it there"
+            )
+        export_id = e.id
     with _lock:
         _destroy(ctx, export_id)
 
@@ -617,7 +630,7 @@ def release(ctx: EngineContext, urls: set[str]) -> list[str]:
         unused = [
             e.id
             for e in s.scalars(select(Export))
-            if e.vm_id is None and url(ctx, e) in urls - in_use
+            if e.vm_id is None and mine(ctx, e) and url(ctx, e) in urls - in_use
         ]
     for export_id in unused:
         log.info("import done: stopping export %s, which nothing reads any more", export_id)
@@ -631,7 +644,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
     have no record. Returns what it did, one line per action."""
     actions: list[str] = []
     with ctx.db.session() as s:
-        records = list(s.scalars(select(Export)))
+        records = [e for e in s.scalars(select(Export)) if mine(ctx, e)]
     for e in records:
         if e.phase in ("creating", "removing"):
             try:

@@ -1,6 +1,6 @@
 """hosts: libvirt hosts (the local one first), which hosts reach a storage
-domain, where a VM is defined; and the installation's identity, shared by
-every engine on one database
+domain, where a VM is defined; the installation's identity, shared by every
+engine on one database, and which engine serves an export
 
 Revision ID: 0003
 Revises: 0002
@@ -55,6 +55,8 @@ def upgrade() -> None:
     with op.batch_alter_table("storage_domains") as b:
         b.add_column(sa.Column("host_id", sa.String(length=36), nullable=True))
         b.create_foreign_key("fk_storage_domains_host_id", "hosts", ["host_id"], ["id"])
+    with op.batch_alter_table("exports") as b:
+        b.add_column(sa.Column("engine", sa.Text(), nullable=True))
     with op.batch_alter_table("vms") as b:
         b.add_column(
             sa.Column("host_id", sa.String(length=36), nullable=False, server_default=LOCAL_HOST_ID)
@@ -63,6 +65,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("exports") as b:
+        b.drop_column("engine")
     with op.batch_alter_table("vms") as b:
         b.drop_constraint("fk_vms_host_id", type_="foreignkey")
         b.drop_column("host_id")
