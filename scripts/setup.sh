@@ -15,6 +15,7 @@ packages=(
   syslinux syslinux-common mtools dosfstools cpio
   gnutls-bin nginx-light qemu-block-extra tcpdump
   chromium chromium-driver
+  postgresql iproute2
 )
 missing=()
 for p in "${packages[@]}"; do

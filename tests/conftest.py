@@ -12,6 +12,7 @@ import libvirt
 import pytest
 
 from tests.support.engine import Engine
+from tests.support.postgres import Cluster, start_cluster
 from thinair.adapters import qemu_nbd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +115,18 @@ def nbd_export() -> Iterator[Callable[..., qemu_nbd.Server]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A PostgreSQL cluster of the tests' own, for the whole run."""
+    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    cluster = start_cluster(TEST_ROOT)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Cluster) -> str:
+    """A fresh PostgreSQL database (postgresql://...)."""
+    return postgres.create_database()

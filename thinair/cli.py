@@ -136,11 +136,20 @@ def engine(
 
 
 @storage_app.command("add")
-def storage_add(name: str, path: str, as_json: JsonOpt = False) -> None:
+def storage_add(
+    name: str,
+    path: str,
+    host: Annotated[
+        str | None,
+        typer.Option(help="The one host that reaches it; without: shared by every host."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Add a storage domain: an existing directory thinair keeps volumes in."""
     with _errors():
-        sd = Client().storage_domains.add(name, os.path.abspath(path) if path else path)
-    _emit(sd, as_json, lambda: out.print(f"storage domain {sd.name} at {sd.path}"))
+        sd = Client().storage_domains.add(name, os.path.abspath(path) if path else path, host=host)
+    where = f"local to host {sd.host}" if sd.host else "shared"
+    _emit(sd, as_json, lambda: out.print(f"storage domain {sd.name} at {sd.path} ({where})"))
 
 
 @storage_app.command("list")
@@ -150,9 +159,15 @@ def storage_list(as_json: JsonOpt = False) -> None:
         domains = Client().storage_domains.list()
 
     def render() -> None:
-        table = Table("NAME", "PATH", "FREE", "SIZE", box=None)
+        table = Table("NAME", "PATH", "FREE", "SIZE", "HOSTS", box=None)
         for sd in domains:
-            table.add_row(sd.name, sd.path, _size(sd.free_bytes), _size(sd.total_bytes))
+            table.add_row(
+                sd.name,
+                sd.path,
+                _size(sd.free_bytes),
+                _size(sd.total_bytes),
+                sd.host or "all (shared)",
+            )
         out.print(table)
 
     _emit(domains, as_json, render)
@@ -225,6 +240,10 @@ def vm_create(
     ] = None,
     memory: Annotated[int | None, typer.Option(help="Memory in MiB [default: 512].")] = None,
     cpus: Annotated[int | None, typer.Option(help="Virtual CPUs [default: 1].")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Host to define it on; without: one that reaches its storage."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a VM whose disks are temporary overlays on external disks (or on
@@ -237,19 +256,28 @@ def vm_create(
             cpus=cpus,
             ova=_absolute_disk(ova) if ova else None,
             storage_domain=storage,
+            host=host,
         )
     _emit(vm, as_json, lambda: _render_vm(vm))
 
 
 @vm_app.command("start")
-def vm_start(name: str, as_json: JsonOpt = False) -> None:
+def vm_start(
+    name: str,
+    host: Annotated[
+        str | None, typer.Option(help="Start it on this host (a stopped VM moves there).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Start a VM: it runs at once, reading its external disks over the network."""
     with _errors():
-        vm = Client().vms.start(name)
+        vm = Client().vms.start(name, host=host)
     _emit(
         vm,
         as_json,
-        lambda: out.print(f"{vm.name} is {vm.state} (started in {vm.last_start_seconds:.2f} s)"),
+        lambda: out.print(
+            f"{vm.name} is {vm.state} on {vm.host} (started in {vm.last_start_seconds:.2f} s)"
+        ),
     )
 
 
@@ -594,8 +622,13 @@ def host_list(as_json: JsonOpt = False) -> None:
         hosts = Client().hosts.list()
 
     def render() -> None:
-        table = Table("NAME", "URI", "HYPERVISOR", "CPUS", "MEMORY", "FREE", "DOMAINS", box=None)
+        table = Table(
+            "NAME", "URI", "HYPERVISOR", "CPUS", "MEMORY", "FREE", "DOMAINS", "VMS", box=None
+        )
         for h in hosts:
+            if not h.reachable:
+                table.add_row(h.name, h.libvirt_uri, f"unreachable: {h.error}", *"----", str(h.vms))
+                continue
             table.add_row(
                 h.name,
                 h.libvirt_uri,
@@ -604,10 +637,47 @@ def host_list(as_json: JsonOpt = False) -> None:
                 f"{h.memory_mib} MiB",
                 f"{h.free_memory_mib} MiB",
                 h.domain_type,
+                str(h.vms),
             )
         out.print(table)
 
     _emit(hosts, as_json, render)
+
+
+def _render_host(h: Any) -> None:
+    out.print(f"[bold]{h.name}[/bold]  {h.libvirt_uri}  id {h.id}", highlight=False)
+    if not h.reachable:
+        out.print(f"unreachable: {h.error}", highlight=False)
+    else:
+        out.print(
+            f"{h.hypervisor} {h.hypervisor_version}, {h.cpus} CPU, {h.memory_mib} MiB "
+            f"({h.free_memory_mib} MiB free), domains {h.domain_type}, {h.vms} VM(s)",
+            highlight=False,
+        )
+
+
+@host_app.command("add")
+def host_add(name: str, uri: str, as_json: JsonOpt = False) -> None:
+    """Register a libvirt host: qemu+ssh://, qemu+tls://, qemu+tcp:// or qemu:///system."""
+    with _errors():
+        host = Client().hosts.add(name, uri)
+    _emit(host, as_json, lambda: _render_host(host))
+
+
+@host_app.command("show")
+def host_show(name: str, as_json: JsonOpt = False) -> None:
+    """Show one host: its hypervisor, memory and VMs."""
+    with _errors():
+        host = Client().hosts.get(name)
+    _emit(host, as_json, lambda: _render_host(host))
+
+
+@host_app.command("remove")
+def host_remove(name: str, as_json: JsonOpt = False) -> None:
+    """Forget a host that has no VMs and no storage domain of its own."""
+    with _errors():
+        Client().hosts.remove(name)
+    _emit({"removed": name}, as_json, lambda: out.print(f"removed host {name}"))
 
 
 # -- tokens --------------------------------------------------------------------

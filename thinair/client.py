@@ -150,8 +150,8 @@ class Vm(models.Vm):
     def refresh(self) -> Vm:
         return self._client.vms.get(self.id)
 
-    def start(self) -> Vm:
-        return self._client.vms.start(self.id)
+    def start(self, host: str | None = None) -> Vm:
+        return self._client.vms.start(self.id, host=host)
 
     def stop(self, force: bool = False, timeout: float | None = None) -> Vm:
         return self._client.vms.stop(self.id, force=force, timeout=timeout)
@@ -201,8 +201,11 @@ class StorageDomains:
             for x in self._c.request("GET", "/storage_domains")
         ]
 
-    def add(self, name: str, path: str) -> models.StorageDomain:
+    def add(self, name: str, path: str, host: str | None = None) -> models.StorageDomain:
+        """`host`: the one host that reaches it; None: shared by every host."""
         body = {"name": name, "path": path}
+        if host is not None:
+            body["host"] = host
         return models.StorageDomain.model_validate(
             self._c.request("POST", "/storage_domains", json=body)
         )
@@ -257,17 +260,21 @@ class Vms:
         cpus: int | None = None,
         ova: str | None = None,
         storage_domain: str | None = None,
+        host: str | None = None,
     ) -> Vm:
         """A VM on external (or blank) disks, or from an OVA (path or URL, as the engine
-        sees it), whose OVF gives what is not given here."""
+        sees it), whose OVF gives what is not given here; on `host`, or where the
+        engine places it."""
         body: dict[str, Any] = {"name": name, "disks": [disk_from_option(d) for d in disks]}
         extra = {"memory_mib": memory_mib, "cpus": cpus, "ova": ova}
         extra["storage_domain"] = storage_domain
+        extra["host"] = host
         body.update({k: v for k, v in extra.items() if v is not None})
         return self._vm(self._c.request("POST", "/vms", json=body))
 
-    def start(self, ref: str) -> Vm:
-        return self._vm(self._c.request("POST", f"/vms/{ref}/start"))
+    def start(self, ref: str, host: str | None = None) -> Vm:
+        body = {"host": host} if host is not None else None
+        return self._vm(self._c.request("POST", f"/vms/{ref}/start", json=body))
 
     def stop(self, ref: str, force: bool = False, timeout: float | None = None) -> Vm:
         body = {"force": force, "timeout": timeout}
@@ -307,6 +314,13 @@ class Hosts:
 
     def get(self, name: str) -> models.Host:
         return models.Host.model_validate(self._c.request("GET", f"/hosts/{name}"))
+
+    def add(self, name: str, libvirt_uri: str) -> models.Host:
+        body = {"name": name, "libvirt_uri": libvirt_uri}
+        return models.Host.model_validate(self._c.request("POST", "/hosts", json=body))
+
+    def remove(self, name: str) -> None:
+        self._c.request("DELETE", f"/hosts/{name}")
 
 
 class Tokens:

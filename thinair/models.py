@@ -30,6 +30,11 @@ class Error(_Model):
 class StorageDomainCreate(_Model):
     name: Name
     path: str = Field(min_length=1, max_length=4096, description="an existing directory")
+    host: str | None = Field(
+        default=None,
+        description="the one host that reaches it; omitted: shared, mounted at the same "
+        "path on every host and on the engine's machine (NFS, ...)",
+    )
 
 
 class StorageDomain(_Model):
@@ -40,6 +45,8 @@ class StorageDomain(_Model):
     free_bytes: int | None
     available: bool
     created_at: datetime
+    host: str | None = Field(default=None, description="the one host that reaches it")
+    shared: bool = Field(default=True, description="every host reaches it")
 
 
 class ExternalDisk(_Model):
@@ -136,6 +143,11 @@ class VmCreate(_Model):
     storage_domain: str | None = Field(
         default=None, description="with `ova`: the storage domain for the temporary disks"
     )
+    host: str | None = Field(
+        default=None,
+        description="where to define it; omitted: the host with the most free memory "
+        "among those that reach its storage domains",
+    )
 
     @model_validator(mode="after")
     def _disks_or_ova(self) -> VmCreate:
@@ -144,6 +156,13 @@ class VmCreate(_Model):
         if self.name is None and not self.ova:
             raise ValueError("a name is required")
         return self
+
+
+class VmStart(_Model):
+    host: str | None = Field(
+        default=None,
+        description="start it on this host (a stopped VM moves there); omitted: where it is",
+    )
 
 
 class Vm(_Model):
@@ -155,6 +174,7 @@ class Vm(_Model):
     cpus: int
     domain_type: str
     disks: list[Disk]
+    host: str = Field(default="local", description="the host its domain is defined on")
     last_start_seconds: float | None = Field(
         description="seconds the last start took, from request to a running domain"
     )
@@ -293,14 +313,32 @@ class Export(_Model):
     )
     error: str | None = Field(description="why the server could not be started again")
     created_at: datetime
+    engine: str | None = Field(
+        default=None, description="the engine that runs its server (machine:THINAIR_HOME)"
+    )
+
+
+class HostCreate(_Model):
+    name: Name
+    libvirt_uri: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="qemu+ssh://, qemu+tls://, qemu+tcp:// or qemu:///system",
+    )
 
 
 class Host(_Model):
     name: str
     libvirt_uri: str
+    # While the host cannot be reached (reachable false, see error): "" and 0.
     hypervisor: str
     hypervisor_version: str
     cpus: int
     memory_mib: int
-    free_memory_mib: int
+    free_memory_mib: int = Field(description="what a new guest can have (free + page cache)")
     domain_type: str = Field(description="kvm, or qemu (TCG) where KVM cannot run guests")
+    id: str | None = None
+    local: bool = Field(default=True, description="the engine's own libvirt (THINAIR_LIBVIRT_URI)")
+    reachable: bool = True
+    error: str | None = Field(default=None, description="why libvirt there cannot be reached")
+    vms: int = Field(default=0, description="VMs defined there")

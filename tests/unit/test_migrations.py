@@ -7,22 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.migration import MigrationContext
 
 from thinair.db.models import Base
-from thinair.db.session import MIGRATIONS, Database
+from thinair.db.session import Database
 
 
 def _run(db: Database, fn: str, revision: str) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.attributes["connection_url"] = db.url
-    with db.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        getattr(command, fn)(cfg, revision)
+    db.migrate(fn, revision)
 
 
 def test_head_matches_the_models(tmp_path: Path) -> None:

@@ -278,6 +278,24 @@ class Virt:
             return "qemu"
         return "kvm"
 
+    def free_memory_mib(self) -> int:
+        """Memory a new guest can have: free plus page cache and buffers (the kernel
+        gives those back). Where the driver has no memory statistics (libvirt's
+        test driver): the host's memory less what its running domains use."""
+        conn = self.conn
+        try:
+            try:
+                stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+                kib = stats["free"] + stats.get("buffers", 0) + stats.get("cached", 0)
+                return int(kib // 1024)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+            used_kib = sum(dom.info()[2] for dom in conn.listAllDomains() if dom.isActive())
+            return max(0, conn.getInfo()[1] - used_kib // 1024)
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt: {e}") from None
+
     def lookup(self, name: str) -> libvirt.virDomain | None:
         try:
             return self.conn.lookupByName(name)

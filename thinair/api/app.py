@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import make_url
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -138,8 +139,8 @@ def list_vm_disks(ctx: Ctx, ref: str) -> list[models.Disk]:
 
 
 @router.post("/vms/{ref}/start", response_model=models.Vm)
-def start_vm(ctx: Ctx, ref: str) -> models.Vm:
-    return vms.start(ctx, ref)
+def start_vm(ctx: Ctx, ref: str, req: models.VmStart | None = None) -> models.Vm:
+    return vms.start(ctx, ref, (req or models.VmStart()).host)
 
 
 @router.post("/vms/{ref}/stop", response_model=models.Vm)
@@ -315,14 +316,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         imports.register(runner)
         ctx.jobs = runner
         runner.resume_all()
+        runner.start_polling()
         app.state.ctx = ctx
         log.info(
             "engine ready at %s (libvirt %s, database %s)",
             settings.listen,
             settings.libvirt_uri,
-            settings.db_url,
+            make_url(settings.db_url).render_as_string(hide_password=True),
         )
         yield
+        runner.stop_polling()
         ctx.close()
 
     app = FastAPI(

@@ -22,10 +22,20 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def admin_name(ctx: EngineContext) -> str:
+    """The admin token of this engine. Engines sharing a database (PostgreSQL)
+    each have their own, named after their machine and THINAIR_HOME, so that one
+    starting does not revoke the token of another."""
+    if not ctx.db.locks.shared:
+        return ADMIN
+    return f"{ADMIN}-{hashlib.sha256(ctx.engine_name.encode()).hexdigest()[:12]}"
+
+
 def ensure_admin_token(ctx: EngineContext) -> None:
     path = ctx.settings.token_file
+    name = admin_name(ctx)
     with ctx.db.session() as s:
-        admin = s.scalar(select(ApiToken).where(ApiToken.name == ADMIN))
+        admin = s.scalar(select(ApiToken).where(ApiToken.name == name))
         if (
             path.exists()
             and admin is not None
@@ -38,7 +48,7 @@ def ensure_admin_token(ctx: EngineContext) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         if admin is None:
-            s.add(ApiToken(name=ADMIN, token_hash=_hash(token), read_only=False))
+            s.add(ApiToken(name=name, token_hash=_hash(token), read_only=False))
         else:
             admin.token_hash, admin.revoked_at = _hash(token), None
 

@@ -43,13 +43,49 @@ class Base(DeclarativeBase):
     pass
 
 
+# The host the engine runs next to, there from the start: its libvirt URI is the
+# engine's own setting (THINAIR_LIBVIRT_URI), so it is not stored.
+LOCAL_HOST_ID = "00000000-0000-0000-0000-000000000001"
+LOCAL_HOST = "local"
+
+
+class Installation(Base):
+    """One row: the identity of this thinair installation (every engine on one
+    database shares it). The domains thinair defines carry it, so that thinair
+    never touches a domain it did not define, and every engine of the
+    installation can manage the domains of the others."""
+
+    __tablename__ = "installation"
+
+    key: Mapped[int] = mapped_column(Integer, primary_key=True, default=1)  # always 1
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Host(Base):
+    """A libvirt host VMs run on."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # None for the local host: the engine's THINAIR_LIBVIRT_URI.
+    libvirt_uri: Mapped[str | None] = mapped_column(Text, unique=True, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class StorageDomain(Base):
     __tablename__ = "storage_domains"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     path: Mapped[str] = mapped_column(Text, unique=True)
+    # The one host that reaches it, or None: shared (mounted at `path` on every
+    # host and on the engine's machine, such as NFS).
+    host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    host: Mapped[Host | None] = relationship()
 
 
 class Vm(Base):
@@ -65,8 +101,13 @@ class Vm(Base):
     domain_type: Mapped[str] = mapped_column(String(8))
     console_log: Mapped[str] = mapped_column(Text)
     last_start_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Where its domain is defined.
+    host_id: Mapped[str] = mapped_column(
+        ForeignKey("hosts.id"), default=LOCAL_HOST_ID, server_default=LOCAL_HOST_ID
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    host: Mapped[Host] = relationship()
     disks: Mapped[list[Disk]] = relationship(
         back_populates="vm", order_by="Disk.position", cascade="all, delete-orphan"
     )
@@ -164,4 +205,7 @@ class Export(Base):
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Why the server could not be started again after an engine restart.
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The engine whose machine runs the server (EngineContext.engine_name); None
+    # from before engines shared a database: the one engine's.
+    engine: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

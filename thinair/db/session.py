@@ -9,9 +9,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from thinair.db.locks import Locks
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -24,21 +26,59 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def normalize_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 (the driver thinair installs), not psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
 class Database:
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.engine: Engine = create_engine(url, future=True)
-        if url.startswith("sqlite"):
+        self.url = normalize_url(url)
+        if self.url.startswith("sqlite"):
+            self.engine: Engine = create_engine(self.url, future=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            # Many VMs at once hold many sessions; check connections before use so an
+            # engine survives a database restart.
+            self.engine = create_engine(
+                self.url, future=True, pool_size=10, max_overflow=30, pool_pre_ping=True
+            )
+        self.locks = Locks(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def upgrade(self) -> None:
+        self.migrate("upgrade", "head")
+
+    def migrate(self, command_name: str, revision: str) -> None:
+        """Run Alembic's upgrade or downgrade to `revision` on this database."""
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["connection_url"] = self.url
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        sqlite = self.engine.dialect.name == "sqlite"
+        with self.engine.connect() as conn:
+            if sqlite:
+                # Batch migrations copy a table and drop the old one, which fails
+                # while other tables' foreign keys point at it; the pragma only
+                # takes effect outside a transaction (Alembic's batch mode notes).
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
+            with conn.begin():
+                if self.engine.dialect.name == "postgresql":
+                    # Engines starting together on one database migrate it one at a time.
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(hashtextextended('thinair', 0))")
+                    )
+                cfg.attributes["connection"] = conn
+                getattr(command, command_name)(cfg, revision)
+            if sqlite:
+                problems = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+                if problems:
+                    raise RuntimeError(f"migration left broken foreign keys: {problems}")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -52,4 +92,5 @@ class Database:
                 raise
 
     def dispose(self) -> None:
+        self.locks.close()
         self.engine.dispose()

@@ -156,9 +156,10 @@ def _alive(ctx: EngineContext, e: Export) -> bool:
 
 
 def to_model(ctx: EngineContext, e: Export) -> models.Export:
-    running = _alive(ctx, e)
+    # Another engine's server runs on its machine: what its record says, no more.
+    running = _alive(ctx, e) if mine(ctx, e) else e.phase == "ready" and e.error is None
     clients = bytes_read = None
-    if running and e.pid is not None:
+    if running and e.pid is not None and mine(ctx, e):
         clients = procfs.unix_clients(e.socket) if e.socket else procfs.tcp_clients(e.port or 0)
         if e.protocol == "nbd":
             bytes_read = procfs.bytes_read(e.pid)
@@ -183,6 +184,7 @@ def to_model(ctx: EngineContext, e: Export) -> models.Export:
         bytes_read=bytes_read,
         error=e.error,
         created_at=aware(e.created_at),
+        engine=e.engine,
         **_tls_files(ctx, e),
     )
 
@@ -428,11 +430,11 @@ def _merge_back(ctx: EngineContext, e: Export) -> None:
     with ctx.db.session() as s:
         vm = s.get(Vm, e.vm_id)
         name = vm.name if vm is not None else None
-    if name is not None and ctx.virt.state(name) != "missing":
-        chain = ctx.virt.disk_chain(name, e.disk)
+    if name is not None and ctx.vm_virt(name).state(name) != "missing":
+        chain = ctx.vm_virt(name).disk_chain(name, e.disk)
         if chain and chain[0] == e.snapshot_path:
-            if ctx.virt.state(name) in ("running", "paused"):
-                snapshot.merge_back(ctx.virt, name, e.disk, e.image)
+            if ctx.vm_virt(name).state(name) in ("running", "paused"):
+                snapshot.merge_back(ctx.vm_virt(name), name, e.disk, e.image)
             else:
                 snapshot.merge_back_offline(e.snapshot_path)
         if _configured_top(ctx, name, e.disk) != e.image:
@@ -445,7 +447,7 @@ def _merge_back(ctx: EngineContext, e: Export) -> None:
 
 
 def _configured_top(ctx: EngineContext, name: str, target: str) -> str | None:
-    root_el = ET.fromstring(ctx.virt.xml(name, inactive=True))
+    root_el = ET.fromstring(ctx.vm_virt(name).xml(name, inactive=True))
     for disk in root_el.iterfind("devices/disk"):
         tgt, src = disk.find("target"), disk.find("source")
         if tgt is not None and tgt.get("dev") == target and src is not None:
@@ -489,12 +491,12 @@ def _vm_disk(
     if phase != "ready":
         raise Conflict(f"VM {name!r} is {phase}")
     hold.enter_context(ctx.vm_busy(vm_id, f"an export of its disk {target}"))
-    if ctx.virt.state(name) not in ("running", "paused"):
+    if ctx.vm_virt(name).state(name) not in ("running", "paused"):
         raise Conflict(
             f"VM {name!r} is not running: nothing writes to {target}, expose its volume "
             f"{volume} itself"
         )
-    if ctx.virt.disk_chain(name, target)[0] != volume:
+    if ctx.vm_virt(name).disk_chain(name, target)[0] != volume:
         raise Conflict(f"VM {name!r} {target} is not on its volume {volume} now")
     return vm_id, volume, fmt, size
 
@@ -550,6 +552,7 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
             export_id = new_id()
             record = Export(
                 id=export_id,
+                engine=ctx.engine_name,
                 name=req.name
                 or _default_name(s, f"{req.vm}-{req.disk or 'vda'}" if req.vm else image),
                 image=image,
@@ -599,16 +602,26 @@ def _freeze(ctx: EngineContext, e: Export) -> None:
         vm = s.get(Vm, e.vm_id)
         assert vm is not None
         name = vm.name
-    snapshot.freeze(ctx.virt, name, e.disk, e.snapshot_path)
+    snapshot.freeze(ctx.vm_virt(name), name, e.disk, e.snapshot_path)
     log.info(
         "froze %s %s at %s; the guest writes to %s now", name, e.disk, e.image, e.snapshot_path
     )
 
 
+def mine(ctx: EngineContext, e: Export) -> bool:
+    """Is the export served from this engine's machine and home?"""
+    return e.engine is None or e.engine == ctx.engine_name
+
+
 def remove(ctx: EngineContext, ref: str) -> None:
     """Stop the export's server and delete everything it owned."""
     with ctx.db.session() as s:
-        export_id = find(s, ref).id
+        e = find(s, ref)
+        if not mine(ctx, e):
+            raise Conflict(
+                f"export {e.name} is served by the engine at {e.engine}: remove it there"
+            )
+        export_id = e.id
     with _lock:
         _destroy(ctx, export_id)
 
@@ -621,7 +634,7 @@ def release(ctx: EngineContext, urls: set[str]) -> list[str]:
         unused = [
             e.id
             for e in s.scalars(select(Export))
-            if e.vm_id is None and url(ctx, e) in urls - in_use
+            if e.vm_id is None and mine(ctx, e) and url(ctx, e) in urls - in_use
         ]
     for export_id in unused:
         log.info("import done: stopping export %s, which nothing reads any more", export_id)
@@ -635,7 +648,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
     have no record. Returns what it did, one line per action."""
     actions: list[str] = []
     with ctx.db.session() as s:
-        records = list(s.scalars(select(Export)))
+        records = [e for e in s.scalars(select(Export)) if mine(ctx, e)]
     for e in records:
         if e.phase in ("creating", "removing"):
             try:

@@ -211,7 +211,7 @@ def _copy_disk(
     progress: _Progress,
 ) -> None:
     strategy = job.params["strategies"][disk_id]
-    running = ctx.virt.state(name) in ("running", "paused")
+    running = ctx.vm_virt(name).state(name) in ("running", "paused")
     if strategy == "mirror":
         dest = job.params["dest"].get(disk_id)
         if dest is None:  # plan the path before creating anything
@@ -247,13 +247,13 @@ def _wait_job(
     # then has little to write.
     interval = PROGRESS_INTERVAL if tick is None else 0.1
     while True:
-        event = ctx.virt.wait_block_event(name, target, interval)
+        event = ctx.vm_virt(name).wait_block_event(name, target, interval)
         if tick is not None:
             tick()
         try:
             info = _block_job_info(ctx, name, target)
         except BackendError:
-            if ctx.virt.state(name) not in ("running", "paused"):
+            if ctx.vm_virt(name).state(name) not in ("running", "paused"):
                 raise BackendError(
                     f"the VM stopped while {target} was being copied; start it and run "
                     "the import again: it resumes from the temporary disk"
@@ -269,7 +269,7 @@ def _wait_job(
                 "libvirt's for the reason (is the source still reachable?)"
             )
         if info is None and event is None:
-            if ctx.virt.state(name) not in ("running", "paused"):
+            if ctx.vm_virt(name).state(name) not in ("running", "paused"):
                 raise BackendError(f"the VM stopped while {target} was being copied")
             return ""  # the job ended with no event we saw (e.g. before a restart)
         if job.cancel_requested:
@@ -279,11 +279,12 @@ def _wait_job(
 def _block_job_info(ctx: EngineContext, name: str, target: str) -> tuple[int, int] | None:
     """The block job's progress, riding out a libvirtd restart: the copy goes on
     in QEMU meanwhile, and libvirtd picks the job up again when it starts."""
+    virt_ = ctx.vm_virt(name)
     try:
-        return ctx.virt.block_job(name, target)
+        return virt_.block_job(name, target)
     except BackendError:
-        ctx.virt.wait_connected(LIBVIRT_RESTART_WAIT)
-        return ctx.virt.block_job(name, target)
+        virt_.wait_connected(LIBVIRT_RESTART_WAIT)
+        return virt_.block_job(name, target)
 
 
 def _live_mirror(
@@ -295,18 +296,18 @@ def _live_mirror(
     dest: str,
     progress: _Progress,
 ) -> None:
-    chain = ctx.virt.disk_chain(name, target)
+    chain = ctx.vm_virt(name).disk_chain(name, target)
     if chain[0] == dest:
         return  # pivoted already (the engine died before recording it)
     try:
-        if ctx.virt.block_job(name, target) is None:
+        if ctx.vm_virt(name).block_job(name, target) is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dest)  # a partial copy from before a restart
             job.update(step=f"copy {target}")
             # QEMU's mirror keeps at most 16 x 1 MiB reads in flight on one
             # connection, whatever the buffer size: buf-size and granularity
             # changed nothing when measured, so libvirt's defaults stay.
-            ctx.virt.block_copy(
+            ctx.vm_virt(name).block_copy(
                 name,
                 target,
                 dest,
@@ -315,19 +316,19 @@ def _live_mirror(
                 shallow=False,
                 reuse_external=False,
             )
-        if not ctx.virt.mirror_ready(name, target):
+        if not ctx.vm_virt(name).mirror_ready(name, target):
             with _flushing(dest) as flush:
                 event = _wait_job(ctx, job, name, target, progress, (virt.JOB_READY,), flush)
-            if event != virt.JOB_READY and not ctx.virt.mirror_ready(name, target):
+            if event != virt.JOB_READY and not ctx.vm_virt(name).mirror_ready(name, target):
                 raise BackendError(f"the copy of {target} ended before it was ready")
         job.check_cancel()
         job.update(step=f"pivot {target}")
-        ctx.virt.block_job_abort(name, target, pivot=True)
+        ctx.vm_virt(name).block_job_abort(name, target, pivot=True)
         deadline = time.monotonic() + 60
-        while ctx.virt.disk_chain(name, target)[0] != dest:
+        while ctx.vm_virt(name).disk_chain(name, target)[0] != dest:
             if time.monotonic() > deadline:
                 raise BackendError(f"libvirt did not switch {target} to {dest}")
-            ctx.virt.wait_block_event(name, target, 0.2)
+            ctx.vm_virt(name).wait_block_event(name, target, 0.2)
         crash_point("import-pivoted")
     except BaseException:
         _abandon_mirror(ctx, name, target, dest)
@@ -358,12 +359,21 @@ def _flushing(path: str) -> Iterator[Callable[[], None]]:
 def _abandon_mirror(ctx: EngineContext, name: str, target: str, dest: str) -> None:
     """Cancel a copy that did not pivot: the VM keeps running on its temporary disk."""
     try:
-        if ctx.virt.state(name) == "running" and ctx.virt.disk_chain(name, target)[0] == dest:
+        if (
+            ctx.vm_virt(name).state(name) == "running"
+            and ctx.vm_virt(name).disk_chain(name, target)[0] == dest
+        ):
             return  # it did pivot: keep the destination
-        if ctx.virt.state(name) == "running" and ctx.virt.block_job(name, target) is not None:
-            ctx.virt.block_job_abort(name, target, pivot=False)
+        if (
+            ctx.vm_virt(name).state(name) == "running"
+            and ctx.vm_virt(name).block_job(name, target) is not None
+        ):
+            ctx.vm_virt(name).block_job_abort(name, target, pivot=False)
             deadline = time.monotonic() + 30
-            while ctx.virt.block_job(name, target) is not None and time.monotonic() < deadline:
+            while (
+                ctx.vm_virt(name).block_job(name, target) is not None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.1)
     except BackendError:
         log.exception("could not cancel the copy of %s %s", name, target)
@@ -374,23 +384,23 @@ def _abandon_mirror(ctx: EngineContext, name: str, target: str, dest: str) -> No
 def _live_stream(
     ctx: EngineContext, job: JobHandle, name: str, target: str, progress: _Progress
 ) -> None:
-    if len(ctx.virt.disk_chain(name, target)) > 1:
+    if len(ctx.vm_virt(name).disk_chain(name, target)) > 1:
         try:
-            if ctx.virt.block_job(name, target) is None:
+            if ctx.vm_virt(name).block_job(name, target) is None:
                 job.update(step=f"pull {target}")
-                ctx.virt.block_pull(name, target, bandwidth=job.params["bandwidth"])
+                ctx.vm_virt(name).block_pull(name, target, bandwidth=job.params["bandwidth"])
             _wait_job(ctx, job, name, target, progress, (virt.JOB_COMPLETED,))
         except JobCancelled:
             # What was pulled stays in the overlay; the disk is still backed.
             with contextlib.suppress(BackendError):
-                if ctx.virt.block_job(name, target) is not None:
-                    ctx.virt.block_job_abort(name, target)
+                if ctx.vm_virt(name).block_job(name, target) is not None:
+                    ctx.vm_virt(name).block_job_abort(name, target)
             raise
     _verify_local(ctx, name, target)
 
 
 def _verify_local(ctx: EngineContext, name: str, target: str) -> None:
-    chain = ctx.virt.disk_chain(name, target)
+    chain = ctx.vm_virt(name).disk_chain(name, target)
     if len(chain) != 1 or not chain[0].startswith("/"):
         raise BackendError(f"{target} still reads from {' <- '.join(chain)}")
 
@@ -478,7 +488,7 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str) -> 
         disk.external_read_only = None
         vm = disk.vm
         s.flush()
-        ctx.virt.define(virt.domain_xml(vms.domain_spec(ctx, vm)))
+        ctx.vm_virt(vm.name).define(virt.domain_xml(vms.domain_spec(ctx, vm)))
         vm_id, vm_name = vm.id, vm.name
     bridges.stop(ctx, disk_id)  # QEMU reads nothing through it any more
     ctx.events.vm_changed(vm_id, vm_name)

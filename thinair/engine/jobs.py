@@ -4,6 +4,11 @@ A job is written before it runs and updated at every step, so an engine that
 dies mid-job finds it on restart and runs it again: each flow's steps are
 idempotent and pick up from what libvirt and the storage hold. Cancellation is
 asked for in the record too, so it survives a restart as well.
+
+Several engines on one PostgreSQL database share the jobs: an engine runs a job
+only while it holds the job's advisory lock (db/locks.py), taken before the job
+is written. The lock goes with the engine when it dies, and another engine
+then picks the job up (each engine looks for such jobs every few seconds).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from sqlalchemy import select
 
 from thinair import models
-from thinair.db.models import Job, aware, utcnow
+from thinair.db.models import Job, aware, new_id, utcnow
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, NotFound, ThinairError
 
@@ -65,6 +70,10 @@ class JobHandle:
 Flow = Callable[[EngineContext, JobHandle], None]
 
 
+def _key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
 def to_model(job: Job) -> models.Job:
     return models.Job(
         id=job.id,
@@ -82,7 +91,7 @@ def to_model(job: Job) -> models.Job:
 
 
 class JobRunner:
-    def __init__(self, ctx: EngineContext) -> None:
+    def __init__(self, ctx: EngineContext, poll_interval: float = 5.0) -> None:
         self.ctx = ctx
         self.flows: dict[str, Flow] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -90,30 +99,78 @@ class JobRunner:
         # One check-then-insert at a time, so two requests at the same instant
         # cannot both find the VM free.
         self._submitting = threading.Lock()
+        self.poll_interval = poll_interval
+        self._stopping = threading.Event()
+        self._poller: threading.Thread | None = None
 
     # -- submitting and running ----------------------------------------------
 
     def submit(self, kind: str, vm_id: str | None, params: dict[str, Any]) -> models.Job:
-        with self._submitting, self.ctx.db.session() as s:
-            if vm_id is not None:
-                busy = s.scalar(select(Job).where(Job.vm_id == vm_id, Job.state.in_(ACTIVE)))
-                if busy is not None:
-                    raise Conflict(f"job {busy.id} ({busy.kind}) is already running for this VM")
-            job = Job(kind=kind, vm_id=vm_id, params=params, progress={}, state="pending")
-            s.add(job)
-            s.flush()
-            model = to_model(job)
+        job_id = new_id()
+        if not self.ctx.db.locks.try_lock(_key(job_id)):  # pragma: no cover - a fresh uuid
+            raise Conflict(f"job {job_id} is taken")
+        try:
+            with self._submitting, self.ctx.db.session() as s:
+                if vm_id is not None:
+                    busy = s.scalar(select(Job).where(Job.vm_id == vm_id, Job.state.in_(ACTIVE)))
+                    if busy is not None:
+                        raise Conflict(
+                            f"job {busy.id} ({busy.kind}) is already running for this VM"
+                        )
+                job = Job(
+                    id=job_id, kind=kind, vm_id=vm_id, params=params, progress={}, state="pending"
+                )
+                s.add(job)
+                s.flush()
+                model = to_model(job)
+        except BaseException:
+            self.ctx.db.locks.unlock(_key(job_id))
+            raise
         self._start_thread(model.id)
         return model
 
     def resume_all(self) -> list[str]:
-        """Run again every job an earlier engine left pending or running."""
+        """Run every job left pending or running that no engine runs now (an
+        earlier engine died, or another engine on the database did)."""
         with self.ctx.db.session() as s:
             ids = list(s.scalars(select(Job.id).where(Job.state.in_(ACTIVE))))
+        taken = []
         for job_id in ids:
+            if job_id in self._threads or not self._claim(job_id):
+                continue
             log.info("resuming job %s", job_id)
             self._start_thread(job_id)
-        return ids
+            taken.append(job_id)
+        return taken
+
+    def _claim(self, job_id: str) -> bool:
+        """Take the job's lock if it is still to be run and nobody runs it."""
+        if not self.ctx.db.locks.try_lock(_key(job_id)):
+            return False
+        with self.ctx.db.session() as s:  # it may have ended since we listed it
+            state = s.scalar(select(Job.state).where(Job.id == job_id))
+        if state not in ACTIVE:
+            self.ctx.db.locks.unlock(_key(job_id))
+            return False
+        return True
+
+    def start_polling(self) -> None:
+        """Pick up, every poll_interval seconds, the jobs nobody runs."""
+
+        def loop() -> None:
+            while not self._stopping.wait(self.poll_interval):
+                try:
+                    self.resume_all()
+                except Exception:  # the database may be restarting: try again later
+                    log.exception("looking for jobs to resume failed")
+
+        self._poller = threading.Thread(target=loop, name="job-poller", daemon=True)
+        self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join()
 
     def _start_thread(self, job_id: str) -> None:
         thread = threading.Thread(
@@ -142,12 +199,15 @@ class JobRunner:
             log.exception("job %s failed", job_id)
             state, error = "failed", f"{type(e).__name__}: {e}"
         log.info("job %s %s%s", job_id, state, f": {error}" if error else "")
-        with self.ctx.db.session() as s:
-            job = s.get(Job, job_id)
-            if job is not None:
-                job.state, job.error = state, error
-                job.updated_at = job.finished_at = utcnow()
-        self._threads.pop(job_id, None)
+        try:
+            with self.ctx.db.session() as s:
+                job = s.get(Job, job_id)
+                if job is not None:
+                    job.state, job.error = state, error
+                    job.updated_at = job.finished_at = utcnow()
+        finally:  # ended (or left for another engine to run again)
+            self.ctx.db.locks.unlock(_key(job_id))
+            self._threads.pop(job_id, None)
         self._notify(job_id)
 
     # -- state ---------------------------------------------------------------

@@ -5,7 +5,8 @@
 - a ready VM whose domain libvirt lost is defined again from its record;
 - a domain this engine defined that has no record is undefined (its volumes went
   with the record, so it could not run anyway).
-Only domains carrying this engine's id are touched.
+Only domains carrying this installation's id are touched, and only VMs no flow
+holds (another engine on the same database may be creating or removing one).
 Exports are reconciled too (see engine/exports.py): live servers adopted, dead
 ones started again, servers without a record stopped.
 """
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import logging
 
+import libvirt
 from sqlalchemy import select
 
-from thinair.db.models import Disk, Vm
-from thinair.engine import bridges, exports, vms
+from thinair.db.models import LOCAL_HOST_ID, Disk, Host, Vm
+from thinair.engine import bridges, exports, hosts, vms
 from thinair.engine.context import EngineContext
+from thinair.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +32,44 @@ def reconcile(ctx: EngineContext) -> list[str]:
     with ctx.db.session() as s:
         records = {vm.id: (vm.name, vm.phase) for vm in s.scalars(select(Vm))}
     for vm_id, (name, phase) in records.items():
-        if phase in ("creating", "removing"):
-            vms._destroy(ctx, vm_id)
-            actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
-        elif ctx.virt.lookup(name) is None:
-            vms.redefine(ctx, vm_id)
-            actions.append(f"defined {name} again")
-    for vm_id, name in ctx.virt.owned_domains(ctx.engine_id).items():
-        if vm_id not in records:
-            ctx.virt.undefine(name)
-            actions.append(f"undefined orphan domain {name}")
+        with ctx.vm_if_free(vm_id) as free:
+            if not free:
+                continue
+            with ctx.db.session() as s:  # as it is now that we hold it
+                vm = s.get(Vm, vm_id)
+                phase = vm.phase if vm is not None else "gone"
+            if phase in ("creating", "removing"):
+                vms._destroy(ctx, vm_id)
+                actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
+            elif phase == "ready":
+                try:
+                    lost = ctx.vm_virt(name).lookup(name) is None
+                except BackendError as e:  # its host is down: its turn comes later
+                    actions.append(f"could not check {name}: {e.message}")
+                    continue
+                if lost:
+                    vms.redefine(ctx, vm_id)
+                    actions.append(f"defined {name} again")
+    with ctx.db.session() as s:
+        uris = [hosts.uri(ctx, h) for h in s.scalars(select(Host))]
+    for uri in uris:
+        host_virt = ctx.virt_at(uri)
+        try:
+            owned = host_virt.owned_domains(ctx.engine_id)
+        except (BackendError, libvirt.libvirtError):
+            continue
+        for vm_id, name in owned.items():
+            if vm_id not in records:
+                host_virt.undefine(name)
+                actions.append(f"undefined orphan domain {name}")
     # Every external NBD disk of a VM still here is read through its bridge: the
     # bridges outlive an engine, but not a reboot or a kill.
     with ctx.db.session() as s:
         wanted = {
             d.id: (d.external_url, d.external_format)
-            for d in s.scalars(select(Disk).join(Vm).where(Vm.phase == "ready"))
+            for d in s.scalars(
+                select(Disk).join(Vm).where(Vm.phase == "ready", Vm.host_id == LOCAL_HOST_ID)
+            )
             if d.external_url and bridges.bridged(d.external_url, d.external_format)
         }
     actions += bridges.reconcile(ctx, wanted)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from thinair import models
 from thinair.db.models import Disk, StorageDomain
+from thinair.engine import hosts
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, InvalidInput, NotFound, StorageError
 
@@ -35,6 +36,8 @@ def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDo
         raise InvalidInput(f"{path} is not an existing directory")
     if not os.access(path, os.W_OK | os.X_OK) or path.parts[1:2] in (("proc",), ("sys",)):
         raise InvalidInput(f"{path} is not writable by the engine")
+    with ctx.db.session() as s:
+        host_id = hosts.find(s, req.host).id if req.host is not None else None
     if ctx.settings.libvirt_uri.endswith("/system"):
         closed = _unreachable_parent(path)
         if closed is not None:
@@ -49,7 +52,7 @@ def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDo
             other_path = Path(other.path)
             if path == other_path or other_path in path.parents or path in other_path.parents:
                 raise Conflict(f"{path} overlaps storage domain {other.name!r} at {other.path}")
-        sd = StorageDomain(name=req.name, path=str(path))
+        sd = StorageDomain(name=req.name, path=str(path), host_id=host_id)
         s.add(sd)
         s.flush()
         return to_model(sd)
@@ -87,6 +90,8 @@ def to_model(sd: StorageDomain) -> models.StorageDomain:
         free_bytes=free,
         available=available,
         created_at=sd.created_at,
+        host=sd.host.name if sd.host else None,
+        shared=sd.host_id is None,
     )
 
 
@@ -108,7 +113,8 @@ def list_all(ctx: EngineContext) -> list[models.StorageDomain]:
 
 def get(ctx: EngineContext, ref: str) -> models.StorageDomain:
     with ctx.db.session() as s:
-        return to_model(find(s, ref))
+        sd = find(s, ref)
+        return to_model(sd)
 
 
 def remove(ctx: EngineContext, ref: str) -> None:

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session, selectinload
 from thinair import models
 from thinair.adapters import qemu_img, qemu_io, virt
 from thinair.adapters._process import CommandFailed
-from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, ova, storage
+from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
+from thinair.engine import bridges, hosts, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -65,7 +65,7 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
     if vm.phase == "creating":
         state = "creating"
     elif state is None:
-        state = ctx.virt.state(vm.name)
+        state = _virt(ctx, vm).state(vm.name)
     return models.Vm(
         id=vm.id,
         name=vm.name,
@@ -75,20 +75,49 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         cpus=vm.cpus,
         domain_type=vm.domain_type,
         disks=[disk_model(d) for d in vm.disks],
+        host=vm.host.name if vm.host else LOCAL_HOST,
         last_start_seconds=vm.last_start_seconds,
         created_at=vm.created_at,
     )
 
 
+def _virt(ctx: EngineContext, vm: Vm) -> virt.Virt:
+    """libvirt on the VM's host."""
+    return ctx.host_virt(vm.host_id)
+
+
+def _local(vm: Vm) -> bool:
+    return vm.host_id in (None, LOCAL_HOST_ID)
+
+
 def list_all(ctx: EngineContext) -> list[models.Vm]:
-    states = ctx.virt.states()
     with ctx.db.session() as s:
-        vms = s.scalars(
-            select(Vm)
-            .order_by(Vm.name)
-            .options(selectinload(Vm.disks).selectinload(Disk.storage_domain))
+        vms = list(
+            s.scalars(
+                select(Vm)
+                .order_by(Vm.name)
+                .options(
+                    selectinload(Vm.disks).selectinload(Disk.storage_domain),
+                    selectinload(Vm.host),
+                )
+            )
         )
-        return [to_model(ctx, vm, states.get(vm.name, "missing")) for vm in vms]
+        states: dict[str, dict[str, str]] = {}  # one libvirt call per host
+        for host_id in {vm.host_id for vm in vms}:
+            try:
+                states[host_id] = ctx.host_virt(host_id).states()
+            except BackendError:
+                states[host_id] = {}
+        return [
+            to_model(
+                ctx,
+                vm,
+                states[vm.host_id].get(
+                    vm.name, "missing" if states[vm.host_id] or _local(vm) else "unknown"
+                ),
+            )
+            for vm in vms
+        ]
 
 
 def get(ctx: EngineContext, ref: str) -> models.Vm:
@@ -194,7 +223,10 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
         _check_blank_fit(ctx, req.disks, domains)
         for sd in {sd.id: sd for sd in domains}.values():
             storage.check_space(ctx, sd)
-    if ctx.virt.lookup(req.name) is not None:
+        host = hosts.choose(ctx, s, domains, req.memory_mib, req.host)
+        host_id = host.id
+    host_virt = ctx.host_virt(host_id)
+    if host_virt.lookup(req.name) is not None:
         raise Conflict(f"libvirt already has a domain named {req.name!r} (not thinair's)")
     probed: list[Probed | None] = [
         probe(spec, ctx.settings.probe_timeout, lambda url: bridges.temporary(ctx, url))
@@ -203,16 +235,31 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
         for spec in specs
     ]
 
+    # Hold the VM (against other engines' reconcilers too) before it is recorded.
+    vm_id = new_id()
+    with ctx.vm_busy(vm_id, "create"):
+        return _create(ctx, req, vm_id, host_id, domains, probed)
+
+
+def _create(
+    ctx: EngineContext,
+    req: models.VmCreate,
+    vm_id: str,
+    host_id: str,
+    domains: list[StorageDomain],
+    probed: list[Probed | None],
+) -> models.Vm:
     # Record the intent, with every path we are about to create, before creating it.
     with ctx.db.session() as s:
         vm = Vm(
-            id=new_id(),
+            id=vm_id,
             name=req.name,
             memory_mib=req.memory_mib,
             cpus=req.cpus,
             phase="creating",
-            domain_type=ctx.domain_type,
+            domain_type=ctx.domain_type_on(ctx.host_virt(host_id)),
             console_log="",
+            host_id=host_id,
         )
         vm.console_log = str(ctx.settings.console_dir / f"{vm.id}.log")
         for index, (sd, d, p) in enumerate(zip(domains, req.disks, probed, strict=True)):
@@ -237,17 +284,14 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
             disk.volume_path = str(Path(sd.path) / f"{disk.id}.qcow2")
             vm.disks.append(disk)
         s.add(vm)
-        s.flush()
-        vm_id = vm.id
     try:
-        with ctx.vm_busy(vm_id, "create"):
-            _materialize(ctx, vm_id)
-            with ctx.db.session() as s:
-                vm = find(s, vm_id)
-                vm.phase = "ready"
-                created = to_model(ctx, vm)
-            ctx.events.vm_changed(created.id, created.name)
-            return created
+        _materialize(ctx, vm_id)
+        with ctx.db.session() as s:
+            vm = find(s, vm_id)
+            vm.phase = "ready"
+            created = to_model(ctx, vm)
+        ctx.events.vm_changed(created.id, created.name)
+        return created
     except BaseException:
         log.exception("creating VM %s failed; undoing", req.name)
         _destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
@@ -294,16 +338,18 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
                 continue
             assert disk.external_url and disk.external_format
             url, fmt = disk.external_url, disk.external_format
-            if bridges.bridged(url, fmt):
+            backing, backing_fmt = url, fmt
+            # A bridge is a process on this machine: only VMs here read through one.
+            if _local(vm) and bridges.bridged(url, fmt):
                 bridges.ensure(ctx, disk.id, url, fmt)
-            backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
+                backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
             try:
                 qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
             except CommandFailed as e:
                 raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
             _mark_holes(ctx, disk, backing, backing_fmt)
         crash_point("create-overlays")
-        ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
+        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
     crash_point("create-defined")
 
 
@@ -360,12 +406,16 @@ def _ready(s: Session, ref: str) -> Vm:
     return vm
 
 
-def start(ctx: EngineContext, ref: str) -> models.Vm:
+def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
     with ctx.vm_busy(vm_id, "start"):
-        state = ctx.virt.state(name)
+        if host is not None:
+            _move(ctx, vm_id, host)
+        with ctx.db.session() as s:
+            host_virt = _virt(ctx, find(s, vm_id))
+        state = host_virt.state(name)
         if state == "running":
             raise Conflict(f"VM {name!r} is running already")
         if state == "paused":
@@ -379,7 +429,7 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
         ensure_bridges(ctx, vm_id)
         crash_point("start-bridges")
         began = time.monotonic()
-        ctx.virt.start(name)
+        host_virt.start(name)
         took = time.monotonic() - began
         with ctx.db.session() as s:
             vm = find(s, vm_id)
@@ -389,13 +439,46 @@ def start(ctx: EngineContext, ref: str) -> models.Vm:
         return started
 
 
+def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
+    """Define a stopped VM on another host (that reaches its storage and has the
+    memory), and undefine it where it was."""
+    with ctx.db.session() as s:
+        vm = find(s, vm_id)
+        target = hosts.choose(ctx, s, [d.storage_domain for d in vm.disks], vm.memory_mib, host_ref)
+        if target.id == vm.host_id:
+            return
+        if any(bridges.bridged(d.external_url) for d in vm.disks) and (
+            _local(vm) or target.id == LOCAL_HOST_ID
+        ):
+            raise Conflict(
+                f"{vm.name} reads its external NBD disks "
+                f"{'through this machine' if _local(vm) else 'directly'}: it cannot move to "
+                f"{target.name} before it is imported"
+            )
+        old = _virt(ctx, vm)
+        name = vm.name
+        if old.state(name) not in ("stopped", "missing"):
+            raise Conflict(f"VM {name!r} is running on {vm.host.name}: stop it first to move it")
+        new = ctx.host_virt(target.id)
+        if new.lookup(name) is not None:
+            raise Conflict(f"host {target.name} already has a domain named {name!r}")
+        vm.host_id = target.id
+        vm.domain_type = ctx.domain_type_on(new)
+        s.flush()
+        new.define(virt.domain_xml(domain_spec(ctx, vm)))
+    dom = old.lookup(name)
+    if dom is not None and old.owner(dom) == (ctx.engine_id, vm_id):
+        old.undefine(name)
+
+
 def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
+        host_virt = _virt(ctx, vm)
     with ctx.vm_busy(vm_id, "stop"):
-        if ctx.virt.state(name) not in ("stopped", "missing"):
-            ctx.virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
+        if host_virt.state(name) not in ("stopped", "missing"):
+            host_virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
     return get(ctx, vm_id)
 
 
@@ -407,7 +490,8 @@ def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
     with ctx.db.session() as s:
         vm = find(s, ref)
         vm_id, name = vm.id, vm.name
-    if not force and ctx.virt.state(name) not in ("stopped", "missing"):
+        host_virt = _virt(ctx, vm)
+    if not force and host_virt.state(name) not in ("stopped", "missing"):
         raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "remove"):
@@ -451,9 +535,10 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
         name = vm.name
         paths = [d.volume_path for d in vm.disks] + [vm.console_log]
         disk_ids = [d.id for d in vm.disks]
-    dom = ctx.virt.lookup(name)
-    if dom is not None and ctx.virt.owner(dom) == (ctx.engine_id, vm_id):
-        ctx.virt.undefine(name)
+        host_virt = _virt(ctx, vm)
+    dom = host_virt.lookup(name)
+    if dom is not None and host_virt.owner(dom) == (ctx.engine_id, vm_id):
+        host_virt.undefine(name)
     crash_point("destroy-undefined")
     for disk_id in disk_ids:
         bridges.stop(ctx, disk_id)
@@ -471,7 +556,10 @@ def _destroy(ctx: EngineContext, vm_id: str) -> None:
 def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:
     """(Re)start the bridges the VM's external NBD disks are read through."""
     with ctx.db.session() as s:
-        wanted = [(d.id, d.external_url, d.external_format) for d in find(s, vm_id).disks]
+        vm = find(s, vm_id)
+        wanted = (
+            [(d.id, d.external_url, d.external_format) for d in vm.disks] if _local(vm) else []
+        )
     for disk_id, url, fmt in wanted:
         if url and bridges.bridged(url, fmt):
             bridges.ensure(ctx, disk_id, url, fmt)
@@ -481,4 +569,4 @@ def redefine(ctx: EngineContext, vm_id: str) -> None:
     """Define a ready VM's domain again from its record (libvirt lost it)."""
     with ctx.db.session() as s:
         vm = find(s, vm_id)
-        ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
+        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))

@@ -1,7 +1,7 @@
 """blank disks
 
-Revision ID: 0003_blank_disks
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-25 10:00:00.000000
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_blank_disks"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
