@@ -141,6 +141,10 @@ class Vm(models.Vm):
     def console(self, offset: int = 0) -> models.Console:
         return self._client.vms.console(self.id, offset)
 
+    def conversion(self) -> Job | None:
+        """The `convert` job of a VM created with convert=True (newest first)."""
+        return next((j for j in self._client.jobs.list(vm=self.id) if j.kind == "convert"), None)
+
 
 class Job(models.Job):
     """A long operation; `wait()` follows it to its end."""
@@ -222,10 +226,16 @@ class Vms:
         cpus: int | None = None,
         ova: str | None = None,
         storage_domain: str | None = None,
+        convert: bool = False,
     ) -> Vm:
         """A VM on external disks, or from an OVA (path or URL, as the engine
-        sees it), whose OVF gives what is not given here."""
+        sees it), whose OVF gives what is not given here. With `convert`,
+        virt-v2v runs in place over the temporary disks first: the VM comes back
+        in phase `converting`; `vm.conversion().wait()` follows it (a failed
+        conversion undoes the create)."""
         body: dict[str, Any] = {"name": name, "disks": [disk_from_option(d) for d in disks]}
+        if convert:
+            body["convert"] = True
         extra = {"memory_mib": memory_mib, "cpus": cpus, "ova": ova}
         extra["storage_domain"] = storage_domain
         body.update({k: v for k, v in extra.items() if v is not None})

@@ -2,6 +2,8 @@
 
 - a VM left in phase creating (the engine died while creating it) is undone;
 - a VM left in phase removing is removed to the end;
+- a VM left converting with no conversion job is undone (one with a job is
+  converted again by the job);
 - a ready VM whose domain libvirt lost is defined again from its record;
 - a domain this engine defined that has no record is undefined (its volumes went
   with the record, so it could not run anyway).
@@ -17,7 +19,7 @@ import logging
 from sqlalchemy import select
 
 from thinair.db.models import Disk, Vm
-from thinair.engine import bridges, exports, vms
+from thinair.engine import bridges, convert, exports, vms
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,12 @@ def reconcile(ctx: EngineContext) -> list[str]:
     actions: list[str] = []
     with ctx.db.session() as s:
         records = {vm.id: (vm.name, vm.phase) for vm in s.scalars(select(Vm))}
+    unconverted = set(convert.orphans(ctx))
     for vm_id, (name, phase) in records.items():
-        if phase in ("creating", "removing"):
+        if vm_id in unconverted:
+            vms._destroy(ctx, vm_id)
+            actions.append(f"undid create of {name} (its conversion never began)")
+        elif phase in ("creating", "removing"):
             vms._destroy(ctx, vm_id)
             actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
         elif ctx.virt.lookup(name) is None:
@@ -44,7 +50,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
     with ctx.db.session() as s:
         wanted = {
             d.id: (d.external_url, d.external_format)
-            for d in s.scalars(select(Disk).join(Vm).where(Vm.phase == "ready"))
+            for d in s.scalars(select(Disk).join(Vm).where(Vm.phase.in_(("ready", "converting"))))
             if d.external_url and bridges.bridged(d.external_url, d.external_format)
         }
     actions += bridges.reconcile(ctx, wanted)

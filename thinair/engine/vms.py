@@ -20,7 +20,7 @@ from thinair import models
 from thinair.adapters import qemu_img, qemu_io, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, ova, storage
+from thinair.engine import bridges, convert, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -60,8 +60,8 @@ def disk_model(disk: Disk) -> models.Disk:
 
 
 def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
-    if vm.phase == "creating":
-        state = "creating"
+    if vm.phase in ("creating", "converting"):
+        state = vm.phase
     elif state is None:
         state = ctx.virt.state(vm.name)
     return models.Vm(
@@ -153,6 +153,7 @@ def _from_ova(ctx: EngineContext, req: models.VmCreate) -> models.VmCreate:
             )
             for url in appliance.disks
         ],
+        convert=req.convert,
     )
 
 
@@ -161,6 +162,8 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     if req.ova:
         req = _from_ova(ctx, req)
     assert req.name is not None
+    if req.convert:
+        convert.check_available(ctx)
     specs = [
         DiskSpec(
             url=d.external_disk.url,
@@ -222,8 +225,12 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
             _materialize(ctx, vm_id)
             with ctx.db.session() as s:
                 vm = find(s, vm_id)
-                vm.phase = "ready"
-                return to_model(ctx, vm)
+                # A VM to convert is not ready before virt-v2v has run over its overlays.
+                vm.phase = "converting" if req.convert else "ready"
+                model = to_model(ctx, vm)
+        if req.convert:
+            convert.submit(ctx, vm_id)
+        return model
     except BaseException:
         log.exception("creating VM %s failed; undoing", req.name)
         _destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
@@ -234,19 +241,24 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
     with ctx.db.session() as s:
         vm = find(s, vm_id)
         for disk in vm.disks:
-            assert disk.external_url and disk.external_format
-            url, fmt = disk.external_url, disk.external_format
-            if bridges.bridged(url, fmt):
-                bridges.ensure(ctx, disk.id, url, fmt)
-            backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
-            try:
-                qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
-            except CommandFailed as e:
-                raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
-            _mark_holes(ctx, disk, backing, backing_fmt)
+            create_overlay(ctx, disk)
         crash_point("create-overlays")
         ctx.virt.define(virt.domain_xml(domain_spec(ctx, vm)))
     crash_point("create-defined")
+
+
+def create_overlay(ctx: EngineContext, disk: Disk) -> None:
+    """The disk's temporary disk, new (over an old one, if any) on its external disk."""
+    assert disk.external_url and disk.external_format
+    url, fmt = disk.external_url, disk.external_format
+    if bridges.bridged(url, fmt):
+        bridges.ensure(ctx, disk.id, url, fmt)
+    backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
+    try:
+        qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
+    except CommandFailed as e:
+        raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+    _mark_holes(ctx, disk, backing, backing_fmt)
 
 
 def _mark_holes(ctx: EngineContext, disk: Disk, source: str, fmt: str) -> None:
@@ -378,18 +390,21 @@ def _cancel_jobs(ctx: EngineContext, vm_id: str) -> None:
         ctx.jobs.cancel_and_wait(vm_id)
 
 
-def _destroy(ctx: EngineContext, vm_id: str) -> None:
+def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) -> None:
     """Mark the VM removing, then undefine its domain, delete its volumes and its
-    console log, and last its record. Idempotent: the reconciler calls it again
-    for a VM left in phase removing or creating."""
+    logs (console; virt-v2v's unless kept, as when a conversion failed), and last
+    its record. Idempotent: the reconciler calls it again for a VM left in phase
+    removing, creating or converting."""
     with ctx.db.session() as s:
         vm = s.get(Vm, vm_id)
         if vm is None:
             return
-        if vm.phase != "creating":
+        if vm.phase not in ("creating", "converting"):
             vm.phase = "removing"
         name = vm.name
         paths = [d.volume_path for d in vm.disks] + [vm.console_log]
+        if not keep_conversion_log:
+            paths.append(str(convert.log_path(ctx, name)))
         disk_ids = [d.id for d in vm.disks]
     dom = ctx.virt.lookup(name)
     if dom is not None and ctx.virt.owner(dom) == (ctx.engine_id, vm_id):
