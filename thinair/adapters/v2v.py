@@ -25,7 +25,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TOOL = "virt-v2v-in-place"
-STEP = re.compile(r"^\[\s*[\d.]+\]\s+(.+?)\s*$")
+# "[  36.3] Inspecting the source" (the appliance's kernel lines have 6 decimals)
+STEP = re.compile(r"^\[\s*\d+\.\d\] (.+?)\s*$")
 TAIL_LINES = 12
 
 
