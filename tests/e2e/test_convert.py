@@ -23,7 +23,8 @@ from tests.conftest import Engine
 from tests.e2e.conftest import sha256, wait_console
 from tests.e2e.test_import import _check_final_disk
 from tests.support import foreign, guest
-from thinair.adapters import qemu_nbd
+from thinair.adapters import procfs, qemu_nbd
+from thinair.engine.faults import VARIABLE
 
 pytestmark = pytest.mark.guest
 
@@ -150,3 +151,42 @@ def test_quick_import_bad_input(engine: Engine) -> None:
     assert both.returncode == 1 and "either disk URLs or --ova" in both.stderr
     nameless = engine.cli("quick-import", "nbd://h/x", "--to", "x")
     assert nameless.returncode == 1 and "--name is required" in nameless.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_killed_while_converting(
+    make_engine: Callable[..., Engine],
+    v2v_guest: Path,
+    storage_dir: Path,
+    nbd_export: Callable[..., qemu_nbd.Server],
+) -> None:
+    """The engine SIGKILLed while virt-v2v converts: restarted, it stops the
+    virt-v2v it left, converts again on fresh overlays, and the VM boots."""
+    engine = make_engine("qemu:///system", **{VARIABLE: "convert-running"})
+    export = nbd_export(v2v_guest, fmt="raw")
+    c = engine.client()
+    c.storage_domains.add("sd", str(storage_dir))
+    name = "v2v-crash"
+    c.vms.create(name, disks=[export.url], memory_mib=512, convert=True)
+    assert engine.proc is not None
+    engine.proc.wait(timeout=1800)
+    assert engine.proc.returncode == -9, engine.log()[-2000:]
+    v2v_procs = frozenset({"virt-v2v-in-place"})
+    left = procfs.find(v2v_procs, str(engine.home))
+    print(f"virt-v2v left running by the killed engine: {sorted(left)}")
+    del engine.extra_env[VARIABLE]
+    engine.start()
+    c = engine.client()
+    job = c.vms.get(name).conversion()
+    assert job is not None
+    final = job.wait(timeout=2400)
+    assert final.state == "succeeded", final.error
+    assert not set(left) & set(procfs.find(v2v_procs, str(engine.home)))
+    assert c.vms.get(name).phase == "ready"
+    c.vms.start(name)
+    console = _console_until(engine, name, MARKER, timeout=900)
+    assert f"{MARKER} fstab-root=/dev/vda1 present=yes" in console, console[-3000:]
+    c.vms.rollback(name)
+    assert list(storage_dir.iterdir()) == []
+    assert sorted(p.name for p in (engine.home / "v2v").iterdir()) == []

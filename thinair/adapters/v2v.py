@@ -10,17 +10,20 @@ its progress lines ("[  12.3] Inspecting the source") are passed on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
-import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from thinair.adapters import procfs
 
 log = logging.getLogger(__name__)
 
@@ -83,40 +86,79 @@ def convert_in_place(
     if tcg:  # a KVM that cannot run the appliance's kernel (see FACTS.md)
         env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="thinair-v2v-") as tmp:
-        xml = Path(tmp) / "source.xml"
-        xml.write_text(source_xml(name, memory_mib, cpus, disks))
-        env["TMPDIR"] = tmp  # virt-v2v's own scratch files go away with it
-        argv = [TOOL, "-v", "-x", "-i", "libvirtxml", str(xml)]
-        log.info("converting %s: %s (log %s)", name, " ".join(argv), log_path)
-        with open(log_path, "w", encoding="utf-8", errors="replace") as out:
-            out.write(f"$ {' '.join(argv)}\n")
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                env=env,
-                start_new_session=True,  # so a cancel stops the appliance's QEMU too
-            )
-            assert proc.stdout is not None
-            stopped = False
-            for line in proc.stdout:
-                out.write(line)
+    # The XML sits next to the log: its path on virt-v2v's command line tells its
+    # process apart (see stop_leftover).
+    xml = xml_path(log_path)
+    xml.write_text(source_xml(name, memory_mib, cpus, disks))
+    # virt-v2v's scratch files; removed after, or by stop_leftover after a crash.
+    tmp = scratch_path(log_path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    env["TMPDIR"] = str(tmp)
+    argv = [TOOL, "-v", "-x", "-i", "libvirtxml", str(xml)]
+    log.info("converting %s: %s (log %s)", name, " ".join(argv), log_path)
+    # virt-v2v writes its log itself (not through a pipe to us), so an engine that
+    # dies does not kill it half way; we follow the file for its progress lines.
+    with open(log_path, "wb") as out:
+        out.write(f"$ {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own group: a stop takes the appliance too
+        )
+    stopped = False
+    pending = ""
+    with open(log_path, encoding="utf-8", errors="replace") as follow:
+        while True:
+            ended = proc.poll() is not None
+            *lines, pending = (pending + follow.read()).split("\n")
+            for line in lines:
                 match = STEP.match(line)
                 if match:
-                    out.flush()
                     on_step(match.group(1))
-                if not stopped and should_stop():
-                    stopped = True
+            if ended:
+                break
+            if not stopped and should_stop():
+                stopped = True
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-            returncode = proc.wait()
+            time.sleep(0.5)
+    returncode = proc.returncode
+    shutil.rmtree(tmp, ignore_errors=True)
+    xml.unlink(missing_ok=True)
     if stopped:
         raise ConversionFailed(None, "stopped", log_path)
     if returncode != 0:
         raise ConversionFailed(returncode, summary(log_path), log_path)
+
+
+def xml_path(log_path: Path) -> Path:
+    return log_path.with_suffix(".xml")
+
+
+def scratch_path(log_path: Path) -> Path:
+    return log_path.with_suffix(".tmp")
+
+
+def stop_leftover(log_path: Path, timeout: float = 30) -> list[int]:
+    """Kill a virt-v2v an earlier engine started for this log (it runs in its own
+    session with its appliance and NBD server: the whole group goes), and wait
+    for it to be gone. Returns the pids it killed."""
+    xml = str(xml_path(log_path))
+    found = list(procfs.find(frozenset({TOOL}), xml))
+    for pid in found:
+        log.warning("stopping virt-v2v %d left by an earlier engine", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(not procfs.gone(pid) for pid in found) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shutil.rmtree(scratch_path(log_path), ignore_errors=True)
+    return found
 
 
 def summary(log_path: Path) -> str:

@@ -63,12 +63,12 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 if job.params.get("began"):
                     # An engine died mid-conversion: start again from the source.
                     job.update(step="new temporary disks")
+                    v2v.stop_leftover(path)
                     for disk in vm.disks:
                         vms.create_overlay(ctx, disk)
                 disks = [v2v.Disk(d.volume_path, d.volume_format) for d in vm.disks]
                 memory_mib, cpus = vm.memory_mib, vm.cpus
             job.update(step="converting", params={**job.params, "began": True, "log": str(path)})
-            crash_point("convert-began")
             last_check = 0.0
 
             def should_stop() -> bool:
@@ -79,6 +79,14 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 last_check = now
                 return job.cancel_requested
 
+            def on_step(step: str) -> None:
+                job.update(
+                    step=f"virt-v2v: {step}",
+                    progress={"elapsed": round(time.monotonic() - began, 1)},
+                )
+                if step.startswith("Converting"):
+                    crash_point("convert-running")
+
             v2v.convert_in_place(
                 name,
                 memory_mib,
@@ -86,10 +94,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 disks,
                 path,
                 tcg=vm_domain_type(ctx, vm_id) == "qemu",
-                on_step=lambda step: job.update(
-                    step=f"virt-v2v: {step}",
-                    progress={"elapsed": round(time.monotonic() - began, 1)},
-                ),
+                on_step=on_step,
                 should_stop=should_stop,
             )
             with ctx.db.session() as s:

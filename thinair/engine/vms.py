@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from thinair import models
-from thinair.adapters import qemu_img, qemu_io, virt
+from thinair.adapters import qemu_img, qemu_io, v2v, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, convert, ova, storage
@@ -403,8 +403,10 @@ def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) 
             vm.phase = "removing"
         name = vm.name
         paths = [d.volume_path for d in vm.disks] + [vm.console_log]
+        conversion_log = convert.log_path(ctx, name)
+        paths.append(str(v2v.xml_path(conversion_log)))
         if not keep_conversion_log:
-            paths.append(str(convert.log_path(ctx, name)))
+            paths.append(str(conversion_log))
         disk_ids = [d.id for d in vm.disks]
     dom = ctx.virt.lookup(name)
     if dom is not None and ctx.virt.owner(dom) == (ctx.engine_id, vm_id):
