@@ -190,3 +190,35 @@ def test_killed_while_converting(
     c.vms.rollback(name)
     assert list(storage_dir.iterdir()) == []
     assert sorted(p.name for p in (engine.home / "v2v").iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_rollback_while_converting(
+    engine: Engine,
+    v2v_guest: Path,
+    storage_dir: Path,
+    nbd_export: Callable[..., qemu_nbd.Server],
+) -> None:
+    """A converting VM cannot start; rolled back, its conversion is stopped
+    (virt-v2v and its appliance with it) and nothing is left but the log."""
+    export = nbd_export(v2v_guest, fmt="raw")
+    c = engine.client()
+    c.storage_domains.add("sd", str(storage_dir))
+    name = "v2v-rollback"
+    vm = c.vms.create(name, disks=[export.url], memory_mib=512, convert=True)
+    assert vm.phase == "converting" and vm.state == "converting"
+    job = vm.conversion()
+    assert job is not None
+    while "Inspecting" not in (job.step or ""):  # the appliance is up
+        assert job.state == "running", job
+        job = c.jobs.get(job.id)
+        time.sleep(1)
+    started = engine.cli("vm", "start", name)
+    assert started.returncode == 1 and "converting" in started.stderr
+    c.vms.rollback(name)
+    assert c.jobs.get(job.id).state == "cancelled"
+    assert c.vms.list() == []
+    assert list(storage_dir.iterdir()) == []
+    assert procfs.find(frozenset({"virt-v2v-in-place"}), str(engine.home)) == {}
+    assert [p.name for p in (engine.home / "v2v").iterdir()] == [f"{name}.log"]
