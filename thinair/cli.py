@@ -22,7 +22,7 @@ from rich.table import Table
 
 from thinair.client import Client, ThinairAPIError
 from thinair.config import Settings
-from thinair.errors import ThinairError
+from thinair.errors import InvalidInput, ThinairError
 from thinair.external import is_blank_option
 
 app = typer.Typer(
@@ -50,6 +50,19 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")]
+OvaOpt = Annotated[
+    str | None,
+    typer.Option(help="An OVA (path or http(s) URL): its OVF gives disks, name, memory, CPUs."),
+]
+ConvertOpt = Annotated[
+    bool,
+    typer.Option(
+        "--convert",
+        help="Run virt-v2v in place over the temporary disks first (a foreign guest "
+        "gets virtio drivers); takes minutes. Its log: THINAIR_HOME/v2v/NAME.log.",
+    ),
+]
 
 
 @contextmanager
@@ -231,10 +244,7 @@ def vm_create(
             "repeat for more",
         ),
     ] = None,
-    ova: Annotated[
-        str | None,
-        typer.Option(help="An OVA (path or http(s) URL): its OVF gives disks, name, memory, CPUs."),
-    ] = None,
+    ova: OvaOpt = None,
     storage: Annotated[
         str | None, typer.Option(help="With --ova: storage domain for the temporary disks.")
     ] = None,
@@ -244,12 +254,15 @@ def vm_create(
         str | None,
         typer.Option(help="Host to define it on; without: one that reaches its storage."),
     ] = None,
+    convert: ConvertOpt = False,
+    no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a VM whose disks are temporary overlays on external disks (or on
     the disks inside an OVA, read in place), and blank disks made with it."""
     with _errors():
-        vm = Client().vms.create(
+        client = Client()
+        vm = client.vms.create(
             name,
             [_absolute_disk(d) for d in disk or []],
             memory_mib=memory,
@@ -257,8 +270,25 @@ def vm_create(
             ova=_absolute_disk(ova) if ova else None,
             storage_domain=storage,
             host=host,
+            convert=convert,
         )
+        if convert:
+            _follow_conversion(client, vm, as_json, no_wait)
+            if no_wait:
+                return
+            vm = client.vms.get(vm.id)
     _emit(vm, as_json, lambda: _render_vm(vm))
+
+
+def _follow_conversion(client: Client, vm: Any, as_json: bool, no_wait: bool) -> None:
+    """Follow a new VM's conversion job (virt-v2v's steps, one a line); exits 1
+    when it failed (the create was undone)."""
+    job = vm.conversion()
+    if job is None:  # it ended and went already: the VM says how
+        return
+    if not as_json and out.is_terminal and not no_wait:
+        out.print(f"{vm.name}: converting with virt-v2v (job {job.id}); this takes minutes")
+    _follow(client, job, as_json, no_wait)
 
 
 @vm_app.command("start")
@@ -389,7 +419,6 @@ StrategyOpt = Annotated[
     ),
 ]
 BandwidthOpt = Annotated[float | None, typer.Option("--bandwidth", help="MiB/s limit.")]
-NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")]
 
 
 def _follow(client: Client, job: Any, as_json: bool, no_wait: bool) -> None:
@@ -550,29 +579,48 @@ def disk_move(
 
 @app.command("quick-import")
 def quick_import(
-    urls: Annotated[list[str], typer.Argument(help="External disks, as for --disk.")],
-    name: Annotated[str, typer.Option("--name", help="The VM's name.")],
     to: Annotated[str, typer.Option("--to", help="Storage domain for the disks.")],
-    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 512,
-    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    urls: Annotated[list[str] | None, typer.Argument(help="External disks, as for --disk.")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The VM's name (from the OVF with --ova).")
+    ] = None,
+    ova: OvaOpt = None,
+    memory: Annotated[int | None, typer.Option(help="Memory in MiB [default: 512].")] = None,
+    cpus: Annotated[int | None, typer.Option(help="Virtual CPUs [default: 1].")] = None,
+    convert: ConvertOpt = False,
     strategy: StrategyOpt = None,
     bandwidth: BandwidthOpt = None,
     no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a VM on external disks, start it, and import it, in one go."""
+    """Create a VM on external disks (or an OVA), convert it if asked, start it,
+    and import it, in one go."""
     with _errors():
+        if bool(urls) == bool(ova):
+            raise InvalidInput("give either disk URLs or --ova")
+        if name is None and not ova:
+            raise InvalidInput("--name is required (unless --ova gives it)")
         client = Client()
         disks = [
             _absolute_disk(u) if ",storage=" in u else f"{_absolute_disk(u)},storage={to}"
-            for u in urls
+            for u in urls or []
         ]
         began = time.monotonic()
-        client.vms.create(name, disks, memory_mib=memory, cpus=cpus)
-        vm = client.vms.start(name)
+        vm = client.vms.create(
+            name,
+            disks,
+            memory_mib=memory,
+            cpus=cpus,
+            ova=_absolute_disk(ova) if ova else None,
+            storage_domain=to if ova else None,
+            convert=convert,
+        )
+        if convert:
+            _follow_conversion(client, vm, as_json, no_wait=False)
+        vm = client.vms.start(vm.id)
         if not as_json:
-            out.print(f"{name} is {vm.state} after {time.monotonic() - began:.1f} s; importing")
-        job = client.vms.import_(name, to=to, strategy=strategy, bandwidth_mib=bandwidth)
+            out.print(f"{vm.name} is {vm.state} after {time.monotonic() - began:.1f} s; importing")
+        job = client.vms.import_(vm.id, to=to, strategy=strategy, bandwidth_mib=bandwidth)
         _follow(client, job, as_json, no_wait)
 
 

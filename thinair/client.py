@@ -172,6 +172,10 @@ class Vm(models.Vm):
     def console(self, offset: int = 0, wait: float = 0) -> models.Console:
         return self._client.vms.console(self.id, offset, wait)
 
+    def conversion(self) -> Job | None:
+        """The `convert` job of a VM created with convert=True (newest first)."""
+        return next((j for j in self._client.jobs.list(vm=self.id) if j.kind == "convert"), None)
+
 
 class Job(models.Job):
     """A long operation; `wait()` follows it to its end."""
@@ -261,11 +265,16 @@ class Vms:
         ova: str | None = None,
         storage_domain: str | None = None,
         host: str | None = None,
+        convert: bool = False,
     ) -> Vm:
-        """A VM on external (or blank) disks, or from an OVA (path or URL, as the engine
-        sees it), whose OVF gives what is not given here; on `host`, or where the
-        engine places it."""
+        """A VM on external (or blank) disks, or from an OVA (path or URL, as the
+        engine sees it), whose OVF gives what is not given here; on `host`, or where
+        the engine places it. With `convert`, virt-v2v runs in place over the
+        temporary disks first: the VM comes back in phase `converting`;
+        `vm.conversion().wait()` follows it (a failed conversion undoes the create)."""
         body: dict[str, Any] = {"name": name, "disks": [disk_from_option(d) for d in disks]}
+        if convert:
+            body["convert"] = True
         extra = {"memory_mib": memory_mib, "cpus": cpus, "ova": ova}
         extra["storage_domain"] = storage_domain
         extra["host"] = host

@@ -148,6 +148,13 @@ class VmCreate(_Model):
         description="where to define it; omitted: the host with the most free memory "
         "among those that reach its storage domains",
     )
+    convert: bool = Field(
+        default=False,
+        strict=True,
+        description="run virt-v2v in place over the temporary disks before the VM is "
+        "ready (a foreign guest gets virtio drivers): the VM comes back `converting` "
+        "and a `convert` job (GET jobs?vm=ID) makes it ready, or undoes the create",
+    )
 
     @model_validator(mode="after")
     def _disks_or_ova(self) -> VmCreate:
@@ -169,7 +176,7 @@ class Vm(_Model):
     id: str
     name: str
     state: str = Field(description="from libvirt: running, stopped, paused, ... or missing")
-    phase: str = Field(description="creating, ready or removing")
+    phase: str = Field(description="creating, converting, ready or removing")
     memory_mib: int
     cpus: int
     domain_type: str

@@ -27,7 +27,7 @@ from thinair import models, web
 from thinair.api import auth
 from thinair.config import Settings
 from thinair.db.models import ApiToken
-from thinair.engine import exports, imports, reconcile, storage, vms
+from thinair.engine import convert, exports, imports, reconcile, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.jobs import JobRunner
 from thinair.errors import (
@@ -314,6 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reconcile.reconcile(ctx)
         runner = JobRunner(ctx)
         imports.register(runner)
+        convert.register(runner)
         ctx.jobs = runner
         runner.resume_all()
         runner.start_polling()

@@ -2,6 +2,8 @@
 
 - a VM left in phase creating (the engine died while creating it) is undone;
 - a VM left in phase removing is removed to the end;
+- a VM left converting with no conversion job is undone (one with a job is
+  converted again by the job);
 - a ready VM whose domain libvirt lost is defined again from its record;
 - a domain this engine defined that has no record is undefined (its volumes went
   with the record, so it could not run anyway).
@@ -19,7 +21,7 @@ import libvirt
 from sqlalchemy import select
 
 from thinair.db.models import LOCAL_HOST_ID, Disk, Host, Vm
-from thinair.engine import bridges, exports, hosts, vms
+from thinair.engine import bridges, convert, exports, hosts, vms
 from thinair.engine.context import EngineContext
 from thinair.errors import BackendError
 
@@ -31,6 +33,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
     actions: list[str] = []
     with ctx.db.session() as s:
         records = {vm.id: (vm.name, vm.phase) for vm in s.scalars(select(Vm))}
+    unconverted = set(convert.orphans(ctx))
     for vm_id, (name, phase) in records.items():
         with ctx.vm_if_free(vm_id) as free:
             if not free:
@@ -38,7 +41,10 @@ def reconcile(ctx: EngineContext) -> list[str]:
             with ctx.db.session() as s:  # as it is now that we hold it
                 vm = s.get(Vm, vm_id)
                 phase = vm.phase if vm is not None else "gone"
-            if phase in ("creating", "removing"):
+            if vm_id in unconverted:
+                vms._destroy(ctx, vm_id)
+                actions.append(f"undid create of {name} (its conversion never began)")
+            elif phase in ("creating", "removing"):
                 vms._destroy(ctx, vm_id)
                 actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
             elif phase == "ready":
@@ -68,7 +74,9 @@ def reconcile(ctx: EngineContext) -> list[str]:
         wanted = {
             d.id: (d.external_url, d.external_format)
             for d in s.scalars(
-                select(Disk).join(Vm).where(Vm.phase == "ready", Vm.host_id == LOCAL_HOST_ID)
+                select(Disk)
+                .join(Vm)
+                .where(Vm.phase.in_(("ready", "converting")), Vm.host_id == LOCAL_HOST_ID)
             )
             if d.external_url and bridges.bridged(d.external_url, d.external_format)
         }

@@ -18,10 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from thinair import models
-from thinair.adapters import qemu_img, qemu_io, virt
+from thinair.adapters import qemu_img, qemu_io, v2v, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, hosts, ova, storage
+from thinair.engine import bridges, convert, hosts, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -62,8 +62,8 @@ def disk_model(disk: Disk) -> models.Disk:
 
 
 def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
-    if vm.phase == "creating":
-        state = "creating"
+    if vm.phase in ("creating", "converting"):
+        state = vm.phase
     elif state is None:
         state = _virt(ctx, vm).state(vm.name)
     return models.Vm(
@@ -189,6 +189,7 @@ def _from_ova(ctx: EngineContext, req: models.VmCreate) -> models.VmCreate:
             )
             for url in appliance.disks
         ],
+        convert=req.convert,
     )
 
 
@@ -198,6 +199,8 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     if req.ova:
         req = _from_ova(ctx, req)
     assert req.name is not None
+    if req.convert:
+        convert.check_available(ctx)
     # One spec per external disk, None for a blank one.
     specs = [
         DiskSpec(
@@ -238,7 +241,10 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     # Hold the VM (against other engines' reconcilers too) before it is recorded.
     vm_id = new_id()
     with ctx.vm_busy(vm_id, "create"):
-        return _create(ctx, req, vm_id, host_id, domains, probed)
+        created = _create(ctx, req, vm_id, host_id, domains, probed)
+    if req.convert:  # a job of its own, once the create has let go of the VM
+        convert.submit(ctx, vm_id)
+    return created
 
 
 def _create(
@@ -288,7 +294,8 @@ def _create(
         _materialize(ctx, vm_id)
         with ctx.db.session() as s:
             vm = find(s, vm_id)
-            vm.phase = "ready"
+            # A VM to convert is not ready before virt-v2v has run over its overlays.
+            vm.phase = "converting" if req.convert else "ready"
             created = to_model(ctx, vm)
         ctx.events.vm_changed(created.id, created.name)
         return created
@@ -336,21 +343,26 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
                 except CommandFailed as e:
                     raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
                 continue
-            assert disk.external_url and disk.external_format
-            url, fmt = disk.external_url, disk.external_format
-            backing, backing_fmt = url, fmt
-            # A bridge is a process on this machine: only VMs here read through one.
-            if _local(vm) and bridges.bridged(url, fmt):
-                bridges.ensure(ctx, disk.id, url, fmt)
-                backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
-            try:
-                qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
-            except CommandFailed as e:
-                raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
-            _mark_holes(ctx, disk, backing, backing_fmt)
+            create_overlay(ctx, disk)
         crash_point("create-overlays")
         _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
     crash_point("create-defined")
+
+
+def create_overlay(ctx: EngineContext, disk: Disk) -> None:
+    """The disk's temporary disk, new (over an old one, if any) on its external disk."""
+    assert disk.external_url and disk.external_format
+    url, fmt = disk.external_url, disk.external_format
+    backing, backing_fmt = url, fmt
+    # A bridge is a process on this machine: only VMs here read through one.
+    if _local(disk.vm) and bridges.bridged(url, fmt):
+        bridges.ensure(ctx, disk.id, url, fmt)
+        backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
+    try:
+        qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
+    except CommandFailed as e:
+        raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+    _mark_holes(ctx, disk, backing, backing_fmt)
 
 
 def _mark_holes(ctx: EngineContext, disk: Disk, source: str, fmt: str) -> None:
@@ -522,18 +534,23 @@ def _cancel_jobs(ctx: EngineContext, vm_id: str) -> None:
         ctx.jobs.cancel_and_wait(vm_id)
 
 
-def _destroy(ctx: EngineContext, vm_id: str) -> None:
+def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) -> None:
     """Mark the VM removing, then undefine its domain, delete its volumes and its
-    console log, and last its record. Idempotent: the reconciler calls it again
-    for a VM left in phase removing or creating."""
+    logs (console; virt-v2v's unless kept, as when a conversion failed), and last
+    its record. Idempotent: the reconciler calls it again for a VM left in phase
+    removing, creating or converting."""
     with ctx.db.session() as s:
         vm = s.get(Vm, vm_id)
         if vm is None:
             return
-        if vm.phase != "creating":
+        if vm.phase not in ("creating", "converting"):
             vm.phase = "removing"
         name = vm.name
         paths = [d.volume_path for d in vm.disks] + [vm.console_log]
+        conversion_log = convert.log_path(ctx, name)
+        paths.append(str(v2v.xml_path(conversion_log)))
+        if not keep_conversion_log:
+            paths.append(str(conversion_log))
         disk_ids = [d.id for d in vm.disks]
         host_virt = _virt(ctx, vm)
     dom = host_virt.lookup(name)
@@ -557,9 +574,7 @@ def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:
     """(Re)start the bridges the VM's external NBD disks are read through."""
     with ctx.db.session() as s:
         vm = find(s, vm_id)
-        wanted = (
-            [(d.id, d.external_url, d.external_format) for d in vm.disks] if _local(vm) else []
-        )
+        wanted = [(d.id, d.external_url, d.external_format) for d in vm.disks] if _local(vm) else []
     for disk_id, url, fmt in wanted:
         if url and bridges.bridged(url, fmt):
             bridges.ensure(ctx, disk_id, url, fmt)
