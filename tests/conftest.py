@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from tests.support.engine import Engine
 from tests.support.postgres import Cluster, start_cluster
-from thinair.adapters import qemu_nbd
+from thinair.adapters import procfs, qemu_nbd
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_ROOT = Path("/var/tmp/thinair-tests")
@@ -76,6 +78,16 @@ def make_engine(workdir: Path) -> Iterator[Callable[..., Engine]]:
         engine.stop()
         if engine.libvirt_uri != "test:///default":
             _cleanup_domains(engine)
+        _stop_servers(engine)
+
+
+def _stop_servers(engine: Engine) -> None:
+    """Stop the bridges and export servers a failed test left running: they
+    outlive the engine by design, so the engine's own stop leaves them."""
+    programs = frozenset({"nbdkit", "qemu-nbd", "nginx"})
+    for pid in procfs.find(programs, str(engine.home) + "/"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture
