@@ -215,6 +215,8 @@ class Lab:
                 c = self.client()
                 for vm in c.vms.list():
                     self.remove_vm(vm.id)
+                for export in c.exports.list():  # their servers outlive the engine
+                    c.exports.remove(export.id)
         self.engine.stop()
         self._sweep_domains()
         self._stop_bridges()
