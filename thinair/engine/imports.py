@@ -153,7 +153,10 @@ def _import_disk(
     try:
         _copy_disk(ctx, job, name, disk_id, target, overlay, sd_path, progress)
     except BackendError as e:
-        running = ctx.virt.state(name) in ("running", "paused")
+        try:
+            running = ctx.vm_virt(name).state(name) in ("running", "paused")
+        except BackendError:
+            running = False
         if running and (problem := _source_problem(ctx, source)):
             raise BackendError(
                 f"the source of {target} is gone ({problem}); the VM runs on what it has, "
@@ -191,8 +194,9 @@ def _source_problem(ctx: EngineContext, url: str) -> str | None:
     try:
         if ext.is_nbd:
             nbd_client.probe(url, ctx.settings.probe_timeout)
-        else:
+        elif ext.scheme in ("http", "https", "ftp", "ftps", "ssh"):
             qemu_img.info(url, timeout=ctx.settings.probe_timeout)
+        # (a local file, or a tar member read through its bridge: not a server to ask)
     except nbd_client.NBDProbeError as e:
         return f"{url}: {e}"
     except CommandFailed as e:
