@@ -125,11 +125,7 @@ def _plugin_args(uri: str) -> list[str]:
 
 def running(socket: Path, pid_file: Path) -> int | None:
     """The pid of the bridge serving `socket`, if it still runs."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if procfs.matches(pid, PROGRAMS, str(socket)) else None
+    return procfs.from_pid_file(pid_file, PROGRAMS, str(socket))
 
 
 def stop(socket: Path, pid_file: Path) -> None:

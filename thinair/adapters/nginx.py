@@ -80,12 +80,9 @@ def start(directory: Path, timeout: float = 10.0) -> int:
     pid_file = directory / "nginx.pid"
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            pid = int(pid_file.read_text().strip())
-            if procfs.matches(pid, PROGRAMS, str(directory) + "/"):
-                return pid
-        except (OSError, ValueError):
-            pass
+        pid = procfs.from_pid_file(pid_file, PROGRAMS, str(directory) + "/")
+        if pid is not None:
+            return pid
         if time.monotonic() > deadline:
             raise ServerError(f"nginx wrote no pid file in {timeout:g} s")
         time.sleep(0.02)

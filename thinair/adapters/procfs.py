@@ -60,6 +60,16 @@ def matches(pid: int, programs: frozenset[str], marker: str) -> bool:
     return marker in " ".join(argv)
 
 
+def from_pid_file(pid_file: Path, programs: frozenset[str], marker: str) -> int | None:
+    """The pid a pid file names, if that process still runs one of `programs`
+    with `marker` on its command line (not a reused pid)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if matches(pid, programs, marker) else None
+
+
 def find(programs: frozenset[str], marker: str) -> dict[int, str]:
     """Every live process running one of `programs` with `marker` on its command
     line: pid -> the command line joined by spaces."""

@@ -62,11 +62,7 @@ def backing_url(ctx: EngineContext, disk_id: str) -> str:
 
 
 def _running(socket: Path, pid_file: Path) -> int | None:
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if procfs.matches(pid, PROGRAMS, str(socket)) else None
+    return procfs.from_pid_file(pid_file, PROGRAMS, str(socket))
 
 
 def ensure(ctx: EngineContext, disk_id: str, url: str, fmt: str | None = None) -> bool:
