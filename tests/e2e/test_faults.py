@@ -20,8 +20,24 @@ from tests.e2e.test_import import _finish, _wait_step
 from tests.e2e.test_run import domain
 from tests.support import guest
 from thinair.adapters import procfs, qemu_nbd
+from thinair.client import Client, Job
 
 pytestmark = pytest.mark.guest
+
+
+def _copying(
+    c: Client, name: str, url: str, strategy: str, bandwidth_mib: float
+) -> tuple[Job, list[int]]:
+    """A booted guest writing its records, its import to "final" copying (with
+    stream the temporary disk is on "final" already, with mirror on "tmp"):
+    the job and the records written before the copy."""
+    home = "final" if strategy == "stream" else "tmp"
+    c.vms.create(name, disks=[f"{url},storage={home}"], memory_mib=256)
+    c.vms.start(name)
+    first = wait_console(c, name, lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)["wrote"]
+    job = c.vms.import_(name, to="final", strategy=strategy, bandwidth_mib=bandwidth_mib)
+    _wait_step(c, job.id, "pull" if strategy == "stream" else "copy")
+    return job, first
 
 
 @pytest.mark.parametrize("strategy", ["stream", "mirror"])
@@ -34,12 +50,7 @@ def test_qemu_killed_mid_import(
 ) -> None:
     tmp, final = domains
     c = engine.client()
-    home = "final" if strategy == "stream" else "tmp"
-    c.vms.create("qk", disks=[f"{guest_export.url},storage={home}"], memory_mib=256)
-    c.vms.start("qk")
-    first = wait_console(c, "qk", lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)["wrote"]
-    job = c.vms.import_("qk", to="final", strategy=strategy, bandwidth_mib=4)
-    _wait_step(c, job.id, "pull" if strategy == "stream" else "copy")
+    job, first = _copying(c, "qk", guest_export.url, strategy, bandwidth_mib=4)
     (pid,) = procfs.find(frozenset({"qemu-system-x86_64"}), "guest=qk,")
     os.kill(pid, signal.SIGKILL)
     failed = c.jobs.wait(job.id, timeout=120)
@@ -183,14 +194,8 @@ def test_libvirtd_restart_mid_import(
     strategy: str,
 ) -> None:
     """libvirtd restarts while a disk is copied: the job carries on and completes."""
-    tmp, final = domains
     c = engine.client()
-    home = "final" if strategy == "stream" else "tmp"
-    c.vms.create("lr", disks=[f"{guest_export.url},storage={home}"], memory_mib=256)
-    c.vms.start("lr")
-    wait_console(c, "lr", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-    job = c.vms.import_("lr", to="final", strategy=strategy, bandwidth_mib=8)
-    _wait_step(c, job.id, "pull" if strategy == "stream" else "copy")
+    job, _first = _copying(c, "lr", guest_export.url, strategy, bandwidth_mib=8)
     _restart_libvirtd()
     assert c.jobs.get(job.id).state == "running"
     done = c.jobs.wait(job.id, timeout=300)
