@@ -200,10 +200,17 @@ class Console(_Model):
 
 class ImportRequest(_Model):
     to: str = Field(min_length=1, description="name or id of the target storage domain")
-    strategy: Literal["stream", "mirror"] | None = Field(
+    strategy: Literal["bulk", "mirror", "stream"] | None = Field(
         default=None,
-        description="stream where the temporary disk is on the target already, "
-        "mirror elsewhere, when omitted",
+        description="bulk (the default for an external disk): a fast copy of the "
+        "source's data into the final volume, then a merge of the guest's writes; "
+        "mirror: QEMU copies the whole chain (what a local disk's move does); "
+        "stream: the same as bulk (block pull is not durable in QEMU)",
+    )
+    verify: Literal["digest", "full"] = Field(
+        default="digest",
+        description="digest: check the copy against digests of what was read from the "
+        "source; full: also compare it with the source, read again",
     )
     bandwidth_mib: float | None = Field(
         default=None, gt=0, le=1024 * 1024, description="MiB/s limit"

@@ -356,6 +356,12 @@ class Virt:
         except libvirt.libvirtError as e:
             raise BackendError(f"libvirt could not start {name}: {e}") from None
 
+    def suspend(self, name: str) -> None:
+        try:
+            self._get(name).suspend()
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not pause {name}: {e}") from None
+
     def resume(self, name: str) -> None:
         try:
             self._get(name).resume()

@@ -21,7 +21,7 @@ from thinair import models
 from thinair.adapters import qemu_img, qemu_io, v2v, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, convert, hosts, ova, storage
+from thinair.engine import bridges, convert, hosts, import_state, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -422,6 +422,13 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
+        for d in vm.disks:
+            half_done = import_state.load(ctx, d.id)
+            if half_done is not None and half_done.phase == "switching" and d.external_url:
+                raise Conflict(
+                    f"{name}: the import of {d.target} stopped half way through its "
+                    "switch to the local copy: run `vm import` again to finish it"
+                )
     with ctx.vm_busy(vm_id, "start"):
         if host is not None:
             _move(ctx, vm_id, host)
@@ -559,6 +566,7 @@ def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) 
     crash_point("destroy-undefined")
     for disk_id in disk_ids:
         bridges.stop(ctx, disk_id)
+        import_state.discard(ctx, disk_id)  # a partial copy an import left
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             if path:
