@@ -28,9 +28,9 @@ def _check_final_disk(client: Client, vm_name: str, guest_image: Path) -> None:
     wrote = guest.parse_console(client.vms.console(vm_name).text)["wrote"]
     (disk,) = client.vms.get(vm_name).disks
     assert disk.location == "local" and disk.external_disk is None
-    info = qemu_img.info(disk.volume_path)
+    info = qemu_img.info(disk.volume_path, disk.volume_format)
     assert info.backing_filename is None
-    with image_reader(disk.volume_path) as read:
+    with image_reader(disk.volume_path, disk.volume_format) as read:
         records = guest.decode_records(read)
         pattern = read(guest.PATTERN_OFFSET, guest.PATTERN_SIZE)
         boot_area = read(0, guest.FAT_SIZE)
@@ -111,7 +111,7 @@ def test_offline_import_and_bad_requests(
 
     for kwargs, words in [
         (dict(to="nope"), "no storage domain"),
-        (dict(to="final", strategy="stream"), "use --strategy mirror"),
+        (dict(to="final", strategy="pull"), "'bulk', 'mirror' or 'stream'"),
     ]:
         with pytest.raises(ThinairAPIError, match=words):
             c.vms.import_("off", **kwargs)  # type: ignore[arg-type]

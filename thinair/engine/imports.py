@@ -292,8 +292,8 @@ def _bulk(
     assert url is not None and fmt is not None
     if state.phase == "copy":
         with _copy_source(ctx, disk_id, url, fmt) as source:
-            _bulk_copy(ctx, job, target, source, state, progress)
-            _verify(ctx, job, target, source, state)
+            _bulk_copy(ctx, job, name, target, source, state, progress)
+            _verify(ctx, job, name, target, source, state)
     if _running(ctx, name):
         _live_merge(ctx, job, name, target, disk_id, state, progress)
     else:
@@ -333,6 +333,7 @@ def _copy_source(ctx: EngineContext, disk_id: str, url: str, fmt: str) -> Iterat
 def _bulk_copy(
     ctx: EngineContext,
     job: JobHandle,
+    name: str,
     target: str,
     source: str,
     state: DiskImport,
@@ -343,7 +344,7 @@ def _bulk_copy(
     def on_checkpoint(checkpoint: nbd_copy.Checkpoint) -> None:
         state.checkpoint = checkpoint
         import_state.save(ctx, state)
-        crash_point("import-checkpoint")
+        crash_point("import-checkpoint", name)
 
     def on_progress(done: int, total: int) -> None:
         state.total = total
@@ -367,7 +368,7 @@ def _bulk_copy(
         _mismatch(ctx, target, state, where)
     except (nbd_copy.CopyError, OSError) as e:
         raise BackendError(f"copying {target} stopped: {e}") from e
-    crash_point("import-copied")
+    crash_point("import-copied", name)
 
 
 def _mismatch(ctx: EngineContext, target: str, state: DiskImport, where: int) -> None:
@@ -379,7 +380,7 @@ def _mismatch(ctx: EngineContext, target: str, state: DiskImport, where: int) ->
 
 
 def _verify(
-    ctx: EngineContext, job: JobHandle, target: str, source: str, state: DiskImport
+    ctx: EngineContext, job: JobHandle, name: str, target: str, source: str, state: DiskImport
 ) -> None:
     """The copier checked the copy against what it read; with verify=full it is
     also compared with the source, read again."""
@@ -390,7 +391,7 @@ def _verify(
             _mismatch(ctx, target, state, where)
     state.phase = "verified"
     import_state.save(ctx, state)
-    crash_point("import-verified")
+    crash_point("import-verified", name)
 
 
 def _live_merge(
@@ -664,7 +665,7 @@ def _switch(
         _sync(state.dest)
         state.phase = "switching"
         import_state.save(ctx, state)
-        crash_point("import-switching")
+        crash_point("import-switching", name)
         try:
             _pivot(ctx, name, target, state.dest)
         except BackendError:
@@ -675,7 +676,7 @@ def _switch(
                 import_state.save(ctx, state)
                 raise
             # QEMU is gone (the destination is the disk now) or it did switch.
-        crash_point("import-pivoted")
+        crash_point("import-pivoted", name)
         _commit(ctx, job, disk_id, state.dest, state.dest_format)
     finally:
         with contextlib.suppress(BackendError):
@@ -748,7 +749,7 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str, fmt
         s.flush()
         ctx.vm_virt(vm.name).define(virt.domain_xml(vms.domain_spec(ctx, vm)))
         vm_id, vm_name = vm.id, vm.name
-    crash_point("import-committed")
+    crash_point("import-committed", vm_name)
     bridges.stop(ctx, disk_id)  # QEMU reads nothing through it any more
     ctx.events.vm_changed(vm_id, vm_name)
 
