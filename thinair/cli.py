@@ -120,10 +120,8 @@ def engine(
     listen: Annotated[str | None, typer.Option(help="HOST:PORT to serve the API on.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
-    """Run the engine (REST API and jobs) in the foreground."""
-    import uvicorn
-
-    from thinair.api.app import create_app
+    """Run the engine (REST API and jobs) in the foreground: one per THINAIR_HOME."""
+    from thinair.api import service
 
     settings = Settings.load()
     if listen:
@@ -134,15 +132,8 @@ def engine(
     if bool(settings.tls_cert) != bool(settings.tls_key):
         err.print("[red]error:[/red] HTTPS needs both THINAIR_TLS_CERT and THINAIR_TLS_KEY")
         raise typer.Exit(1)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        ssl_certfile=settings.tls_cert,
-        ssl_keyfile=settings.tls_key,
-        log_level=log_level,
-        access_log=log_level == "debug",
-    )
+    with _errors():
+        service.run(settings, log_level)
 
 
 # -- storage -----------------------------------------------------------------
