@@ -16,6 +16,7 @@ packages=(
   gnutls-bin nginx-light qemu-block-extra tcpdump
   chromium chromium-driver
   postgresql iproute2
+  prometheus
 )
 missing=()
 for p in "${packages[@]}"; do
