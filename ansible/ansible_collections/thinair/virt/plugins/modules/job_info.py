@@ -54,7 +54,7 @@ RETURN = r"""
 jobs:
   description:
     - The jobs, each with its C(state), C(step) and C(progress)
-      (C(done), C(total), C(rate): bytes copied, to copy, and per second).
+      (C(done), C(total), C(rate); bytes copied, to copy, and per second).
   returned: always
   type: list
   elements: dict
@@ -79,7 +79,7 @@ def main() -> None:
             timeout={"type": "float", "default": 3600.0},
         ),
         mutually_exclusive=[("id", "vm")],
-        required_by={"wait": "id"},
+        required_if=[("wait", True, ["id"])],
         supports_check_mode=True,
     )
     p = module.params

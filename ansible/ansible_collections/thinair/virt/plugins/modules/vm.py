@@ -15,7 +15,7 @@ description:
     switches to the local copy), rolls it back (discards the temporary disks) or
     removes it.
   - Each state is reached from wherever the VM is, and nothing is done when it is
-    there already. thinair cannot change an existing VM's memory, CPUs or disks:
+    there already. thinair cannot change an existing VM's memory, CPUs or disks;
     a difference is an error.
 options:
   name:
