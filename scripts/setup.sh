@@ -29,6 +29,16 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# `systemd-analyze verify` checks the unit in systemd/ (no running systemd is
+# needed); Debian's systemd package has it. Only when it is missing: installing
+# systemd on a machine that runs another init changes nothing else here.
+if ! command -v systemd-analyze >/dev/null; then
+  say "installing systemd (for systemd-analyze)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
 # Without udev /dev/kvm is root-only; libvirt then re-probes QEMU on every start
 # (tens of seconds). Give it what Debian's udev rules give it.
 if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
