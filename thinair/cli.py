@@ -26,7 +26,9 @@ from thinair.errors import InvalidInput, ThinairError
 from thinair.external import is_blank_option
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Run virtual machines out of thin air."
+    no_args_is_help=True,
+    help="Run virtual machines out of thin air.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 storage_app = typer.Typer(no_args_is_help=True, help="Storage domains: where volumes live.")
 vm_app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
@@ -48,6 +50,26 @@ app.add_typer(host_app, name="host")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from thinair import __version__
+
+        print(f"thinair {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Run virtual machines out of thin air."""
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")]
