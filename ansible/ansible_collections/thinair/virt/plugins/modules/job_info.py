@@ -29,9 +29,7 @@ options:
     default: 3600
 extends_documentation_fragment:
   - thinair.virt.connection
-attributes:
-  check_mode:
-    support: full
+  - thinair.virt.attributes.info_module
 author:
   - thinair developers
 """

@@ -30,11 +30,7 @@ options:
     default: present
 extends_documentation_fragment:
   - thinair.virt.connection
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
+  - thinair.virt.attributes
 author:
   - thinair developers
 """

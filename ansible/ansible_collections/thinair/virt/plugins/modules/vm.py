@@ -76,11 +76,7 @@ options:
     default: 3600
 extends_documentation_fragment:
   - thinair.virt.connection
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
+  - thinair.virt.attributes
 author:
   - thinair developers
 """

@@ -17,9 +17,7 @@ options:
     type: str
 extends_documentation_fragment:
   - thinair.virt.connection
-attributes:
-  check_mode:
-    support: full
+  - thinair.virt.attributes.info_module
 author:
   - thinair developers
 """
