@@ -71,6 +71,7 @@ def _main(
 ) -> None:
     """Run virtual machines out of thin air."""
 
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")]
 OvaOpt = Annotated[
