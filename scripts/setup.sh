@@ -16,6 +16,7 @@ packages=(
   gnutls-bin nginx-light qemu-block-extra tcpdump
   chromium chromium-driver
   postgresql iproute2
+  prometheus
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -26,6 +27,16 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# `systemd-analyze verify` checks the unit in systemd/ (no running systemd is
+# needed); Debian's systemd package has it. Only when it is missing: installing
+# systemd on a machine that runs another init changes nothing else here.
+if ! command -v systemd-analyze >/dev/null; then
+  say "installing systemd (for systemd-analyze)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends systemd >/dev/null
 fi
 
 # Without udev /dev/kvm is root-only; libvirt then re-probes QEMU on every start

@@ -26,7 +26,9 @@ from thinair.errors import InvalidInput, ThinairError
 from thinair.external import is_blank_option
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Run virtual machines out of thin air."
+    no_args_is_help=True,
+    help="Run virtual machines out of thin air.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 storage_app = typer.Typer(no_args_is_help=True, help="Storage domains: where volumes live.")
 vm_app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
@@ -48,6 +50,27 @@ app.add_typer(host_app, name="host")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from thinair import __version__
+
+        print(f"thinair {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Run virtual machines out of thin air."""
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")]
@@ -120,10 +143,8 @@ def engine(
     listen: Annotated[str | None, typer.Option(help="HOST:PORT to serve the API on.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
-    """Run the engine (REST API and jobs) in the foreground."""
-    import uvicorn
-
-    from thinair.api.app import create_app
+    """Run the engine (REST API and jobs) in the foreground: one per THINAIR_HOME."""
+    from thinair.api import service
 
     settings = Settings.load()
     if listen:
@@ -134,15 +155,8 @@ def engine(
     if bool(settings.tls_cert) != bool(settings.tls_key):
         err.print("[red]error:[/red] HTTPS needs both THINAIR_TLS_CERT and THINAIR_TLS_KEY")
         raise typer.Exit(1)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        ssl_certfile=settings.tls_cert,
-        ssl_keyfile=settings.tls_key,
-        log_level=log_level,
-        access_log=log_level == "debug",
-    )
+    with _errors():
+        service.run(settings, log_level)
 
 
 # -- storage -----------------------------------------------------------------
