@@ -79,7 +79,7 @@ def test_idle_vm_import_loses_nothing(
     name = f"dur-{strategy}-{who}-{point or 'after'}"
     c.vms.create(name, disks=[f"{export.url},format=raw,storage=tmp"], memory_mib=64)
     c.vms.start(name)
-    job = c.vms.import_(name, to="final", strategy=strategy)  # type: ignore[arg-type]
+    job = c.vms.import_(name, to="final", strategy=strategy)
     if who == "engine" and point is not None:
         c = _crash_then_restart(engine, lambda: c.jobs.wait(job.id, timeout=300))
     done = c.jobs.wait(job.id, timeout=300)

@@ -50,19 +50,20 @@ def _finish(client: Client, vm_name: str, guest_image: Path) -> None:
     client.vms.remove(vm_name)
 
 
-@pytest.mark.parametrize("strategy", ["stream", "mirror"])
+@pytest.mark.parametrize(
+    ("strategy", "first_home"), [("bulk", "tmp"), ("bulk", "final"), ("mirror", "tmp")]
+)
 def test_live_import_keeps_every_write(
     engine: Engine,
     guest_export: qemu_nbd.Server,
     guest_image: Path,
     domains: tuple[Path, Path],
     strategy: str,
+    first_home: str,
 ) -> None:
     source_sum = sha256(guest_image)
     tmp, final = domains
     c = engine.client()
-    # stream keeps the temporary disk, so it must live on the target already
-    first_home = "final" if strategy == "stream" else "tmp"
     c.vms.create("imp", disks=[f"{guest_export.url},storage={first_home}"], memory_mib=256)
     c.vms.start("imp")
     wait_console(c, "imp", lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)
@@ -165,8 +166,8 @@ def test_engine_killed_mid_import_resumes(
     c.vms.create("res", disks=[guest_export.url], memory_mib=256)
     c.vms.start("res")
     wait_console(c, "res", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-    job = c.vms.import_("res", to="final", strategy="stream", bandwidth_mib=16)
-    _wait_step(c, job.id, "pull")
+    job = c.vms.import_("res", to="final", bandwidth_mib=4)
+    _wait_step(c, job.id, "copy")
     engine.stop(signal.SIGKILL)
     engine.start()  # resumes the job by itself
     c = engine.client()

@@ -177,7 +177,7 @@ def test_whole_flow_in_a_browser(
         card.get_by_role("button", name="Import").click()
         dialog = page.locator("#import-dialog")
         dialog.get_by_label("Target storage domain").select_option("sd")
-        dialog.get_by_label("Strategy").select_option("stream")
+        dialog.get_by_label("Strategy").select_option("bulk")
         dialog.get_by_label("Bandwidth limit").fill(bandwidth)
         dialog.get_by_role("button", name="Start import").click()
 

@@ -51,7 +51,7 @@ from typing import Any
 from thinair import models
 from thinair.adapters import nbd_client, nbd_copy, qemu_img, qemu_nbd, virt
 from thinair.adapters._process import CommandFailed
-from thinair.db.models import Disk, StorageDomain, Vm, new_id
+from thinair.db.models import LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, exports, import_state, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
@@ -289,9 +289,10 @@ def _bulk(
         assert disk is not None
         target, overlay = disk.target, disk.volume_path
         url, fmt = disk.external_url, disk.external_format
+        local = disk.vm.host_id in (None, LOCAL_HOST_ID)
     assert url is not None and fmt is not None
     if state.phase == "copy":
-        with _copy_source(ctx, disk_id, url, fmt) as source:
+        with _copy_source(ctx, disk_id, url, fmt, local) as source:
             _bulk_copy(ctx, job, name, target, source, state, progress)
             _verify(ctx, job, name, target, source, state)
     if _running(ctx, name):
@@ -301,11 +302,14 @@ def _bulk(
 
 
 @contextlib.contextmanager
-def _copy_source(ctx: EngineContext, disk_id: str, url: str, fmt: str) -> Iterator[str]:
+def _copy_source(
+    ctx: EngineContext, disk_id: str, url: str, fmt: str, local: bool
+) -> Iterator[str]:
     """An NBD URL serving the disk's source as raw bytes: its bridge for a raw NBD
     source, else a qemu-nbd of our own decoding what the temporary disk reads
-    (a qcow2 chain or a VMDK over HTTP, an OVA member, ...)."""
-    backing, backing_format = bridges.source(ctx, disk_id, url, fmt)
+    (a qcow2 chain or a VMDK over HTTP, an OVA member, ...). A VM on another host
+    reads its source directly, with no bridge here: so does the copy."""
+    backing, backing_format = bridges.source(ctx, disk_id, url, fmt) if local else (url, fmt)
     if backing_format == "raw" and backing.startswith("nbd"):
         yield backing
         return
