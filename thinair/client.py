@@ -358,11 +358,18 @@ class Disks:
         return models.Disk.model_validate(self._c.request("GET", f"/disks/{disk_id}"))
 
     def find(self, vm: str, target: str) -> models.Disk:
-        """A VM's disk by its target (vda) or id."""
-        for disk in self._c.vms.get(vm).disks:
+        """A VM's disk by its target (vda), id or a unique prefix of its id."""
+        disks = self._c.vms.get(vm).disks
+        for disk in disks:
             if target in (disk.target, disk.id):
                 return disk
-        raise ThinairAPIError(404, "not_found", f"VM {vm!r} has no disk {target!r}")
+        matches = [d for d in disks if len(target) >= 4 and d.id.startswith(target)]
+        if len(matches) == 1:
+            return matches[0]
+        have = ", ".join(d.target for d in disks) or "none"
+        raise ThinairAPIError(
+            404, "not_found", f"VM {vm!r} has no disk {target!r} (its disks: {have})"
+        )
 
     def probe(
         self, url: str, format: str | None = None, check_readonly: bool = True

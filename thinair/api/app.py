@@ -4,6 +4,7 @@ with a stable `code` and a `message`, and HTTP statuses are chosen here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -267,11 +268,7 @@ def list_disks(ctx: Ctx) -> list[models.Disk]:
 
 @router.get("/disks/{disk_id}", response_model=models.Disk)
 def get_disk(ctx: Ctx, disk_id: str) -> models.Disk:
-    for vm in vms.list_all(ctx):
-        for d in vm.disks:
-            if d.id == disk_id:
-                return d
-    raise NotFound(f"no disk {disk_id!r}")
+    return vms.get_disk(ctx, disk_id)
 
 
 @router.post("/disks/{disk_id}/move", response_model=models.Job, status_code=202)
@@ -282,7 +279,11 @@ def move_disk(ctx: Ctx, jobs: Jobs, disk_id: str, req: models.ImportRequest) -> 
 
 
 @router.get("/jobs", response_model=list[models.Job])
-def list_jobs(jobs: Jobs, vm: str | None = None) -> list[models.Job]:
+def list_jobs(ctx: Ctx, jobs: Jobs, vm: str | None = None) -> list[models.Job]:
+    """`vm`: its name, id or id prefix; the id of a VM removed since keeps its jobs."""
+    if vm:
+        with contextlib.suppress(NotFound):
+            vm = vms.get(ctx, vm).id
     return jobs.list(vm_id=vm)
 
 

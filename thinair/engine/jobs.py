@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 
 from thinair import models
+from thinair.db import refs
 from thinair.db.models import Job, aware, new_id, utcnow
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, NotFound, ThinairError
@@ -238,7 +239,13 @@ class JobRunner:
         with contextlib.suppress(NotFound):
             self.ctx.events.publish("job", self.get(job_id).model_dump(mode="json"))
 
+    def resolve(self, ref: str) -> str:
+        """The id of the job whose id is `ref` or starts with it (unique)."""
+        with self.ctx.db.session() as s:
+            return refs.find(s, Job, ref, "job").id
+
     def cancel(self, job_id: str) -> models.Job:
+        job_id = self.resolve(job_id)
         with self.ctx.db.session() as s:
             job = s.get(Job, job_id)
             if job is None:
@@ -269,10 +276,9 @@ class JobRunner:
             raise Conflict(f"job {job_id} did not stop within {timeout:g} s")
 
     def get(self, job_id: str) -> models.Job:
+        """By id or a unique prefix of it."""
         with self.ctx.db.session() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id!r}")
+            job = s.get(Job, job_id) or refs.find(s, Job, job_id, "job")
             return to_model(job)
 
     def list(self, vm_id: str | None = None) -> list[models.Job]:
@@ -296,6 +302,7 @@ class JobRunner:
     def wait_change(self, job_id: str, since: datetime | None, timeout: float) -> models.Job:
         """Long-poll: the job once it changed after `since` (or ended), or as it is
         when `timeout` runs out. A `since` with no time zone is UTC."""
+        job_id = self.resolve(job_id)
         since = aware(since)
         self.wait(
             job_id,
