@@ -62,6 +62,12 @@ class Client:
     ) -> None:
         settings = settings or Settings.load()
         self.url = (url or settings.url).rstrip("/")
+        if not self.url.startswith(("http://", "https://")) or "//" not in self.url[:8]:
+            raise ThinairAPIError(
+                0,
+                "invalid_input",
+                f"THINAIR_URL must be http://HOST:PORT or https://HOST:PORT, not {self.url!r}",
+            )
         token = token or settings.token or _local_token(settings)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # The engine's own CA when given (an HTTPS engine with its own certificate).

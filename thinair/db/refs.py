@@ -28,9 +28,7 @@ def _label(row: Any) -> str:
     return f"{name} ({row.id[:8]})" if name else str(row.id)
 
 
-def find(
-    s: Session, model: type[Row], ref: str, what: str, list_existing: bool = False
-) -> Row:
+def find(s: Session, model: type[Row], ref: str, what: str, list_existing: bool = False) -> Row:
     """The row whose name or id is `ref`, else the one row whose id starts with
     it. NotFound (naming the existing ones when `list_existing`) or InvalidInput
     for a prefix several ids share."""

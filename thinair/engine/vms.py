@@ -165,9 +165,7 @@ def _resolve_storage(s: Session, ref: str | None) -> StorageDomain:
     if not domains:
         raise NotFound("no storage domain: add one with `thinair storage add NAME PATH`")
     names = ", ".join(sorted(d.name for d in domains))
-    raise InvalidInput(
-        f"several storage domains exist ({names}): say which one with storage=NAME"
-    )
+    raise InvalidInput(f"several storage domains exist ({names}): say which one with storage=NAME")
 
 
 def probe_disk(ctx: EngineContext, req: models.ProbeRequest) -> models.ProbeResult:
