@@ -676,7 +676,15 @@ def _follow(client: Client, job: Any, as_json: bool, no_wait: bool) -> None:
 
         final = client.jobs.wait(job.id, progress=show)
     elif not _on_terminal():
-        final = client.jobs.wait(job.id, progress=lambda j: print(_progress_line(j), flush=True))
+        said: list[str] = []
+
+        def say(j: Any) -> None:  # a line for each change, none repeated
+            line = _progress_line(j)
+            if not said or said[-1] != line:
+                said.append(line)
+                print(line, flush=True)
+
+        final = client.jobs.wait(job.id, progress=say)
     else:
         final = _progress_bar(client, job.id)
     if final.state != "succeeded":
@@ -953,8 +961,15 @@ def jobs_show(
             _emit(job, as_json, lambda: None)
             return
         _render_jobs(client, [job])
-        for entry in getattr(job, "log", None) or []:
-            out.print(f"{entry.at.strftime('%H:%M:%S')}  {entry.what}", markup=False)
+        steps = [e for e in job.log if e.what is not None]
+        rows = []
+        for i, e in enumerate(steps):
+            end = steps[i + 1].at if i + 1 < len(steps) else None
+            took = _duration((end - e.at).total_seconds()) if end else "-"
+            rows.append((_when(e.at), took, _mib(e.done) if e.done is not None else "-", e.what))
+        if rows:
+            out.print()
+            _table(("AT", "TOOK", "DONE", "STEP"), rows, keep=("AT",))
         if job.progress.get("total"):
             out.print(_progress_line(job), markup=False)
         if job.error:

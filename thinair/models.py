@@ -225,6 +225,15 @@ class ImportRequest(_Model):
     )
 
 
+class JobEvent(_Model):
+    at: Timestamp
+    what: str | None = Field(
+        description="the step begun or the state reached (failed: the error); "
+        "None for a sample of the bytes done"
+    )
+    done: int | None = Field(default=None, description="bytes done then")
+
+
 class Job(_Model):
     id: str
     kind: str
@@ -237,6 +246,11 @@ class Job(_Model):
     created_at: Timestamp
     updated_at: Timestamp
     finished_at: Timestamp | None
+    log: list[JobEvent] = Field(
+        default_factory=list,
+        description="steps and states with their times, and the bytes done every few "
+        "seconds, oldest first; kept after the job ends",
+    )
 
 
 class Health(_Model):

@@ -32,6 +32,34 @@ from thinair.errors import Conflict, NotFound, ThinairError
 log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "running")
+# The job log keeps a sample of the bytes done at most this often, and at most
+# this many (then every other one goes: an hour-long copy still fits).
+LOG_SAMPLE_INTERVAL = 2.0
+LOG_SAMPLES = 240
+
+
+def _log(job: Job, what: str | None, sample: bool = False) -> None:
+    """Append to the job's log: a step or state (`what`), or a sample of the bytes
+    done, no more often than LOG_SAMPLE_INTERVAL."""
+    entries = list(job.log or [])
+    now = utcnow()
+    done = (job.progress or {}).get("done")
+    if sample:
+        samples = [e for e in entries if e.get("what") is None]
+        if done is None or (
+            samples
+            and (now - datetime.fromisoformat(samples[-1]["at"])).total_seconds()
+            < LOG_SAMPLE_INTERVAL
+        ):
+            return
+        if len(samples) >= LOG_SAMPLES:  # thin the samples out, keep every step
+            drop = {id(e) for e in samples[::2]}
+            entries = [e for e in entries if id(e) not in drop]
+    entry: dict[str, Any] = {"at": now.isoformat(), "what": what}
+    if done is not None:
+        entry["done"] = done
+    entries.append(entry)
+    job.log = entries  # a new list: SQLAlchemy sees a JSON column change only so
 
 
 class JobCancelled(Exception):
@@ -88,6 +116,7 @@ def to_model(job: Job) -> models.Job:
         created_at=aware(job.created_at),
         updated_at=aware(job.updated_at),
         finished_at=aware(job.finished_at),
+        log=[models.JobEvent.model_validate(e) for e in job.log or []],
     )
 
 
@@ -186,6 +215,7 @@ class JobRunner:
             assert job is not None
             job.state = "running"
             job.updated_at = utcnow()
+            _log(job, "resumed" if job.log else "running")
             handle = JobHandle(self, job.id, job.vm_id, dict(job.params))
             flow = self.flows[job.kind]
         self._notify(job_id)
@@ -206,6 +236,7 @@ class JobRunner:
                 if job is not None:
                     job.state, job.error = state, error
                     job.updated_at = job.finished_at = utcnow()
+                    _log(job, f"{state}: {error}" if error else state)
         finally:  # ended (or left for another engine to run again)
             self.ctx.db.locks.unlock(_key(job_id))
             self._threads.pop(job_id, None)
@@ -224,10 +255,14 @@ class JobRunner:
             job = s.get(Job, job_id)
             if job is None:
                 return
+            if progress is not None:
+                job.progress = progress
+            if step is not None and step != job.step:
+                _log(job, step)
             if step is not None:
                 job.step = step
             if progress is not None:
-                job.progress = progress
+                _log(job, None, sample=True)
             if params is not None:
                 job.params = params
             job.updated_at = utcnow()
