@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,8 +23,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typer.core import TyperArgument, TyperCommand
 
 from thinair.client import Client, ThinairAPIError
 from thinair.config import Settings
@@ -75,10 +75,12 @@ err = Console(stderr=True, soft_wrap=True, highlight=False)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")]
 MemoryOpt = Annotated[
-    int | None, typer.Option(help="Memory in MiB (with --ova: the OVF's).", show_default="512")
+    int | None,
+    typer.Option(metavar="MiB", help="Memory in MiB (with --ova: the OVF's) [default: 512]."),
 ]
 CpusOpt = Annotated[
-    int | None, typer.Option(help="Virtual CPUs (with --ova: the OVF's).", show_default="1")
+    int | None,
+    typer.Option(metavar="N", help="Virtual CPUs (with --ova: the OVF's) [default: 1]."),
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 OvaOpt = Annotated[
@@ -172,30 +174,52 @@ def _cell(value: Any) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], keep: Sequence[str] = ()) -> None:
-    """Print rows. Piped: aligned columns, full values, one row per line, no
-    padding at the end. On a terminal: a table fitted to the width, where the
-    columns in `keep` (IDs, URLs, paths: what users copy) are never cut nor
-    wrapped; the others wrap."""
+    """Print rows as aligned columns (two spaces apart, as `virsh list`), no
+    padding at the end. Piped: full values, one row per line. On a terminal
+    narrower than the rows: the columns not in `keep` wrap at word boundaries
+    (down to their header's width); those in `keep` (IDs, URLs, paths: what
+    users copy) are never cut nor wrapped, and where they alone are too wide
+    the terminal wraps the line, not the value."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    if not _on_terminal():
-        for line in [list(headers), *cells]:
-            print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-        return
-    table = Table(box=None, pad_edge=False)
-    needed = 0
-    for header, width in zip(headers, widths, strict=True):
-        if header in keep:
-            table.add_column(header, no_wrap=True, min_width=width)
-            needed += width + 2
-        else:
-            table.add_column(header, overflow="fold")
-            needed += min(width, 12) + 2
+    if _on_terminal():
+        _fit(headers, cells, widths, keep, out.width - 2 * (len(headers) - 1))
+    lines: list[list[str]] = [list(headers)]
     for row in cells:
-        table.add_row(*(Text(c) for c in row))
-    # Wider than the terminal only when the kept columns need it: the terminal
-    # then wraps the line, but no ID is cut.
-    out.print(table, width=max(out.width, needed), soft_wrap=False)
+        wrapped = [
+            textwrap.wrap(c, w, break_on_hyphens=False) or [""] if len(c) > w else [c]
+            for c, w in zip(row, widths, strict=True)
+        ]
+        lines += [
+            [col[i] if i < len(col) else "" for col in wrapped]
+            for i in range(max(map(len, wrapped)))
+        ]
+    for n, line in enumerate(lines):
+        text = "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        if n == 0 and _on_terminal():
+            out.print(text, style="bold", markup=False)
+        else:
+            out.print(text, markup=False)
+
+
+def _fit(
+    headers: Sequence[str],
+    cells: list[list[str]],
+    widths: list[int],
+    keep: Sequence[str],
+    room: int,
+) -> None:
+    """Narrow the wrappable columns (never below their header or longest word)
+    until the rows fit in `room`; where they cannot fit, leave every column whole."""
+    least = [
+        w if h in keep else max([len(h)] + [len(word) for r in cells for word in r[i].split()])
+        for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+    ]
+    if sum(least) > room:
+        return
+    while sum(widths) > room:
+        widest = max(range(len(widths)), key=lambda i: widths[i] - least[i])
+        widths[widest] -= 1
 
 
 def _when(dt: datetime | None) -> str:
@@ -490,8 +514,8 @@ def vm_stop(
     timeout: Annotated[
         float | None,
         typer.Option(
-            help="Seconds to wait for the guest to power off after the ACPI shutdown.",
-            show_default="the engine's THINAIR_STOP_TIMEOUT, 60",
+            help="Seconds to wait for the guest to power off after the ACPI shutdown "
+            "[default: the engine's THINAIR_STOP_TIMEOUT, 60].",
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -653,7 +677,9 @@ StrategyOpt = Annotated[
 ]
 BandwidthOpt = Annotated[
     float | None,
-    typer.Option("--bandwidth", help="Copy at most this many MiB/s.", show_default="no limit"),
+    typer.Option(
+        "--bandwidth", metavar="MiB/s", help="Copy at most this many MiB/s [default: no limit]."
+    ),
 ]
 
 
@@ -765,7 +791,7 @@ def _progress_bar(client: Client, job_id: str) -> Any:
 @vm_app.command("import")
 def vm_import(
     name: str,
-    to: Annotated[str, typer.Option("--to", help="Target storage domain.")],
+    to: Annotated[str, typer.Option("--to", metavar="SD", help="Target storage domain.")],
     strategy: StrategyOpt = None,
     bandwidth: BandwidthOpt = None,
     no_wait: NoWaitOpt = False,
@@ -830,7 +856,7 @@ def backup_restore(
 def disk_move(
     vm: str,
     disk: Annotated[str, typer.Argument(help="Target (vda) or disk id.")],
-    to: Annotated[str, typer.Option("--to", help="Target storage domain.")],
+    to: Annotated[str, typer.Option("--to", metavar="SD", help="Target storage domain.")],
     strategy: StrategyOpt = None,
     bandwidth: BandwidthOpt = None,
     no_wait: NoWaitOpt = False,
@@ -932,7 +958,9 @@ def _list_jobs(vm: str | None, as_json: bool) -> None:
         _emit(jobs, as_json, lambda: _render_jobs(client, jobs))
 
 
-VmFilterOpt = Annotated[str | None, typer.Option("--vm", help="Only this VM's jobs.")]
+VmFilterOpt = Annotated[
+    str | None, typer.Option("--vm", metavar="VM", help="Only this VM's jobs (name or id).")
+]
 
 
 @jobs_app.callback()
@@ -1196,6 +1224,25 @@ def unexpose(
     with _errors(as_json):
         Client().exports.remove(export)
     _emit({"removed": export}, as_json, lambda: out.print(f"stopped export {export}"))
+
+
+class _Command(TyperCommand):
+    """Options and arguments named as man pages name them (--memory MEMORY, NAME),
+    not by their Python type (<int>, <list[str]>), unless given a metavar."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and not getattr(param, "is_flag", False) and param.name:
+                param.metavar = param.name.upper()
+            if isinstance(param, TyperArgument):  # "NAME", not "NAME <str>"
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+
+for _group in (app, storage_app, vm_app, disk_app, jobs_app, token_app, host_app, backup_app):
+    for _info in _group.registered_commands:
+        if _info.cls in (None, TyperCommand):
+            _info.cls = _Command
 
 
 def main() -> None:
