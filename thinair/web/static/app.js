@@ -57,7 +57,7 @@ function h(tag, attrs = {}, ...children) {
 function replace(container, ...nodes) {
   const active = document.activeElement;
   const id = active && container.contains(active) ? active.id : null;
-  container.replaceChildren(...nodes.flat());
+  container.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
   if (id) document.getElementById(id)?.focus();
 }
 
