@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -188,20 +188,42 @@ def _console_size(path: str) -> int:
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
 )
-async def events(ctx: Ctx) -> EventSourceResponse:
+async def events(
+    ctx: Ctx,
+    token: Annotated[ApiToken, Depends(authenticated)],
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
     """Server-sent events, until the client goes: `vm` (id, name, and the state
     when libvirt reports one) when a VM is created, removed, started, imported
     or changes state; `job` (the whole job) on every change of a job; `resync`
     when the client fell behind and should read everything again. The first
-    event, `hello`, says the stream is open: read the state then."""
-    sub = ctx.events.subscribe(asyncio.get_running_loop())
+    event, `hello`, says the stream is open: read the state then. Each event has
+    an id: reconnecting with `Last-Event-ID` replays what was missed (or sends
+    `resync`). A token revoked while its stream is open ends the stream, with
+    an `unauthorized` event."""
+    sub = ctx.events.subscribe(asyncio.get_running_loop(), last_event_id)
+
+    def revoked() -> bool:
+        with ctx.db.session() as s:
+            row = s.get(ApiToken, token.id)
+            return row is None or row.revoked_at is not None
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         try:
             yield ServerSentEvent(event="hello", data="{}")
             while True:
-                event = await sub.get()
-                yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
+                try:
+                    event = await asyncio.wait_for(sub.get(), EVENTS_RECHECK)
+                except TimeoutError:
+                    event = None
+                if await run_in_threadpool(revoked):
+                    message = f"token {token.name!r} was revoked"
+                    data = json.dumps({"code": "unauthorized", "message": message})
+                    yield ServerSentEvent(event="unauthorized", data=data)
+                    return
+                if event is not None:
+                    data = json.dumps(event.data)
+                    yield ServerSentEvent(event=event.kind, data=data, id=event.id or None)
         finally:
             ctx.events.unsubscribe(sub)
 
@@ -209,6 +231,8 @@ async def events(ctx: Ctx) -> EventSourceResponse:
 
 
 EVENTS_PING = 15
+# How often an open stream checks that its token still holds (and on every event).
+EVENTS_RECHECK = 5.0
 
 
 @router.post("/probe", response_model=models.ProbeResult)

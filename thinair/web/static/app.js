@@ -152,6 +152,7 @@ async function signIn(token) {
 
 function signOut(message) {
   state.signedIn = false;
+  lastEventId = null;
   stopEvents();
   sessionStorage.removeItem(TOKEN_KEY);
   $("#who").hidden = true;
@@ -196,16 +197,16 @@ function refresh() {
 // behind) mean: read everything again; "vm": a VM changed; "job": a job, whole.
 let eventsRun = 0;
 let eventsAbort = null;
+let lastEventId = null;  // sent again on reconnecting: the engine replays what we missed
 
 async function followEvents() {
   const run = ++eventsRun;
   while (state.signedIn && run === eventsRun) {
     eventsAbort = new AbortController();
     try {
-      const res = await fetch(`${API}/events`, {
-        headers: { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` },
-        signal: eventsAbort.signal,
-      });
+      const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` };
+      if (lastEventId) headers["Last-Event-ID"] = lastEventId;
+      const res = await fetch(`${API}/events`, { headers, signal: eventsAbort.signal });
       if (res.status === 401) { signOut("The engine refused the token: sign in again."); return; }
       if (!res.ok) throw new Error(`events: HTTP ${res.status}`);
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -239,8 +240,13 @@ function onEvent(block) {
   for (const line of block.split("\n")) {
     if (line.startsWith("event:")) kind = line.slice(6).trim();
     else if (line.startsWith("data:")) data += line.slice(5).trim();
+    else if (line.startsWith("id:")) lastEventId = line.slice(3).trim();
   }
   if (!data) return;  // a ping
+  if (kind === "unauthorized") {  // the token was revoked while the page was open
+    signOut(`${JSON.parse(data).message}: sign in again.`);
+    return;
+  }
   if (kind === "job") {
     const job = JSON.parse(data);
     const i = state.jobs.findIndex((j) => j.id === job.id);
