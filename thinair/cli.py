@@ -633,11 +633,22 @@ def vm_rollback(name: str, yes: YesOpt = False, as_json: JsonOpt = False) -> Non
 def vm_console(
     name: str,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    attach: Annotated[
+        bool,
+        typer.Option(
+            "--attach",
+            help="Type into the console, as `virsh console` (which it runs, against "
+            "the VM's host); leave with Ctrl+].",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the guest's serial console so far (--follow keeps following)."""
+    """Print the guest's serial console so far (--follow keeps following, --attach
+    makes it interactive)."""
     with _errors(as_json):
         client = Client()
+        if attach:
+            _attach_console(client, name)
         chunk = client.vms.console(name)
         if as_json and not follow:
             print(chunk.model_dump_json())
@@ -653,6 +664,31 @@ def vm_console(
 
 
 CONSOLE_WAIT = 25.0  # seconds the engine holds a console read while nothing comes
+
+
+def _attach_console(client: Client, name: str) -> None:
+    """Become `virsh console` on the VM's domain, on the libvirt of its host: the
+    engine's API carries the console's output only, libvirt's console stream
+    carries both ways (and works across qemu+ssh:// as virsh does)."""
+    import shutil
+
+    vm = client.vms.get(name)
+    if vm.state != "running":
+        raise InvalidInput(f"{vm.name} is {vm.state}: start it first (`thinair vm start {name}`)")
+    uri = client.hosts.get(vm.host).libvirt_uri
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        raise InvalidInput(
+            "--attach runs virsh (apt install libvirt-clients) on this machine; without "
+            f"it, `thinair vm console {name} --follow` shows the output"
+        )
+    err.print(
+        f"attached to the serial console of {vm.name} (libvirt {uri}); "
+        "leave with Ctrl+] (the guest keeps running)",
+        markup=False,
+    )
+    sys.stdout.flush()
+    os.execv(virsh, [virsh, "-c", uri, "console", "--force", vm.id])
 
 
 def _write_console(text: str, as_json: bool, offset: int) -> None:

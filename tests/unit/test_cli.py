@@ -18,6 +18,7 @@ import struct
 import subprocess
 import termios
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,10 +43,16 @@ def invoke(engine: Engine, *args: str) -> tuple[int, str, str]:
 
 
 def on_terminal(
-    engine: Engine, *args: str, columns: int = 60, answer: str | None = None
+    engine: Engine,
+    *args: str,
+    columns: int = 60,
+    answer: str | None = None,
+    interact: Callable[[int, bytearray], None] | None = None,
 ) -> tuple[int, str]:
     """Run `thinair ARGS` on a pseudo-terminal `columns` wide; type `answer` when
-    it asks. Returns the exit status and what the terminal showed (no escapes)."""
+    it asks, or let `interact` read and write the terminal (its leader side and
+    what it showed so far). Returns the exit status and what the terminal showed
+    (no escapes)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {**engine.env, "TERM": "xterm", "COLUMNS": str(columns)}
@@ -58,7 +65,9 @@ def on_terminal(
         close_fds=True,
     )
     os.close(follower)
-    shown = b""
+    shown = bytearray()
+    if interact is not None:
+        interact(leader, shown)
     deadline = time.monotonic() + 60
     answered = answer is None
     while time.monotonic() < deadline:
