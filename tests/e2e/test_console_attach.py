@@ -44,3 +44,39 @@ def test_attach_then_leave(
     assert status == 0, shown[-2000:]
     assert c.vms.get("i18-attach").state == "running"  # leaving does not stop it
     c.vms.rollback("i18-attach")
+
+
+def test_web_terminal(
+    engine: Engine, guest_export: qemu_nbd.Server, storage_dir: Path, workdir: Path
+) -> None:
+    """The console dialog's terminal (xterm.js over the engine's WebSocket) shows
+    the guest's output live, and the page keeps working when it is closed."""
+    from playwright.sync_api import expect
+
+    from tests.support import browser
+
+    if not (Path(__file__).parents[2] / "thinair/web/static/vendor/xterm/xterm.js").exists():
+        pytest.skip("xterm.js not fetched (scripts/setup.sh needs npm)")
+    c = engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    c.vms.create("i18-term", disks=[guest_export.url], memory_mib=256)
+    c.vms.start("i18-term")
+    with browser.chromium(workdir / "profile") as context:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://127.0.0.1:{engine.port}/ui/")
+        page.get_by_label("API token").fill((engine.home / "token").read_text().strip())
+        page.get_by_label("API token").press("Enter")
+        page.locator("#vm-i18-term").get_by_role("button", name="Console").click()
+        page.get_by_role("button", name="Type into it (terminal)").click()
+        rows = page.locator("#console-term .xterm-rows")
+        expect(rows).to_contain_text("waiting for output")
+        expect(rows).to_contain_text(guest.MARK_WROTE, timeout=120_000)
+        page.keyboard.type("\n")  # goes to the guest; nothing breaks
+        browser.Shots(page, browser.screenshot_dir("web-terminal"))("terminal")
+        # Escape is a key for the guest in a terminal: the dialog's button closes it.
+        page.locator("#console-dialog").get_by_role("button", name="Close").click()
+        expect(page.locator("#console-dialog")).to_be_hidden()
+        assert errors == []
+    c.vms.rollback("i18-term")

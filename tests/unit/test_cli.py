@@ -270,3 +270,28 @@ def test_copying_and_rate_words() -> None:
     assert cli._where(disk, job) == "copying 50%"
     assert cli._where(disk) == "external"
     assert cli._rate(job) == "3.0 MiB/s (limit 5 MiB/s)"
+
+
+def test_console_websocket_refusals(test_engine: Engine, long_sd: Path, raw_image: Path) -> None:
+    """The web terminal's WebSocket: a token first, not a read-only one, a VM that
+    exists and runs; each refusal closes with its code and says why."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    c = test_engine.client()
+    c.vms.create("i18-ws", disks=[str(raw_image)], memory_mib=64)
+    admin = (test_engine.home / "token").read_text().strip()
+    reader = c.tokens.create("i18-reader", read_only=True).token
+    url = f"ws://127.0.0.1:{test_engine.port}/api/v1/vms/%s/console/ws"
+    for vm, token, code, words in (
+        ("i18-ws", "wrong", 4401, "invalid or revoked token"),
+        ("i18-ws", reader, 4403, "read-only"),
+        ("nope", admin, 4404, "no VM 'nope'"),
+        ("i18-ws", admin, 4409, "i18-ws is stopped: start it first"),
+    ):
+        with connect(url % vm) as ws:
+            ws.send(json.dumps({"token": token}))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, words in closed.value.rcvd.reason) == (code, True)

@@ -305,6 +305,17 @@ class Virt:
         except libvirt.libvirtError as e:
             raise BackendError(f"libvirt: {e}") from None
 
+    def open_console(self, name: str) -> libvirt.virStream:
+        """A blocking stream to the domain's serial console, both ways, as `virsh
+        console` opens it (taking it over from another client that holds it)."""
+        dom = self._get(name)
+        try:
+            stream = self.conn.newStream(0)
+            dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not open the console of {name}: {e}") from None
+        return stream
+
     def lookup(self, name: str) -> libvirt.virDomain | None:
         try:
             return self.conn.lookupByName(name)

@@ -363,11 +363,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    from thinair.api import hosts, tokens  # they import this module: include them late
+    from thinair.api import console, hosts, tokens  # they import this module: include late
 
     app.include_router(router)
     app.include_router(tokens.router)
     app.include_router(hosts.router)
+    app.include_router(console.router)
     web.mount(app)
 
     @app.get(

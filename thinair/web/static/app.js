@@ -696,12 +696,13 @@ async function openConsole(name) {
   const pre = $("#console-text");
   consoleName = name;
   $("#console-title").textContent = `Console of ${name}`;
+  closeTerminal();
   pre.textContent = "";
   pre.dataset.empty = "true";
   renderConsoleInfo();
   if (!dialog.open) dialog.showModal();
   const stop = new AbortController();
-  dialog.addEventListener("close", () => stop.abort(), { once: true });
+  dialog.addEventListener("close", () => { stop.abort(); closeTerminal(); }, { once: true });
   let offset = 0;
   while (dialog.open && run === consoleRun) {
     try {
@@ -722,6 +723,78 @@ async function openConsole(name) {
       await sleep(2000);
     }
   }
+}
+
+// The interactive console: xterm.js (as Proxmox's) over a WebSocket to the
+// engine, which relays libvirt's console stream both ways. xterm.js is loaded
+// when first asked for (scripts/setup.sh fetches it from npm).
+let term = null;
+let termSocket = null;
+function loadXterm() {
+  if (window.Terminal) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const css = h("link", { rel: "stylesheet", href: "vendor/xterm/xterm.css" });
+    const js = h("script", { src: "vendor/xterm/xterm.js" });
+    // The bundle writes into a global `exports` when there is one, and the
+    // element with id "exports" is one (named access): hide it meanwhile.
+    window.exports = undefined;
+    js.onload = () => { delete window.exports; resolve(); };
+    js.onerror = () => {
+      delete window.exports;
+      reject(new Error("the terminal needs xterm.js: run scripts/setup.sh (it fetches it with npm)"));
+    };
+    document.head.append(css, js);
+  });
+}
+
+async function openTerminal() {
+  const name = consoleName;
+  try {
+    await loadXterm();
+  } catch (e) {
+    $("#console-info").textContent = e.message;
+    return;
+  }
+  closeTerminal();
+  consoleRun++;  // the read-only view stops
+  $("#console-text").hidden = true;
+  $("#console-type").hidden = true;
+  const box = $("#console-term");
+  box.hidden = false;
+  term = new window.Terminal({ convertEol: false, cursorBlink: true, fontSize: 13, scrollback: 5000 });
+  term.open(box);
+  term.write(`\x1b[2mConnecting to the serial console of ${name}…\x1b[0m\r\n`);
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${proto}//${location.host}${API}/vms/${encodeURIComponent(name)}/console/ws`);
+  ws.binaryType = "arraybuffer";
+  termSocket = ws;
+  let heard = false;
+  ws.onopen = () => {
+    ws.send(JSON.stringify({ token: sessionStorage.getItem(TOKEN_KEY) || "" }));
+    term.write("\x1b[2mConnected; waiting for output (press Enter to wake a login prompt).\x1b[0m\r\n");
+    term.focus();
+  };
+  ws.onmessage = (e) => {
+    if (!heard) { heard = true; box.dataset.heard = "true"; }
+    term.write(new Uint8Array(e.data));
+  };
+  ws.onclose = (e) => {
+    if (term && termSocket === ws) term.write(`\r\n\x1b[2m[disconnected: ${e.reason || e.code}]\x1b[0m\r\n`);
+  };
+  term.onData((d) => { if (ws.readyState === WebSocket.OPEN) ws.send(new TextEncoder().encode(d)); });
+}
+
+function closeTerminal() {
+  termSocket?.close();
+  termSocket = null;
+  term?.dispose();
+  term = null;
+  const box = $("#console-term");
+  box.hidden = true;
+  box.replaceChildren();
+  delete box.dataset.heard;
+  $("#console-text").hidden = false;
+  $("#console-type").hidden = false;
 }
 
 function renderConsoleInfo() {
@@ -746,6 +819,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#sign-out").addEventListener("click", () => signOut());
   $("#new-vm").addEventListener("click", openNewVm);
+  $("#console-type").addEventListener("click", openTerminal);
   $("#add-disk").addEventListener("click", addDiskRow);
   $("#vm-form").addEventListener("submit", createVm);
   $("#import-form").addEventListener("submit", startImport);
