@@ -75,6 +75,21 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" >"$stamp"
 fi
 
+# xterm.js for the web UI's console terminal, from the npm registry (as Proxmox
+# ships it); not in git. Without it the console dialog still shows the output.
+xterm_version=5.5.0
+xterm_dir="$top/thinair/web/static/vendor/xterm"
+if [ ! -f "$xterm_dir/$xterm_version" ] && command -v npm >/dev/null; then
+  say "fetching xterm.js $xterm_version (npm)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@xterm/xterm@$xterm_version" >/dev/null)
+  mkdir -p "$xterm_dir"
+  tar -xzf "$tmp"/xterm-xterm-*.tgz -C "$tmp"
+  cp "$tmp/package/lib/xterm.js" "$tmp/package/css/xterm.css" "$tmp/package/LICENSE" "$xterm_dir/"
+  touch "$xterm_dir/$xterm_version"
+  rm -rf "$tmp"
+fi
+
 # The test guest: built from Debian packages, cached outside the tree.
 image=$("$top/scripts/build-guest-image.sh" | tail -n 1)
 say "ready: venv $venv, guest image $image"

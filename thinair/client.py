@@ -62,6 +62,12 @@ class Client:
     ) -> None:
         settings = settings or Settings.load()
         self.url = (url or settings.url).rstrip("/")
+        if not self.url.startswith(("http://", "https://")) or "//" not in self.url[:8]:
+            raise ThinairAPIError(
+                0,
+                "invalid_input",
+                f"THINAIR_URL must be http://HOST:PORT or https://HOST:PORT, not {self.url!r}",
+            )
         token = token or settings.token or _local_token(settings)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # The engine's own CA when given (an HTTPS engine with its own certificate).
@@ -358,11 +364,18 @@ class Disks:
         return models.Disk.model_validate(self._c.request("GET", f"/disks/{disk_id}"))
 
     def find(self, vm: str, target: str) -> models.Disk:
-        """A VM's disk by its target (vda) or id."""
-        for disk in self._c.vms.get(vm).disks:
+        """A VM's disk by its target (vda), id or a unique prefix of its id."""
+        disks = self._c.vms.get(vm).disks
+        for disk in disks:
             if target in (disk.target, disk.id):
                 return disk
-        raise ThinairAPIError(404, "not_found", f"VM {vm!r} has no disk {target!r}")
+        matches = [d for d in disks if len(target) >= 4 and d.id.startswith(target)]
+        if len(matches) == 1:
+            return matches[0]
+        have = ", ".join(d.target for d in disks) or "none"
+        raise ThinairAPIError(
+            404, "not_found", f"VM {vm!r} has no disk {target!r} (its disks: {have})"
+        )
 
     def probe(
         self, url: str, format: str | None = None, check_readonly: bool = True

@@ -3,10 +3,17 @@ so there is one schema and no hand-kept copy of it."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 # Names appear in paths, libvirt domain names and XML: keep them plain.
 Name = Annotated[
@@ -16,6 +23,14 @@ Name = Annotated[
         description="1-64 characters: letters, digits, '.', '_', '-'; not starting with a symbol"
     ),
 ]
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+# Every time the API gives is UTC and says so (SQLite hands back naive ones).
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
 
 
 class _Model(BaseModel):
@@ -44,7 +59,7 @@ class StorageDomain(_Model):
     total_bytes: int | None
     free_bytes: int | None
     available: bool
-    created_at: datetime
+    created_at: Timestamp
     host: str | None = Field(default=None, description="the one host that reaches it")
     shared: bool = Field(default=True, description="every host reaches it")
 
@@ -185,7 +200,7 @@ class Vm(_Model):
     last_start_seconds: float | None = Field(
         description="seconds the last start took, from request to a running domain"
     )
-    created_at: datetime
+    created_at: Timestamp
 
 
 class VmStop(_Model):
@@ -217,6 +232,15 @@ class ImportRequest(_Model):
     )
 
 
+class JobEvent(_Model):
+    at: Timestamp
+    what: str | None = Field(
+        description="the step begun or the state reached (failed: the error); "
+        "None for a sample of the bytes done"
+    )
+    done: int | None = Field(default=None, description="bytes done then")
+
+
 class Job(_Model):
     id: str
     kind: str
@@ -226,9 +250,14 @@ class Job(_Model):
     params: dict[str, Any]
     progress: dict[str, Any]
     error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    finished_at: Timestamp | None
+    log: list[JobEvent] = Field(
+        default_factory=list,
+        description="steps and states with their times, and the bytes done every few "
+        "seconds, oldest first; kept after the job ends",
+    )
 
 
 class Health(_Model):
@@ -246,8 +275,8 @@ class Token(_Model):
     id: str
     name: str
     read_only: bool
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
 
 
 class TokenCreated(Token):
@@ -326,7 +355,7 @@ class Export(_Model):
         description="image bytes the server has read to answer clients since it started"
     )
     error: str | None = Field(description="why the server could not be started again")
-    created_at: datetime
+    created_at: Timestamp
     engine: str | None = Field(
         default=None, description="the engine that runs its server (machine:THINAIR_HOME)"
     )
