@@ -719,8 +719,19 @@ StrategyOpt = Annotated[
     str | None,
     typer.Option(
         "--strategy",
-        help="stream (keep the temporary disk) or mirror (copy to a new volume); "
-        "by default stream where the temporary disk is on the target already",
+        help="bulk: copy the source's data at full speed into the final volume, then "
+        "merge the guest's writes into it (the default for an external disk); mirror: "
+        "QEMU copies the whole disk, then switches (what moving a local disk does); "
+        "stream: the same as bulk (QEMU's block pull is not durable).",
+    ),
+]
+VerifyOpt = Annotated[
+    str,
+    typer.Option(
+        "--verify",
+        metavar="digest|full",
+        help="digest: check each copy read back against digests of what was read from "
+        "the source; full: also compare it with the source, read a second time.",
     ),
 ]
 BandwidthOpt = Annotated[
@@ -842,13 +853,16 @@ def vm_import(
     to: Annotated[str, typer.Option("--to", metavar="SD", help="Target storage domain.")],
     strategy: StrategyOpt = None,
     bandwidth: BandwidthOpt = None,
+    verify: VerifyOpt = "digest",
     no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Make every external disk of a VM local, while it runs (or stopped)."""
     with _errors(as_json):
         client = Client()
-        job = client.vms.import_(name, to=to, strategy=strategy, bandwidth_mib=bandwidth)
+        job = client.vms.import_(
+            name, to=to, strategy=strategy, bandwidth_mib=bandwidth, verify=verify
+        )
         _follow(client, job, as_json, no_wait)
 
 
@@ -892,12 +906,13 @@ def backup_restore(
     to: Annotated[str, typer.Option("--to", help="Storage domain to restore to.")],
     strategy: StrategyOpt = None,
     bandwidth: BandwidthOpt = None,
+    verify: VerifyOpt = "digest",
     no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Keep a previewed backup: copy its disks, with the guest's writes, to local
     storage while it runs (an import)."""
-    vm_import(name, to, strategy, bandwidth, no_wait, as_json)
+    vm_import(name, to, strategy, bandwidth, verify, no_wait, as_json)
 
 
 @disk_app.command("move")
@@ -907,14 +922,18 @@ def disk_move(
     to: Annotated[str, typer.Option("--to", metavar="SD", help="Target storage domain.")],
     strategy: StrategyOpt = None,
     bandwidth: BandwidthOpt = None,
+    verify: VerifyOpt = "digest",
     no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Make one disk of a VM local (oVirt's "move")."""
+    """Move one disk of a VM to a storage domain while it runs (oVirt's "move"):
+    an external disk is imported, a local one copied there."""
     with _errors(as_json):
         client = Client()
         found = client.disks.find(vm, disk)
-        job = client.disks.move(found.id, to=to, strategy=strategy, bandwidth_mib=bandwidth)
+        job = client.disks.move(
+            found.id, to=to, strategy=strategy, bandwidth_mib=bandwidth, verify=verify
+        )
         _follow(client, job, as_json, no_wait)
 
 
@@ -931,6 +950,7 @@ def quick_import(
     convert: ConvertOpt = False,
     strategy: StrategyOpt = None,
     bandwidth: BandwidthOpt = None,
+    verify: VerifyOpt = "digest",
     no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -961,7 +981,9 @@ def quick_import(
         vm = client.vms.start(vm.id)
         if not as_json:
             out.print(f"{vm.name} is {vm.state} after {time.monotonic() - began:.1f} s; importing")
-        job = client.vms.import_(vm.id, to=to, strategy=strategy, bandwidth_mib=bandwidth)
+        job = client.vms.import_(
+            vm.id, to=to, strategy=strategy, bandwidth_mib=bandwidth, verify=verify
+        )
         _follow(client, job, as_json, no_wait)
 
 

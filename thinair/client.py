@@ -163,10 +163,14 @@ class Vm(models.Vm):
         return self._client.vms.stop(self.id, force=force, timeout=timeout)
 
     def import_(
-        self, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+        self,
+        to: str,
+        strategy: str | None = None,
+        bandwidth_mib: float | None = None,
+        verify: str = "digest",
     ) -> Job:
         return self._client.vms.import_(
-            self.id, to=to, strategy=strategy, bandwidth_mib=bandwidth_mib
+            self.id, to=to, strategy=strategy, bandwidth_mib=bandwidth_mib, verify=verify
         )
 
     def rollback(self) -> None:
@@ -302,11 +306,16 @@ class Vms:
         self._c.request("POST", f"/vms/{ref}/rollback")
 
     def import_(
-        self, ref: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+        self,
+        ref: str,
+        to: str,
+        strategy: str | None = None,
+        bandwidth_mib: float | None = None,
+        verify: str = "digest",
     ) -> Job:
         """Start making the VM's external disks local; returns the job at once
-        (see Job.wait)."""
-        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
+        (see Job.wait). verify="full" also compares each copy with its source."""
+        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib, "verify": verify}
         return self._c.jobs._job(self._c.request("POST", f"/vms/{ref}/import", json=body))
 
     def console(self, ref: str, offset: int = 0, wait: float = 0) -> models.Console:
@@ -385,9 +394,16 @@ class Disks:
         return models.ProbeResult.model_validate(self._c.request("POST", "/probe", json=body))
 
     def move(
-        self, disk_id: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+        self,
+        disk_id: str,
+        to: str,
+        strategy: str | None = None,
+        bandwidth_mib: float | None = None,
+        verify: str = "digest",
     ) -> Job:
-        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
+        """Move one disk to a storage domain: an external one is imported, a
+        local one copied there while the VM runs."""
+        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib, "verify": verify}
         return self._c.jobs._job(self._c.request("POST", f"/disks/{disk_id}/move", json=body))
 
 
