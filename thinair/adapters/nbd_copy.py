@@ -160,15 +160,17 @@ class _Throttle:
         self.lock = threading.Lock()
         self.next_free = time.monotonic()
 
-    def take(self, nbytes: int) -> None:
+    def wait(self) -> float:
+        """Seconds until the next request may go (0: now)."""
         if not self.rate:
-            return
+            return 0.0
         with self.lock:
-            now = time.monotonic()
-            start = max(self.next_free, now)
-            self.next_free = start + nbytes / self.rate
-        if start > now:
-            time.sleep(start - now)
+            return max(0.0, self.next_free - time.monotonic())
+
+    def take(self, nbytes: int) -> None:
+        if self.rate:
+            with self.lock:
+                self.next_free = max(self.next_free, time.monotonic()) + nbytes / self.rate
 
 
 class _Plan:
@@ -274,11 +276,21 @@ def _worker(
     try:
         more = True
         while True:
+            delay = 0.0
             while more and in_flight < IN_FLIGHT and plan.error is None:
+                delay = throttle.wait()
+                if delay > 0:
+                    break
                 more = issue()
+            if plan.error is not None:
+                more = False
             if in_flight == 0:
-                break
-            h.poll(1000)
+                if not more:
+                    break
+                time.sleep(delay)
+                continue
+            # Completions are handled in poll: never sleep with reads in flight.
+            h.poll(int(min(delay, 1.0) * 1000) if delay > 0 else 1000)
     except nbd.Error as e:
         plan.fail(CopyError(f"{url}: {e.string or e}"))
     except BaseException as e:
@@ -432,10 +444,11 @@ def copy(
                 or copied[0] - done_bytes >= CHECKPOINT_BYTES
                 or now - last_time >= CHECKPOINT_SECONDS
             ):
+                before = checkpoint
                 checkpoint = _checkpoint(plan, fd, digests, checkpoint, verifier.verified)
                 verifier.advance(checkpoint.digest_bytes)
                 done_bytes, last_time = checkpoint.copied, now
-                if on_checkpoint:
+                if on_checkpoint and checkpoint != before:
                     on_checkpoint(checkpoint)
             if not alive:
                 break
