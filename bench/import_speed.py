@@ -190,16 +190,23 @@ class PeakRss:
         self._thread.join()
 
 
-def thinair_import(lab: Lab, strategy: str, rss: dict[str, int]) -> Callable[[Source, Path], Path]:
-    def run(src: Source, out_dir: Path) -> Path:
+def thinair_import(
+    lab: Lab, strategy: str, rss: dict[str, int]
+) -> Callable[[Source, Path], tuple[Path, float]]:
+    """An import's runner: the volume it made and the import's own seconds (from
+    the request to the job's end; the VM was created and started before)."""
+
+    def run(src: Source, out_dir: Path) -> tuple[Path, float]:
         c = lab.client()
         name = lab.vm_name(f"{strategy}-{uuid.uuid4().hex[:4]}")
         c.vms.create(name, disks=[f"{src.url},format=raw,storage=tmp"], memory_mib=64)
         c.vms.start(name)  # nothing bootable: the domain runs, which is all a copy needs
         assert lab.engine.proc is not None
         with PeakRss(lab.engine.proc.pid) as watch:
+            began = time.monotonic()
             job = c.vms.import_(name, to="final", strategy=strategy)
             final = c.jobs.wait(job.id, timeout=3600)
+            seconds = time.monotonic() - began
         rss["growth"] = max(rss.get("growth", 0), watch.peak - watch.base)
         if final.state != "succeeded":
             raise RuntimeError(f"{strategy} import {final.state}: {final.error}")
@@ -208,7 +215,7 @@ def thinair_import(lab: Lab, strategy: str, rss: dict[str, int]) -> Callable[[So
         kept = out_dir / f"{strategy}{path.suffix}"
         os.link(path, kept)  # keep the volume for comparison after the VM is removed
         c.vms.remove(name)
-        return kept
+        return kept, seconds
 
     return run
 
@@ -228,8 +235,14 @@ def measure_case(lab: Lab, case: Case, rounds: int, methods: list[str]) -> dict[
     source_alloc = allocated(image)
     final_dir = Path(lab.client().storage_domains.get("final").path)
     rss: dict[str, int] = {}
-    runners: dict[str, Callable[[Source, Path], Path]] = {
-        "nbdcopy": lambda src, _out: run_nbdcopy(src, final_dir, case.size),
+
+    def reference(src: Source, _out: Path) -> tuple[Path, float]:
+        began = time.monotonic()
+        dest = run_nbdcopy(src, final_dir, case.size)
+        return dest, time.monotonic() - began
+
+    runners: dict[str, Callable[[Source, Path], tuple[Path, float]]] = {
+        "nbdcopy": reference,
         **{m: thinair_import(lab, m, rss) for m in methods},
     }
     results: dict[str, dict[str, Any]] = {}
@@ -239,12 +252,10 @@ def measure_case(lab: Lab, case: Case, rounds: int, methods: list[str]) -> dict[
             out.mkdir(exist_ok=True, mode=0o755)
             subprocess.run(["sync"], check=True)
             src = Source(image, work, case.delay_ms)
-            began = time.monotonic()
             try:
-                dest = fn(src, out)
+                dest, seconds = fn(src, out)
             finally:
                 read = src.stop()
-            seconds = time.monotonic() - began
             entry = {
                 "seconds": round(seconds, 2),
                 "read_ratio": round(read / source_alloc, 3) if read >= 0 else None,

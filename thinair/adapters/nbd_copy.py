@@ -54,6 +54,7 @@ def _digest(data: bytes | bytearray | memoryview) -> bytes:
     here, where the copier competes for 2 cores with the servers it reads."""
     return xxhash.xxh3_128(data).digest()
 
+
 _STATE_ZERO = 2  # NBD base:allocation: the range reads as zeros
 
 
@@ -232,11 +233,17 @@ def _worker(
     fd: int,
     throttle: _Throttle,
     progress: Callable[[int], None],
+    window: float,
 ) -> None:
     """One connection: keep IN_FLIGHT reads going; write and digest each one.
-    Reads land in buffers of our own, reused (no copy, no allocation per read)."""
+    Reads land in buffers of our own, reused (no copy, no allocation per read).
+    A read that fails, or a connection that drops (a source server restarting),
+    is retried on a new connection for up to `window` seconds."""
     free = [bytearray(REQUEST) for _ in range(IN_FLIGHT)]
-    in_flight = 0
+    pending: dict[int, tuple[Extent, bytearray]] = {}  # in flight, by request index
+    retry: list[tuple[int, Extent]] = []  # reads to issue again, on a new connection
+    failing_since: float | None = None
+    last_error = ""
     written_back: list[Extent] = []  # oldest first
 
     def write(req: Extent, view: memoryview) -> None:
@@ -251,8 +258,7 @@ def _worker(
             os.posix_fadvise(fd, old.offset, old.length, os.POSIX_FADV_DONTNEED)
 
     def issue() -> bool:
-        nonlocal in_flight
-        item = plan.take()
+        item = retry.pop() if retry else plan.take()
         if item is None:
             return False
         index, req = item
@@ -261,46 +267,96 @@ def _worker(
         view = memoryview(buf)[: req.length]
 
         def done(err: Any, index: int = index, req: Extent = req, view: memoryview = view) -> int:
-            nonlocal in_flight
-            in_flight -= 1
+            nonlocal failing_since, last_error
+            if pending.pop(index, None) is None:
+                return 1  # given up on already (its connection died)
             try:
                 if err.value:
-                    raise CopyError(
-                        f"reading {req.length} bytes at {req.offset}: {os.strerror(err.value)}"
+                    retry.append((index, req))
+                    last_error = f"reading {req.length} bytes at {req.offset}: " + os.strerror(
+                        err.value
                     )
+                    failing_since = failing_since or time.monotonic()
+                    return 1
+                failing_since = None
                 write(req, view)
                 plan.complete(index, _digest(view))
                 progress(req.length)
-            except BaseException as e:  # a read error, or ENOSPC
+            except BaseException as e:  # ENOSPC, most likely
                 plan.fail(e)
             finally:
                 free.append(view.obj)  # type: ignore[arg-type]
             return 1
 
-        h.aio_pread(nbd.Buffer.from_buffer(view), req.offset, completion=done)
-        in_flight += 1
+        pending[index] = (req, buf)
+        try:
+            h.aio_pread(nbd.Buffer.from_buffer(view), req.offset, completion=done)
+        except nbd.Error:
+            give_up_in_flight()
+            raise
         return True
+
+    def give_up_in_flight() -> None:
+        """The connection is dead: what it had in flight is read again later."""
+        for index, (req, buf) in pending.items():
+            retry.append((index, req))
+            free.append(buf)
+        pending.clear()
+
+    def reconnect() -> nbd.NBD:
+        """A new connection, once the in-flight reads are back (failed)."""
+        nonlocal failing_since
+        failing_since = failing_since or time.monotonic()
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+        while True:
+            if plan.error is not None:
+                raise CopyStopped()
+            try:
+                return _connect(url, CONNECT_TIMEOUT, meta=False)
+            except CopyError as e:
+                if time.monotonic() - failing_since > window:
+                    raise CopyError(f"{last_error or e} (for {window:g} s)") from None
+                time.sleep(1)
 
     try:
         more = True
         while True:
             delay = 0.0
-            while more and in_flight < IN_FLIGHT and plan.error is None:
+            if retry and not pending and failing_since is not None:
+                if time.monotonic() - failing_since > window:
+                    raise CopyError(f"{url}: {last_error} (for {window:g} s)")
+                h = reconnect()
+            while (more or retry) and len(pending) < IN_FLIGHT and plan.error is None:
+                if failing_since is not None and pending:
+                    break  # let the others fail or succeed first
                 delay = throttle.wait()
                 if delay > 0:
                     break
-                more = issue()
+                try:
+                    more = issue() or bool(retry)
+                except nbd.Error as e:
+                    last_error = f"{url}: {e.string or e}"
+                    failing_since = failing_since or time.monotonic()
+                    break
             if plan.error is not None:
                 more = False
-            if in_flight == 0:
-                if not more:
+                retry.clear()
+            if not pending:
+                if not more and not retry:
                     break
-                time.sleep(delay)
+                if failing_since is None:
+                    time.sleep(delay)
                 continue
             # Completions are handled in poll: never sleep with reads in flight.
-            h.poll(int(min(delay, 1.0) * 1000) if delay > 0 else 1000)
-    except nbd.Error as e:
-        plan.fail(CopyError(f"{url}: {e.string or e}"))
+            try:
+                h.poll(int(min(delay, 1.0) * 1000) if delay > 0 else 1000)
+            except nbd.Error as e:  # the connection dropped
+                last_error = f"{url}: {e.string or e}"
+                failing_since = failing_since or time.monotonic()
+            if h.aio_is_dead() or h.aio_is_closed():
+                failing_since = failing_since or time.monotonic()
+                give_up_in_flight()
     except BaseException as e:
         plan.fail(e)
     finally:
@@ -382,12 +438,14 @@ def copy(
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     connections: int = CONNECTIONS,
+    window: float = 30.0,
 ) -> Checkpoint:
     """Copy the export at `url` into the file `dest` (created sparse with the
     export's size if missing), from `start` on (a checkpoint of an earlier run,
     whose data and digests are kept), and check the copy read back against the
     digests of what was read. Calls on_progress(copied, total) as data lands and
-    on_checkpoint once each checkpoint is durable. Returns the final checkpoint,
+    on_checkpoint once each checkpoint is durable. A source that fails or drops
+    the connection is retried for up to `window` seconds. Returns the final checkpoint,
     everything verified; raises CopyStopped when should_stop() says so,
     CopyMismatch when the copy read back differs, and CopyError on a source or
     destination failure (the last checkpoint stays valid)."""
@@ -397,13 +455,16 @@ def copy(
     extents = list(data_extents(first, start.done_to, size))
     total = start.copied + sum(e.length for e in extents)
     handles = [first]
-    # More connections only where the server takes them at once: a server that
-    # serves one client at a time (qemu-nbd without --shared) keeps them waiting.
-    for _ in range(connections - 1):
-        try:
-            handles.append(_connect(url, 2.0, meta=False))
-        except CopyError:
-            break
+    # More connections only where the server says they see the same data
+    # (multi-conn), as nbdcopy does: it also tells a server that takes several
+    # clients from one that serves one at a time (qemu-nbd without --shared)
+    # and would keep a second connection waiting.
+    if first.can_multi_conn():
+        for _ in range(connections - 1):
+            try:
+                handles.append(_connect(url, CONNECT_TIMEOUT, meta=False))
+            except CopyError:
+                break
     plan = _Plan(list(_requests(extents)), size)
     throttle = _Throttle(bandwidth)
     copied = [start.copied]
@@ -426,7 +487,7 @@ def copy(
         threads = [
             threading.Thread(
                 target=_worker,
-                args=(url, h, plan, fd, throttle, progress),
+                args=(url, h, plan, fd, throttle, progress, window),
                 name=f"copy-{i}",
                 daemon=True,
             )

@@ -3,8 +3,8 @@
 How, per disk (`disk move` moves one, local ones too):
 - bulk, the default for an external disk: the copier (adapters/nbd_copy) copies
   the source's allocated data straight into the final volume, a raw file on the
-  target domain, with many reads in flight on several connections, through the
-  disk's bridge (which rides out a source restart). It checkpoints as it goes,
+  target domain, with many reads in flight on several connections, riding out a
+  source restart as the disk's bridge does. It checkpoints as it goes,
   so an interrupted copy resumes where it was, in this job or the next one, and
   keeps a digest of every read, checked against the copy read back before
   anything else writes to it. Then only the guest's own writes move: a shallow
@@ -305,10 +305,15 @@ def _bulk(
 def _copy_source(
     ctx: EngineContext, disk_id: str, url: str, fmt: str, local: bool
 ) -> Iterator[str]:
-    """An NBD URL serving the disk's source as raw bytes: its bridge for a raw NBD
-    source, else a qemu-nbd of our own decoding what the temporary disk reads
-    (a qcow2 chain or a VMDK over HTTP, an OVA member, ...). A VM on another host
-    reads its source directly, with no bridge here: so does the copy."""
+    """An NBD URL serving the disk's source as raw bytes. A raw NBD source is
+    read directly (the copier rides out a restart itself, and a hop through the
+    bridge would cost CPU the copy needs); anything else through a qemu-nbd of
+    our own decoding what the temporary disk reads (a qcow2 chain or a VMDK over
+    HTTP, an OVA member, ...). A VM on another host has no bridge here."""
+    ext = parse_url(url)
+    if fmt == "raw" and ext.is_nbd and not ext.is_tar:
+        yield url
+        return
     backing, backing_format = bridges.source(ctx, disk_id, url, fmt) if local else (url, fmt)
     if backing_format == "raw" and backing.startswith("nbd"):
         yield backing
@@ -364,6 +369,7 @@ def _bulk_copy(
             on_progress=on_progress,
             on_checkpoint=on_checkpoint,
             should_stop=lambda: job.cancel_requested,
+            window=ctx.settings.reconnect_window,
         )
     except nbd_copy.CopyStopped:
         raise JobCancelled() from None
