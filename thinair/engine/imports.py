@@ -779,7 +779,8 @@ def _cleanup(ctx: EngineContext, job: JobHandle, disk_id: str) -> None:
 class _Progress:
     """Bytes done and total per disk and overall, with rate and ETA, written to
     the job at most every PROGRESS_INTERVAL. A disk's bytes are its bulk copy's
-    (the source's allocated data) and then the guest's writes merged after it."""
+    (the source's allocated data: holes are not counted, so the rate is that of
+    bytes copied) or, for a whole-chain mirror, QEMU's."""
 
     def __init__(self, job: JobHandle) -> None:
         self.job = job
@@ -800,11 +801,12 @@ class _Progress:
         self._maybe_write()
 
     def set_merge(self, target: str, done: int, total: int) -> None:
-        """The block job's bytes, after what the bulk copy moved (none for a
-        whole-chain mirror)."""
-        base = self.bulk.get(target, 0)
-        if total > 0:
-            self.disks[target] = {"done": base + done, "total": base + total}
+        """The block job's bytes: a whole-chain mirror's copy. After a bulk copy
+        the disk's bytes stay the bulk copy's: the shallow mirror's own figures
+        (QEMU counts the whole disk there) would say nothing of the guest's
+        writes it moves, which take a fraction of a second."""
+        if total > 0 and target not in self.bulk:
+            self.disks[target] = {"done": done, "total": total}
         self._maybe_write()
 
     def set_fraction(self, target: str, fraction: float) -> None:
