@@ -427,7 +427,7 @@ def _live_merge(
                 name,
                 target,
                 state.dest,
-                "raw",
+                state.dest_format,
                 bandwidth=job.params["bandwidth"],
                 shallow=True,
                 reuse_external=True,
