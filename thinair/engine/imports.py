@@ -667,7 +667,11 @@ def _switch(
     ctx: EngineContext, job: JobHandle, name: str, target: str, disk_id: str, state: DiskImport
 ) -> None:
     """The mirror is ready: pause the guest, make the destination durable and
-    record it as the disk, pivot, resume (see the module's docstring)."""
+    record it as the disk, pivot, resume, then give the database and libvirt's
+    persistent definition the new volume (see the module's docstring). Only
+    what the pause protects is inside it: the job holds the VM until the end,
+    so nobody starts it from an old definition meanwhile, and a job resumed
+    after a crash finishes from the "switching" record."""
     job.update(step=f"switch {target}")
     virt_ = ctx.vm_virt(name)
     virt_.suspend(name)
@@ -687,11 +691,11 @@ def _switch(
                 raise
             # QEMU is gone (the destination is the disk now) or it did switch.
         crash_point("import-pivoted", name)
-        _commit(ctx, job, disk_id, state.dest, state.dest_format)
     finally:
         with contextlib.suppress(BackendError):
             if virt_.state(name) == "paused":
                 virt_.resume(name)
+    _commit(ctx, job, disk_id, state.dest, state.dest_format)
 
 
 def _pivot(ctx: EngineContext, name: str, target: str, dest: str) -> None:
