@@ -462,7 +462,7 @@ def _offline_merge(
     except CommandFailed as e:
         raise BackendError(f"merging {target} into its copy failed: {e.stderr}") from e
     _sync(state.dest)
-    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    _commit(ctx, job, disk_id, state)
 
 
 # -- mirror: QEMU copies the whole chain -------------------------------------------
@@ -509,7 +509,7 @@ def _mirror(
         _switch(ctx, job, name, target, disk_id, state)
         return
     if state.phase == "switching":  # the copy was complete and checked
-        _commit(ctx, job, disk_id, state.dest, state.dest_format)
+        _commit(ctx, job, disk_id, state)
         return
     job.update(step=f"copy {target}")
     with contextlib.suppress(FileNotFoundError):
@@ -534,7 +534,7 @@ def _mirror(
     _sync(state.dest)
     state.phase = "switching"
     import_state.save(ctx, state)
-    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    _commit(ctx, job, disk_id, state)
 
 
 # -- following libvirt's block job --------------------------------------------------
@@ -695,7 +695,7 @@ def _switch(
         with contextlib.suppress(BackendError):
             if virt_.state(name) == "paused":
                 virt_.resume(name)
-    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    _commit(ctx, job, disk_id, state)
 
 
 def _pivot(ctx: EngineContext, name: str, target: str, dest: str) -> None:
@@ -735,17 +735,18 @@ def _finish_switch(
                 _live_merge(ctx, job, name, target, disk_id, state, progress)
                 return
             _pivot(ctx, name, target, state.dest)
-        _commit(ctx, job, disk_id, state.dest, state.dest_format)
+        _commit(ctx, job, disk_id, state)
         with contextlib.suppress(BackendError):
             if virt_.state(name) == "paused":
                 virt_.resume(name)
         return
-    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    _commit(ctx, job, disk_id, state)
 
 
-def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str, fmt: str) -> None:
-    """Record the disk as local, remembering the old volume for cleanup, and give
-    libvirt's persistent definition the new path."""
+def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, state: DiskImport) -> None:
+    """Record the disk as local on the state's volume, remembering the old volume
+    for cleanup, and give libvirt's persistent definition the new path."""
+    new_path = state.dest
     with ctx.db.session() as s:
         disk = s.get(Disk, disk_id)
         assert disk is not None
@@ -754,8 +755,8 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str, fmt
                 params={**job.params, "old": {**job.params["old"], disk_id: disk.volume_path}}
             )
             disk.volume_path = new_path
-        disk.volume_format = fmt
-        disk.storage_domain_id = job.params["to"]
+        disk.volume_format = state.dest_format
+        disk.storage_domain_id = state.to
         disk.external_url = None
         disk.external_format = None
         disk.external_read_only = None
