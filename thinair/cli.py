@@ -213,6 +213,8 @@ def _render_vm(vm: Any) -> None:
         f"({vm.domain_type})  id {vm.id}",
         highlight=False,
     )
+    if vm.pause_reason:
+        out.print(vm.pause_reason, highlight=False, markup=False)
     if vm.last_start_seconds is not None:
         out.print(f"last start took {vm.last_start_seconds:.2f} s")
     table = Table("DISK", "DATA", "SIZE", box=None)

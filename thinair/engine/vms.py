@@ -66,6 +66,15 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         state = vm.phase
     elif state is None:
         state = _virt(ctx, vm).state(vm.name)
+    pause_reason = None
+    if state == "paused":
+        pause_reason = ctx.outages.reason(vm.id) if ctx.outages else None
+        if pause_reason is None:
+            try:
+                why = _virt(ctx, vm).pause_reason(vm.name)
+            except BackendError:
+                why = None
+            pause_reason = f"paused ({why})" if why else None
     return models.Vm(
         id=vm.id,
         name=vm.name,
@@ -77,6 +86,7 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         disks=[disk_model(d) for d in vm.disks],
         host=vm.host.name if vm.host else LOCAL_HOST,
         last_start_seconds=vm.last_start_seconds,
+        pause_reason=pause_reason,
         created_at=vm.created_at,
     )
 
@@ -404,7 +414,16 @@ def domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
         cpus=vm.cpus,
         domain_type=vm.domain_type,
         console_log=vm.console_log,
-        disks=[virt.DiskDevice(d.target, d.volume_path, d.volume_format) for d in vm.disks],
+        disks=[
+            virt.DiskDevice(
+                d.target,
+                d.volume_path,
+                d.volume_format,
+                external=d.external_url is not None,
+                copy_on_read=d.external_url is not None and ctx.settings.copy_on_read,
+            )
+            for d in vm.disks
+        ],
     )
 
 

@@ -1,0 +1,94 @@
+"""A source far away, on loopback: nbdkit serving an image read-only over TCP
+with a delay added to each read request (nbdkit's delay filter: the requests
+stay parallel, as over a WAN) and optionally a bandwidth cap (the rate filter).
+It can be stopped and started again on the same port, as a source server that
+goes away and comes back. This kernel has no sch_netem, hence nbdkit's filters.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FarSource:
+    def __init__(
+        self,
+        image: Path,
+        pid_file: Path,
+        delay_ms: float = 0,
+        rate: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.image = image
+        self.pid_file = pid_file
+        self.delay_ms = delay_ms
+        self.rate = rate  # e.g. "100M" (bits per second, nbdkit's rate filter)
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        argv = ["nbdkit", "--readonly", "-i", "127.0.0.1", "-p", str(self.port)]
+        argv += ["-P", str(self.pid_file)]
+        filters = []
+        params = []
+        if self.delay_ms:
+            filters.append("--filter=delay")
+            params.append(f"rdelay={self.delay_ms / 1000:g}")
+        if self.rate:
+            filters.append("--filter=rate")
+            params.append(f"rate={self.rate}")
+        return [*argv, *filters, "file", f"file={self.image}", *params]
+
+    def start(self) -> FarSource:
+        self.pid_file.unlink(missing_ok=True)
+        subprocess.run(self.argv(), check=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not (self.pid_file.exists() and self.pid_file.read_text().strip()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("nbdkit wrote no pid file")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Gone: the port refuses connections and open ones are closed."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> FarSource:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
