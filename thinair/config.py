@@ -51,6 +51,15 @@ class Settings:
     # besides the storage domains. Anyone with a read-write token can ask the
     # engine (root) to read a local path; this keeps /etc and /root out of reach.
     image_roots: str = "/srv:/var/lib/libvirt/images"
+    # An NBD source's bridge keeps what it read in a local cache (nbdkit's cache
+    # filter), fetching bridge_cache_block_kib at a time (a power of 2, >= 4), at
+    # most bridge_cache_max_mib (least recently used blocks go first; 0: no
+    # limit); with bridge_readahead, nbdkit's readahead filter prefetches ahead
+    # of sequential reads into it.
+    bridge_cache: bool = True
+    bridge_cache_block_kib: int = 1024
+    bridge_cache_max_mib: int = 2048
+    bridge_readahead: bool = True
     # QEMU keeps in the temporary disk what the guest read from its source
     # (libvirt's copy_on_read), so nothing the guest reads crosses the link twice.
     copy_on_read: bool = False

@@ -48,7 +48,7 @@ class FarSource:
         params = []
         if self.delay_ms:
             filters.append("--filter=delay")
-            params.append(f"rdelay={self.delay_ms / 1000:g}")
+            params.append(f"rdelay={self.delay_ms:g}ms")
         if self.rate:
             filters.append("--filter=rate")
             params.append(f"rate={self.rate}")

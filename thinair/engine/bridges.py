@@ -75,11 +75,21 @@ def ensure(ctx: EngineContext, disk_id: str, url: str, fmt: str | None = None) -
         if fmt in DECODED:
             pid = _start_decoder(url, fmt, socket, pid_file, owner)
         else:
-            pid = nbdkit.start(url, socket, pid_file, ctx.settings.reconnect_window, owner)
+            pid = nbdkit.start(
+                url, socket, pid_file, ctx.settings.reconnect_window, owner, cache(ctx)
+            )
     except (nbdkit.BridgeError, qemu_nbd.ServerError) as e:
         raise ExternalDiskError(f"cannot bridge to {url}: {e}") from None
     log.info("bridge for disk %s to %s: pid %d", disk_id, url, pid)
     return True
+
+
+def cache(ctx: EngineContext) -> nbdkit.Cache | None:
+    """How an NBD bridge hides the source's latency (the settings bridge_*)."""
+    s = ctx.settings
+    if not s.bridge_cache:
+        return None
+    return nbdkit.Cache(s.bridge_cache_block_kib, s.bridge_cache_max_mib, s.bridge_readahead)
 
 
 def _start_decoder(url: str, fmt: str, socket: Path, pid_file: Path, owner: str | None) -> int:
