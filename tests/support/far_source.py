@@ -8,6 +8,7 @@ goes away and comes back. This kernel has no sch_netem, hence nbdkit's filters.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,12 +31,14 @@ class FarSource:
         delay_ms: float = 0,
         rate: str | None = None,
         port: int | None = None,
+        log_file: Path | None = None,
     ) -> None:
         self.image = image
         self.pid_file = pid_file
         self.delay_ms = delay_ms
         self.rate = rate  # e.g. "100M" (bits per second, nbdkit's rate filter)
         self.port = port or free_port()
+        self.log_file = log_file  # every request the source answers (nbdkit's log filter)
 
     @property
     def url(self) -> str:
@@ -46,6 +49,9 @@ class FarSource:
         argv += ["-P", str(self.pid_file)]
         filters = []
         params = []
+        if self.log_file:
+            filters.append("--filter=log")
+            params.append(f"logfile={self.log_file}")
         if self.delay_ms:
             filters.append("--filter=delay")
             params.append(f"rdelay={self.delay_ms:g}ms")
@@ -92,3 +98,12 @@ class FarSource:
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+_READ = re.compile(r"Read id=[0-9]+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)")
+
+
+def reads(log_file: Path) -> list[tuple[int, int]]:
+    """(offset, length) of every read request in a source's log, in order."""
+    text = log_file.read_text() if log_file.exists() else ""
+    return [(int(m.group(1), 16), int(m.group(2), 16)) for m in _READ.finditer(text)]
