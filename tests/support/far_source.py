@@ -7,14 +7,16 @@ goes away and comes back. This kernel has no sch_netem, hence nbdkit's filters.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+
+from thinair.adapters import procfs
+
+PROGRAMS = frozenset({"nbdkit"})
 
 
 def free_port() -> int:
@@ -72,23 +74,9 @@ class FarSource:
 
     def stop(self) -> None:
         """Gone: the port refuses connections and open ones are closed."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.02)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        pid = procfs.from_pid_file(self.pid_file, PROGRAMS, str(self.pid_file))
+        if pid is not None:
+            procfs.terminate(pid, PROGRAMS, str(self.pid_file))
         self.pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> FarSource:
