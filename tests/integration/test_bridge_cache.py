@@ -15,6 +15,7 @@ import pytest
 from tests.support.far_source import FarSource, reads
 from thinair.adapters import nbdkit
 from thinair.config import Settings
+from thinair.engine import working_sets
 from thinair.engine.context import EngineContext
 from thinair.engine.outages import source_problem
 
@@ -71,4 +72,42 @@ def test_source_problem_says_why(source: FarSource, image: Path, workdir: Path) 
         FarSource(image, workdir / "source.pid", port=source.port).start()
         assert source_problem(ctx, source.url, "raw", timeout=5) is None
     finally:
+        ctx.close()
+
+
+def test_working_set_recorded_then_prefetched(
+    source: FarSource, image: Path, workdir: Path
+) -> None:
+    ctx = EngineContext(Settings(home=workdir / "home", libvirt_uri="test:///default"))
+    first = (workdir / "first.sock", workdir / "first.pid", workdir / "first.reads")
+    second = (workdir / "second.sock", workdir / "second.pid", workdir / "second.reads")
+    try:
+        nbdkit.start(source.url, *first[:2], 2, None, nbdkit.Cache(reads_log=first[2]))
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={first[0]}")
+        for offset in (5 * MiB + 7, 2 * MiB, 5 * MiB + 4096, 11 * MiB):
+            h.pread(512, offset)
+        h.shutdown()
+        assert working_sets.record(ctx, source.url, first[2])
+        assert working_sets.blocks(ctx, source.url) == [
+            (5 * MiB, MiB),
+            (2 * MiB, MiB),
+            (11 * MiB, MiB),
+        ]
+        assert not working_sets.record(ctx, source.url, first[2])  # kept once
+        before = len(reads(workdir / "source.log"))
+        nbdkit.start(source.url, *second[:2], 2, None, nbdkit.Cache(reads_log=second[2]))
+        thread = working_sets.prefetch(ctx, source.url, second[0])
+        assert thread is not None
+        thread.join(30)
+        fetched = reads(workdir / "source.log")[before:]
+        assert sorted(fetched) == [(2 * MiB, MiB), (5 * MiB, MiB), (11 * MiB, MiB)]
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={second[0]}")
+        assert h.pread(4096, 11 * MiB + 8192) == bytes([11]) * 4096
+        h.shutdown()
+        assert len(reads(workdir / "source.log")) == before + 3  # the read was a hit
+    finally:
+        nbdkit.stop(*first[:2])
+        nbdkit.stop(*second[:2])
         ctx.close()

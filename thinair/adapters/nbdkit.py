@@ -56,6 +56,9 @@ class Cache:
     block_kib: int = 1024  # a power of 2, >= 4
     max_mib: int = 2048  # 0: no limit
     readahead: bool = True
+    # Where to log what the cache fetches from the source (nbdkit's log filter
+    # below the cache: misses only), for thinair.engine.working_sets.
+    reads_log: Path | None = None
 
 
 def start(
@@ -144,7 +147,11 @@ def source_args(uri: str, window: float, cache: Cache | None = None) -> list[str
     if cache.max_mib > 0:
         params.append(f"cache-max-size={cache.max_mib}M")
     filters = ["--filter=readahead"] if cache.readahead else []
-    filters += ["--filter=cache", "--filter=retry"]
+    filters.append("--filter=cache")
+    if cache.reads_log is not None:
+        filters.append("--filter=log")
+        params.append(f"logfile={cache.reads_log}")
+    filters.append("--filter=retry")
     return [*filters, "nbd", *_plugin_args(uri), *retry, *params]
 
 

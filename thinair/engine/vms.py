@@ -570,14 +570,14 @@ def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) 
         paths.append(str(v2v.xml_path(conversion_log)))
         if not keep_conversion_log:
             paths.append(str(conversion_log))
-        disk_ids = [d.id for d in vm.disks]
+        disk_urls = [(d.id, d.external_url) for d in vm.disks]
         host_virt = _virt(ctx, vm)
     dom = host_virt.lookup(name)
     if dom is not None and host_virt.owner(dom) == (ctx.engine_id, vm_id):
         host_virt.undefine(name)
     crash_point("destroy-undefined")
-    for disk_id in disk_ids:
-        bridges.stop(ctx, disk_id)
+    for disk_id, url in disk_urls:
+        bridges.stop(ctx, disk_id, url)
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             if path:
