@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,3 +88,37 @@ def test_latency_hiding_reads_the_right_bytes(
     else:  # only what the guest wrote (its records), a few clusters
         assert _top_layer_data(overlay) < 4 * BLOCK
     c.vms.rollback(name)
+
+
+@pytest.mark.slow
+def test_second_vm_prefetches_the_first_ones_boot(
+    make_engine: Callable[..., Engine], guest_image: Path, workdir: Path, storage_dir: Path
+) -> None:
+    """The first VM's boot reads are kept for its source when it is rolled back;
+    the next VM's bridge fetches them before the guest asks, and the guest reads
+    the right bytes."""
+    engine = make_engine("qemu:///system")
+    c = engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    log = workdir / "source.log"
+    with FarSource(guest_image, workdir / "source.pid", delay_ms=10, log_file=log) as source:
+        disk = f"{source.url},storage=tmp"
+        c.vms.create("i15-first", disks=[disk], memory_mib=256)
+        c.vms.start("i15-first")
+        wait_console(c, "i15-first", lambda i: i["pattern_md5"] is not None)
+        c.vms.rollback("i15-first")
+        first = len([r for r in reads(log) if r[1] == BLOCK])
+        (kept,) = (engine.home / "working-sets").glob("*.json")
+        wanted = len(json.loads(kept.read_text())["blocks"])
+        assert 0 < wanted <= first
+        c.vms.create("i15-second", disks=[disk], memory_mib=256)
+        deadline = time.monotonic() + 60
+        while len([r for r in reads(log) if r[1] == BLOCK]) < first + wanted:
+            assert time.monotonic() < deadline, "the working set was not prefetched"
+            time.sleep(0.2)
+        prefetched = len(reads(log))
+        c.vms.start("i15-second")
+        info = wait_console(c, "i15-second", lambda i: i["pattern_md5"] is not None)
+        assert info["pattern_md5"] == guest.expected_pattern_md5()
+        assert len(reads(log)) - prefetched <= first - wanted + first // 4  # nearly all hits
+        c.vms.rollback("i15-second")
