@@ -55,7 +55,7 @@ class Cache:
 
     block_kib: int = 1024  # a power of 2, >= 4
     max_mib: int = 2048  # 0: no limit
-    readahead: bool = True
+    readahead: bool = False
     # Where to log what the cache fetches from the source (nbdkit's log filter
     # below the cache: misses only), for thinair.engine.working_sets.
     reads_log: Path | None = None
