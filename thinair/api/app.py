@@ -4,6 +4,7 @@ with a stable `code` and a `message`, and HTTP statuses are chosen here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -188,20 +189,42 @@ def _console_size(path: str) -> int:
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
 )
-async def events(ctx: Ctx) -> EventSourceResponse:
+async def events(
+    ctx: Ctx,
+    token: Annotated[ApiToken, Depends(authenticated)],
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
     """Server-sent events, until the client goes: `vm` (id, name, and the state
     when libvirt reports one) when a VM is created, removed, started, imported
     or changes state; `job` (the whole job) on every change of a job; `resync`
     when the client fell behind and should read everything again. The first
-    event, `hello`, says the stream is open: read the state then."""
-    sub = ctx.events.subscribe(asyncio.get_running_loop())
+    event, `hello`, says the stream is open: read the state then. Each event has
+    an id: reconnecting with `Last-Event-ID` replays what was missed (or sends
+    `resync`). A token revoked while its stream is open ends the stream, with
+    an `unauthorized` event."""
+    sub = ctx.events.subscribe(asyncio.get_running_loop(), last_event_id)
+
+    def revoked() -> bool:
+        with ctx.db.session() as s:
+            row = s.get(ApiToken, token.id)
+            return row is None or row.revoked_at is not None
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         try:
             yield ServerSentEvent(event="hello", data="{}")
             while True:
-                event = await sub.get()
-                yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
+                try:
+                    event = await asyncio.wait_for(sub.get(), EVENTS_RECHECK)
+                except TimeoutError:
+                    event = None
+                if await run_in_threadpool(revoked):
+                    message = f"token {token.name!r} was revoked"
+                    data = json.dumps({"code": "unauthorized", "message": message})
+                    yield ServerSentEvent(event="unauthorized", data=data)
+                    return
+                if event is not None:
+                    data = json.dumps(event.data)
+                    yield ServerSentEvent(event=event.kind, data=data, id=event.id or None)
         finally:
             ctx.events.unsubscribe(sub)
 
@@ -209,6 +232,8 @@ async def events(ctx: Ctx) -> EventSourceResponse:
 
 
 EVENTS_PING = 15
+# How often an open stream checks that its token still holds (and on every event).
+EVENTS_RECHECK = 5.0
 
 
 @router.post("/probe", response_model=models.ProbeResult)
@@ -268,11 +293,7 @@ def list_disks(ctx: Ctx) -> list[models.Disk]:
 
 @router.get("/disks/{disk_id}", response_model=models.Disk)
 def get_disk(ctx: Ctx, disk_id: str) -> models.Disk:
-    for vm in vms.list_all(ctx):
-        for d in vm.disks:
-            if d.id == disk_id:
-                return d
-    raise NotFound(f"no disk {disk_id!r}")
+    return vms.get_disk(ctx, disk_id)
 
 
 @router.post("/disks/{disk_id}/move", response_model=models.Job, status_code=202)
@@ -283,7 +304,11 @@ def move_disk(ctx: Ctx, jobs: Jobs, disk_id: str, req: models.ImportRequest) -> 
 
 
 @router.get("/jobs", response_model=list[models.Job])
-def list_jobs(jobs: Jobs, vm: str | None = None) -> list[models.Job]:
+def list_jobs(ctx: Ctx, jobs: Jobs, vm: str | None = None) -> list[models.Job]:
+    """`vm`: its name, id or id prefix; the id of a VM removed since keeps its jobs."""
+    if vm:
+        with contextlib.suppress(NotFound):
+            vm = vms.get(ctx, vm).id
     return jobs.list(vm_id=vm)
 
 
@@ -342,11 +367,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    from thinair.api import hosts, tokens  # they import this module: include them late
+    # they import this module: include them late
+    from thinair.api import console, hosts, metrics, tokens
 
     app.include_router(router)
     app.include_router(tokens.router)
     app.include_router(hosts.router)
+    app.include_router(metrics.router)  # GET /metrics, for Prometheus
+    app.include_router(console.router)
     web.mount(app)
 
     @app.get(

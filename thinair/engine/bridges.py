@@ -149,14 +149,16 @@ def stop(ctx: EngineContext, disk_id: str, url: str | None = None) -> None:
 
 
 @contextmanager
-def temporary(ctx: EngineContext, url: str) -> Iterator[str]:
+def temporary(ctx: EngineContext, url: str, window: float = 1) -> Iterator[str]:
     """A short-lived bridge, for reading a source only a bridge can read (NBD
     over TLS, a tar member) or that libnbd should read (an OVA over HTTP);
-    yields the URL to give QEMU's tools or libnbd."""
+    yields the URL to give QEMU's tools or libnbd. It has no cache: a bulk
+    copy through a disk's own (cached) bridge would go one block at a time
+    (nbdkit 1.32's cache filter locks every block) and fill its cache."""
     name = f"probe-{uuid.uuid4().hex[:12]}"
     socket, pid_file = _paths(ctx, name)
     try:
-        nbdkit.start(url, socket, pid_file, window=1, owner=None)
+        nbdkit.start(url, socket, pid_file, window=window, owner=None)
         yield f"nbd+unix:///?socket={socket}"
     except nbdkit.BridgeError as e:
         raise ExternalDiskError(f"cannot read {url}: {e}") from None
