@@ -97,7 +97,7 @@ def test_second_vm_prefetches_the_first_ones_boot(
     """The first VM's boot reads are kept for its source when it is rolled back;
     the next VM's bridge fetches them before the guest asks, and the guest reads
     the right bytes."""
-    engine = make_engine("qemu:///system")
+    engine = make_engine("qemu:///system", THINAIR_WORKING_SET="on")
     c = engine.client()
     c.storage_domains.add("tmp", str(storage_dir))
     log = workdir / "source.log"
