@@ -157,7 +157,7 @@ def test_digests_catch_a_copy_that_differs(workdir: Path, counted: list[_Counted
     assert nbd_copy.first_difference(server.url, str(dest), mismatch.offset, mismatch.length) == bad
 
 
-def test_a_source_that_stops_answering_fails_with_the_cause(
+def test_a_source_gone_for_good_fails_with_the_cause(
     workdir: Path, counted: list[_Counted]
 ) -> None:
     src = workdir / "src.raw"
@@ -166,16 +166,50 @@ def test_a_source_that_stops_answering_fails_with_the_cause(
     counted.append(server)
     checkpoints: list[nbd_copy.Checkpoint] = []
 
-    def stop_server(done: int, _total: int) -> None:
+    def kill_server(done: int, _total: int) -> None:
         if done > 16 * MiB and server.proc.poll() is None:
             server.proc.kill()
 
-    with pytest.raises(nbd_copy.CopyError):
+    began = time.monotonic()
+    with pytest.raises(nbd_copy.CopyError, match="for 2 s"):
         nbd_copy.copy(
             server.url,
             str(workdir / "dest.raw"),
             str(workdir / "digests"),
             bandwidth=32 * MiB,
-            on_progress=stop_server,
+            on_progress=kill_server,
             on_checkpoint=checkpoints.append,
+            window=2,
         )
+    assert time.monotonic() - began < 30
+    assert checkpoints and checkpoints[-1].copied > 0  # what a rerun resumes from
+
+
+def test_a_source_that_restarts_is_ridden_out(workdir: Path, counted: list[_Counted]) -> None:
+    """The server goes away for 3 s mid-copy and comes back at the same address:
+    the copy goes on, whole and identical."""
+    src = workdir / "src.raw"
+    _image(src, 128 * MiB, 8, 8 * MiB)
+    server = _Counted(src, workdir)
+    counted.append(server)
+    restarted: list[_Counted] = []
+
+    def restart(done: int, _total: int) -> None:
+        if done > 16 * MiB and not restarted:
+            server.stop()
+            server.socket.unlink(missing_ok=True)
+            time.sleep(3)
+            restarted.append(_Counted(src, workdir))
+            counted.append(restarted[0])
+
+    dest = workdir / "dest.raw"
+    done = nbd_copy.copy(
+        server.url,
+        str(dest),
+        str(workdir / "digests"),
+        bandwidth=32 * MiB,
+        on_progress=restart,
+        window=30,
+    )
+    assert restarted and done.verified == done.digest_bytes
+    assert qemu_img.compare(str(src), str(dest), "raw", "raw")

@@ -3,8 +3,8 @@
 How, per disk (`disk move` moves one, local ones too):
 - bulk, the default for an external disk: the copier (adapters/nbd_copy) copies
   the source's allocated data straight into the final volume, a raw file on the
-  target domain, with many reads in flight on several connections, through the
-  disk's bridge (which rides out a source restart). It checkpoints as it goes,
+  target domain, with many reads in flight on several connections, riding out a
+  source restart as the disk's bridge does. It checkpoints as it goes,
   so an interrupted copy resumes where it was, in this job or the next one, and
   keeps a digest of every read, checked against the copy read back before
   anything else writes to it. Then only the guest's own writes move: a shallow
@@ -305,10 +305,15 @@ def _bulk(
 def _copy_source(
     ctx: EngineContext, disk_id: str, url: str, fmt: str, local: bool
 ) -> Iterator[str]:
-    """An NBD URL serving the disk's source as raw bytes: its bridge for a raw NBD
-    source, else a qemu-nbd of our own decoding what the temporary disk reads
-    (a qcow2 chain or a VMDK over HTTP, an OVA member, ...). A VM on another host
-    reads its source directly, with no bridge here: so does the copy."""
+    """An NBD URL serving the disk's source as raw bytes. A raw NBD source is
+    read directly (the copier rides out a restart itself, and a hop through the
+    bridge would cost CPU the copy needs); anything else through a qemu-nbd of
+    our own decoding what the temporary disk reads (a qcow2 chain or a VMDK over
+    HTTP, an OVA member, ...). A VM on another host has no bridge here."""
+    ext = parse_url(url)
+    if fmt == "raw" and ext.is_nbd and not ext.is_tar:
+        yield url
+        return
     backing, backing_format = bridges.source(ctx, disk_id, url, fmt) if local else (url, fmt)
     if backing_format == "raw" and backing.startswith("nbd"):
         yield backing
@@ -364,6 +369,7 @@ def _bulk_copy(
             on_progress=on_progress,
             on_checkpoint=on_checkpoint,
             should_stop=lambda: job.cancel_requested,
+            window=ctx.settings.reconnect_window,
         )
     except nbd_copy.CopyStopped:
         raise JobCancelled() from None
@@ -421,7 +427,7 @@ def _live_merge(
                 name,
                 target,
                 state.dest,
-                "raw",
+                state.dest_format,
                 bandwidth=job.params["bandwidth"],
                 shallow=True,
                 reuse_external=True,
@@ -773,7 +779,8 @@ def _cleanup(ctx: EngineContext, job: JobHandle, disk_id: str) -> None:
 class _Progress:
     """Bytes done and total per disk and overall, with rate and ETA, written to
     the job at most every PROGRESS_INTERVAL. A disk's bytes are its bulk copy's
-    (the source's allocated data) and then the guest's writes merged after it."""
+    (the source's allocated data: holes are not counted, so the rate is that of
+    bytes copied) or, for a whole-chain mirror, QEMU's."""
 
     def __init__(self, job: JobHandle) -> None:
         self.job = job
@@ -794,11 +801,12 @@ class _Progress:
         self._maybe_write()
 
     def set_merge(self, target: str, done: int, total: int) -> None:
-        """The block job's bytes, after what the bulk copy moved (none for a
-        whole-chain mirror)."""
-        base = self.bulk.get(target, 0)
-        if total > 0:
-            self.disks[target] = {"done": base + done, "total": base + total}
+        """The block job's bytes: a whole-chain mirror's copy. After a bulk copy
+        the disk's bytes stay the bulk copy's: the shallow mirror's own figures
+        (QEMU counts the whole disk there) would say nothing of the guest's
+        writes it moves, which take a fraction of a second."""
+        if total > 0 and target not in self.bulk:
+            self.disks[target] = {"done": done, "total": total}
         self._maybe_write()
 
     def set_fraction(self, target: str, fraction: float) -> None:
