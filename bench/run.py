@@ -11,6 +11,7 @@ in order (each also runs alone as bench/<name>.py):
   6. concurrency         1, 4, 16 rollbacks and imports at once
   7. api_latency         GET /api/v1/vms with 1,000 VMs, p50 and p99
   8. distance            start to boot marker with 10/25/50 ms per read vs none
+                         (about 9 min alone, 3 with --quick)
 A benchmark that fails is reported in the table (and the exit status); the
 others still run. One JSON line per run goes to bench/results/history.jsonl.
 

