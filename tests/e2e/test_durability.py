@@ -10,6 +10,7 @@ strategy the API offers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ import pytest
 from tests.conftest import Engine
 from tests.e2e.test_crash_points import _crash_then_restart
 from thinair.adapters import procfs, qemu_img, qemu_nbd
-from thinair.client import ThinairAPIError
+from thinair.client import EngineUnreachable, ThinairAPIError
 from thinair.engine.faults import QEMU_PROGRAMS, QEMU_VARIABLE, VARIABLE
 
 pytestmark = pytest.mark.libvirt
@@ -153,3 +154,47 @@ def test_two_disks_then_a_local_disk_moved(
     assert list(tmp.iterdir()) == []
     c.vms.remove("dur-two")
     assert list(final.iterdir()) == []
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "mirror"])
+def test_engine_and_qemu_both_die_during_the_switch(
+    make_engine: Callable[..., Engine],
+    nbd_export: Callable[..., qemu_nbd.Server],
+    workdir: Path,
+    strategy: str,
+) -> None:
+    """A power cut as the switch-over begins: the engine dies with the guest
+    paused and the copy recorded as the disk, and QEMU dies before the engine
+    comes back. The restarted engine finishes the import from its record: the
+    copy is the disk, and it holds every byte."""
+    engine = make_engine("qemu:///system", **{VARIABLE: "import-switching"})
+    source = _source(workdir / "src.raw")
+    export = nbd_export(source)
+    tmp, final = workdir / "tmp", workdir / "final"
+    c = engine.client()
+    for path in (tmp, final):
+        path.mkdir(mode=0o755)
+        c.storage_domains.add(path.name, str(path))
+    name = f"dur-both-{strategy}"
+    c.vms.create(name, disks=[f"{export.url},format=raw,storage=tmp"], memory_mib=64)
+    c.vms.start(name)
+    job = c.vms.import_(name, to="final", strategy=strategy)
+
+    with contextlib.suppress(EngineUnreachable):  # the engine dies under the request
+        c.jobs.wait(job.id, timeout=300)
+    assert engine.proc is not None
+    engine.proc.wait(timeout=300)
+    assert engine.proc.returncode == -9, engine.log()[-2000:]
+    _kill_qemu(name)
+    del engine.extra_env[VARIABLE]
+    engine.start()
+    c = engine.client()
+    done = c.jobs.wait(job.id, timeout=300)
+    assert done.state == "succeeded", done.error
+    (disk,) = c.vms.get(name).disks
+    assert disk.location == "local" and disk.storage_domain == "final"
+    assert (
+        qemu_img.first_difference(str(source), disk.volume_path, "raw", disk.volume_format) is None
+    )
+    assert list(tmp.iterdir()) == []
+    c.vms.remove(name, force=True)

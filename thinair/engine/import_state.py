@@ -15,7 +15,11 @@ to matter:
   into `dest`; a mirror that did not finish is started again (it copies every
   cluster of the temporary disk again, so what it left is overwritten);
 - switching: `dest` holds everything the guest wrote and is synced, the guest
-  is paused: from here `dest` is the disk, whatever happens to QEMU.
+  is paused: from here `dest` is the disk, whatever happens to QEMU;
+- merging (a stopped VM instead of mirror and switching): the temporary disk
+  has `dest` as its backing file now and its clusters are being committed into
+  it: the temporary disk over `dest` is the disk until the commit is done.
+From switching or merging on there is no going back: the job can only finish.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pathlib import Path
 from thinair.adapters.nbd_copy import Checkpoint
 from thinair.engine.context import EngineContext
 
-PHASES = ("copy", "verified", "mirror", "switching")
+PHASES = ("copy", "verified", "mirror", "switching", "merging")
+COMMITTED = ("switching", "merging")
 
 
 @dataclass

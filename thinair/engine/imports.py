@@ -187,12 +187,12 @@ def _import_disk(
         else:
             _mirror(ctx, job, name, disk_id, state, progress)
     except JobCancelled:
-        if _phase(ctx, disk_id) != "switching":
+        if _phase(ctx, disk_id) not in import_state.COMMITTED:
             import_state.discard(ctx, disk_id)  # the partial copy goes
         raise
     except BackendError as e:
         if full := _storage_problem(ctx, job.params["to"]):
-            if _phase(ctx, disk_id) != "switching":
+            if _phase(ctx, disk_id) not in import_state.COMMITTED:
                 import_state.discard(ctx, disk_id)
             raise StorageError(
                 f"{full}: the copy of {target} stopped; the partial copy is deleted and the "
@@ -216,7 +216,7 @@ def _state(ctx: EngineContext, disk: Disk, sd: StorageDomain, method: str) -> Di
     same place the same way (or is past the point of no return), else a new one."""
     state = import_state.load(ctx, disk.id)
     if state is not None and (
-        state.phase == "switching"
+        state.phase in import_state.COMMITTED
         or (state.to == sd.id and state.method == method and os.path.exists(state.dest))
     ):
         return state
@@ -295,7 +295,8 @@ def _bulk(
         with _copy_source(ctx, disk_id, url, fmt, local) as source:
             _bulk_copy(ctx, job, name, target, source, state, progress)
             _verify(ctx, job, name, target, source, state)
-    if _running(ctx, name):
+    if state.phase == "switching" or _running(ctx, name):
+        # (switching: the copy is the disk already, whether QEMU still runs or not)
         _live_merge(ctx, job, name, target, disk_id, state, progress)
     else:
         _offline_merge(ctx, job, target, overlay, disk_id, state, progress)
@@ -450,10 +451,10 @@ def _offline_merge(
     progress: _Progress,
 ) -> None:
     """A stopped VM: point the temporary disk at the bulk copy (the same bytes as
-    its source) and commit its clusters into it. From the record "switching" on,
+    its source) and commit its clusters into it. From the record "merging" on,
     the temporary disk reads the copy; every step runs again as it is."""
-    if state.phase != "switching":
-        state.phase = "switching"
+    if state.phase != "merging":
+        state.phase = "merging"
         import_state.save(ctx, state)
     job.update(step=f"merge {target}")
     try:

@@ -449,7 +449,7 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
         vm_id, name = vm.id, vm.name
         for d in vm.disks:
             half_done = import_state.load(ctx, d.id)
-            if half_done is not None and half_done.phase == "switching" and d.external_url:
+            if half_done and half_done.phase in import_state.COMMITTED and d.external_url:
                 raise Conflict(
                     f"{name}: the import of {d.target} stopped half way through its "
                     "switch to the local copy: run `vm import` again to finish it"
