@@ -93,8 +93,10 @@ def main() -> None:
     print()
     print_table(rows)
     met = [r.met for r in rows if r.met is not None]
+    unmeasured = [r.figure for r in rows if r.target and r.met is None]
     print(
-        f"\n{sum(met)} of {len(met)} targets met; {len(failed)} benchmark(s) failed; "
+        f"\n{sum(met)} of {len(met)} targets met; {len(unmeasured)} target(s) not measured "
+        f"in this run; {len(failed)} benchmark(s) failed; "
         f"{total / 60:.1f} min ({'quick' if args.quick else 'full'} run)"
     )
     append_history(
