@@ -297,7 +297,7 @@ def _bulk(
             _verify(ctx, job, name, target, source, state)
     if state.phase == "switching" or _running(ctx, name):
         # (switching: the copy is the disk already, whether QEMU still runs or not)
-        _live_merge(ctx, job, name, target, disk_id, state, progress)
+        _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=True)
     else:
         _offline_merge(ctx, job, target, overlay, disk_id, state, progress)
 
@@ -405,7 +405,7 @@ def _verify(
     crash_point("import-verified", name)
 
 
-def _live_merge(
+def _live_copy(
     ctx: EngineContext,
     job: JobHandle,
     name: str,
@@ -413,30 +413,42 @@ def _live_merge(
     disk_id: str,
     state: DiskImport,
     progress: _Progress,
+    shallow: bool,
 ) -> None:
-    """Move the guest's writes onto the bulk copy (a shallow mirror), then switch."""
+    """A libvirt block copy onto the destination (shallow: the temporary disk's
+    own clusters onto a copy of its backing; else the whole chain into a new
+    volume), then the switch-over. A copy that does not get there is cancelled:
+    a shallow one's destination stays (still a copy of the source), a whole
+    one's goes."""
     if state.phase == "switching":
         _finish_switch(ctx, job, name, target, disk_id, state, progress)
         return
     virt_ = ctx.vm_virt(name)
     try:
         if virt_.block_job(name, target) is None:
-            state.phase = "mirror"
-            import_state.save(ctx, state)
-            job.update(step=f"merge {target}")
+            if shallow:
+                state.phase = "mirror"
+                import_state.save(ctx, state)
+                job.update(step=f"merge {target}")
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(state.dest)  # a partial copy from before a restart
+                job.update(step=f"copy {target}")
+            # QEMU's mirror keeps at most 16 x 1 MiB reads in flight on one
+            # connection, whatever the buffer size: libvirt's defaults stay.
             virt_.block_copy(
                 name,
                 target,
                 state.dest,
                 state.dest_format,
                 bandwidth=job.params["bandwidth"],
-                shallow=True,
-                reuse_external=True,
+                shallow=shallow,
+                reuse_external=shallow,
             )
         _wait_ready(ctx, job, name, target, state.dest, progress)
         job.check_cancel()
     except BaseException:
-        _abandon_mirror(ctx, name, target, state.dest, delete=False)
+        _abandon_mirror(ctx, name, target, state.dest, delete=not shallow)
         raise
     _switch(ctx, job, name, target, disk_id, state)
 
@@ -482,32 +494,7 @@ def _mirror(
         assert disk is not None
         target, volume, volume_format = disk.target, disk.volume_path, disk.volume_format
     if _running(ctx, name):
-        if state.phase == "switching":
-            _finish_switch(ctx, job, name, target, disk_id, state, progress)
-            return
-        virt_ = ctx.vm_virt(name)
-        try:
-            if virt_.block_job(name, target) is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(state.dest)  # a partial copy from before a restart
-                job.update(step=f"copy {target}")
-                # QEMU's mirror keeps at most 16 x 1 MiB reads in flight on one
-                # connection, whatever the buffer size: libvirt's defaults stay.
-                virt_.block_copy(
-                    name,
-                    target,
-                    state.dest,
-                    state.dest_format,
-                    bandwidth=job.params["bandwidth"],
-                    shallow=False,
-                    reuse_external=False,
-                )
-            _wait_ready(ctx, job, name, target, state.dest, progress)
-            job.check_cancel()
-        except BaseException:
-            _abandon_mirror(ctx, name, target, state.dest, delete=True)
-            raise
-        _switch(ctx, job, name, target, disk_id, state)
+        _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=False)
         return
     if state.phase == "switching":  # the copy was complete and checked
         _commit(ctx, job, disk_id, state)
@@ -733,7 +720,7 @@ def _finish_switch(
                 with contextlib.suppress(BackendError):
                     if virt_.state(name) == "paused":
                         virt_.resume(name)
-                _live_merge(ctx, job, name, target, disk_id, state, progress)
+                _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=True)
                 return
             _pivot(ctx, name, target, state.dest)
         _commit(ctx, job, disk_id, state)
