@@ -576,9 +576,14 @@ def verify(dest: str, digest_file: str, start: int = 0, end: int | None = None) 
         f.seek(start)
         data = f.read() if end is None else f.read(end - start)
     fd = os.open(dest, os.O_RDONLY)
+    buf = bytearray(REQUEST)  # one buffer, read into again and again: no allocation
     try:
         for offset, length, digest in _RECORD.iter_unpack(data):
-            if _digest(os.pread(fd, length, offset)) != digest:
+            if len(buf) < length:
+                buf = bytearray(length)
+            view = memoryview(buf)[:length]
+            got = os.preadv(fd, [view], offset)
+            if got != length or _digest(view) != digest:
                 return Mismatch(offset, length)
             # Checked: its pages (clean, synced) leave the page cache, which a
             # copy of many GiB would otherwise fill, evicting what the guest uses.
