@@ -215,18 +215,22 @@ def _check_image(ctx: EngineContext, req: models.ExportCreate) -> tuple[str, int
     """The image's format and virtual size; InvalidInput if it cannot be served."""
     assert req.image is not None
     _check_path(req.image, "image path")
+    storage.check_image_root(ctx, req.image)  # first: nothing outside is even looked at
     validate_format(req.format)
     if problem := local_image_problem(req.image):
         raise InvalidInput(problem)
-    storage.check_image_root(ctx, req.image)
     try:
-        info = qemu_img.info(req.image, fmt=req.format, timeout=60)
+        info = qemu_img.info(req.image, fmt=req.format, timeout=60, backing_chain=True)
     except CommandFailed as e:
         line = e.stderr.splitlines()[-1] if e.stderr else str(e)
         reason = line.split(": ", 2)[-1] if line.startswith("qemu-img:") else line
         raise InvalidInput(f"cannot serve {req.image}: {reason}") from None
     if info.virtual_size <= 0:
         raise InvalidInput(f"{req.image} is empty")
+    for name in info.files()[1:]:  # a backing file or extent: the server opens it too
+        if not name.startswith("/"):
+            raise InvalidInput(f"{req.image} names {name!r}, not a local path")
+        storage.check_image_root(ctx, name, "file")
     if req.protocol == "http" and os.geteuid() == 0:
         _check_readable_by_others(Path(req.image))
     return info.format, info.virtual_size
@@ -289,8 +293,9 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _check_socket_path(path: str) -> None:
+def _check_socket_path(ctx: EngineContext, path: str) -> None:
     _check_path(path, "Unix socket path")
+    storage.check_image_root(ctx, path, "Unix socket")
     if len(path.encode()) > 107:
         raise InvalidInput(f"Unix socket path {path!r} is longer than 107 bytes")
     if not Path(path).parent.is_dir():
@@ -299,12 +304,13 @@ def _check_socket_path(path: str) -> None:
         raise Conflict(f"{path} exists already")
 
 
-def _check_tls_dir(req: models.ExportCreate) -> None:
+def _check_tls_dir(ctx: EngineContext, req: models.ExportCreate) -> None:
     if req.tls_dir is None:
         return
     if req.tls == "none":
         raise InvalidInput("--tls-dir needs --tls psk or --tls x509")
     _check_path(req.tls_dir, "TLS directory")
+    storage.check_image_root(ctx, req.tls_dir, "TLS directory")
     names = [gnutls.PSK_FILE] if req.tls == "psk" else gnutls.X509_SERVER_FILES
     for name in names:
         path = Path(req.tls_dir) / name
@@ -525,14 +531,14 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
         assert req.image is not None
         image = req.image
         fmt, size = _check_image(ctx, req)
-    _check_tls_dir(req)
+    _check_tls_dir(ctx, req)
     host, port = _parse_listen(req.listen)
     if req.unix is not None:
         if req.listen:
             raise InvalidInput("give --listen or --unix, not both")
         if req.protocol == "http":
             raise InvalidInput("HTTP exports listen on TCP: use --listen, not --unix")
-        _check_socket_path(req.unix)
+        _check_socket_path(ctx, req.unix)
     if req.protocol == "http" and req.tls != "none":
         raise InvalidInput("HTTP exports are plain HTTP: use --tls none, or NBD for TLS")
     with _lock:
