@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import thinair
 from thinair import models, web
-from thinair.api import auth
+from thinair.api import auth, security
 from thinair.config import Settings
 from thinair.db.models import ApiToken
 from thinair.engine import convert, exports, imports, reconcile, storage, vms
@@ -340,6 +340,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     from thinair.api import hosts, tokens  # they import this module: include them late
 
+    security.install(app)
     app.include_router(router)
     app.include_router(tokens.router)
     app.include_router(hosts.router)
@@ -382,7 +383,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette's own refusals (unknown route, wrong method, a body that is not
         # JSON) in the API's one error shape.
-        codes = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}
+        codes = {
+            400: "invalid_input",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "too_large",
+        }
         return JSONResponse(
             status_code=exc.status_code,
             content={"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)},
