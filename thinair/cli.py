@@ -19,6 +19,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from thinair.client import Client, ThinairAPIError
 from thinair.config import Settings
@@ -769,6 +770,37 @@ def token_revoke(name: str, as_json: JsonOpt = False) -> None:
     with _errors():
         token = Client().tokens.revoke(name)
     _emit(token, as_json, lambda: out.print(f"revoked token {token.name}"))
+
+
+# -- audit ---------------------------------------------------------------------
+
+
+@app.command()
+def audit(
+    limit: Annotated[int, typer.Option("--limit", help="Entries shown, newest first.")] = 50,
+    token: Annotated[str | None, typer.Option("--token", help="Only this token's.")] = None,
+    action: Annotated[
+        str | None, typer.Option("--action", help="Only this action (create_vm, ...).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Who asked the engine for what change, from where, and how it ended
+    (an admin token only)."""
+    with _errors():
+        entries = Client().audit(limit=limit, token=token, action=action)
+
+    def render() -> None:
+        table = Table("TIME", "TOKEN", "CLIENT", "ACTION", "TARGET", "OUTCOME", box=None)
+        for e in entries:
+            outcome = e.outcome if e.outcome == "ok" else f"{e.outcome} ({e.status})"
+            if e.message:
+                outcome += f": {e.message[:80]}"
+            cells = [e.at.strftime("%Y-%m-%d %H:%M:%S"), e.token, e.client, e.action]
+            # Text, not markup: a target or message may hold anything a client sent.
+            table.add_row(*(Text(c or "-") for c in [*cells, e.target, outcome]))
+        out.print(table, highlight=False)
+
+    _emit(entries, as_json, render)
 
 
 # -- exports -------------------------------------------------------------------

@@ -123,6 +123,15 @@ class Client:
     def health(self) -> models.Health:
         return models.Health.model_validate(self.request("GET", "/health"))
 
+    def audit(
+        self, limit: int = 100, token: str | None = None, action: str | None = None
+    ) -> list[models.AuditEntry]:
+        """The audit log, newest first (an admin token only)."""
+        params: dict[str, Any] = {"limit": limit}
+        params |= {k: v for k, v in (("token", token), ("action", action)) if v is not None}
+        data = self.request("GET", "/audit", params=params)
+        return [models.AuditEntry.model_validate(x) for x in data]
+
     def close(self) -> None:
         self._http.close()
 

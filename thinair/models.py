@@ -370,3 +370,19 @@ class Host(_Model):
     reachable: bool = True
     error: str | None = Field(default=None, description="why libvirt there cannot be reached")
     vms: int = Field(default=0, description="VMs defined there")
+
+
+class AuditEntry(_Model):
+    id: int
+    at: datetime
+    token: str | None = Field(
+        description="the name of the token that asked; None if none was valid"
+    )
+    client: str | None = Field(description="the client's address")
+    method: str
+    path: str
+    action: str = Field(description="what was asked: create_vm, start_vm, revoke_token, ...")
+    target: str | None = Field(description="what it was asked of: a name, id or image")
+    status: int = Field(description="the HTTP status of the answer")
+    outcome: Literal["ok", "refused", "failed"]
+    message: str | None = Field(description="why, when refused or failed")

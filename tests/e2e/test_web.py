@@ -325,7 +325,17 @@ def test_markup_stays_text(
     form_error = page.locator("#vm-form-error")
     expect(form_error).to_contain_text("<img src=x onerror=")
     assert form_error.evaluate("el => el.children.length") == 0
-    browser.Shots(page, browser.screenshot_dir("web-markup"))("markup-as-text")
+    shot = browser.Shots(page, browser.screenshot_dir("web-markup"))
+    shot("markup-as-text")
+    page.keyboard.press("Escape")
+
+    # The admin's audit view lists that refusal, its markup as text too.
+    page.reload()
+    audit = page.locator("#audit")
+    expect(audit).to_contain_text("create_vm")
+    expect(audit).to_contain_text("<img src=x onerror=")
+    assert audit.locator("img").count() == 0
+    shot("audit")
 
     # Defence in depth: markup that did reach the DOM runs no inline handler.
     page.evaluate(

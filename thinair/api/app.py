@@ -83,6 +83,7 @@ def authenticated(
     token = auth.verify(ctx, cred.credentials)
     if token is None:
         raise AuthError("invalid or revoked token")
+    request.state.token_name = token.name  # for the audit trail
     if token.read_only and request.method not in ("GET", "HEAD", "OPTIONS"):
         raise Forbidden(f"token {token.name!r} is read-only")
     return token
@@ -338,10 +339,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    from thinair.api import hosts, tokens  # they import this module: include them late
+    from thinair.api import audit, hosts, tokens  # they import this module: include them late
 
+    app.add_middleware(audit.AuditTrail)
     security.install(app)
     app.include_router(router)
+    app.include_router(audit.router)
     app.include_router(tokens.router)
     app.include_router(hosts.router)
     web.mount(app)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from thinair import models
 from thinair.db.models import ApiToken, aware, utcnow
 from thinair.engine.context import EngineContext
-from thinair.errors import Conflict, NotFound
+from thinair.errors import Conflict, InvalidInput, NotFound
 
 ADMIN = "admin"
 
@@ -29,6 +29,13 @@ def admin_name(ctx: EngineContext) -> str:
     if not ctx.db.locks.shared:
         return ADMIN
     return f"{ADMIN}-{hashlib.sha256(ctx.engine_name.encode()).hexdigest()[:12]}"
+
+
+def is_admin(name: str) -> bool:
+    """An engine's own admin token (the one in THINAIR_HOME/token): "admin", or
+    "admin-HASH" where engines share a database. No other token may take
+    such a name (see create)."""
+    return name == ADMIN or name.startswith(f"{ADMIN}-")
 
 
 def ensure_admin_token(ctx: EngineContext) -> None:
@@ -73,6 +80,8 @@ def _model(row: ApiToken) -> models.Token:
 
 
 def create(ctx: EngineContext, req: models.TokenCreate) -> models.TokenCreated:
+    if is_admin(req.name):
+        raise InvalidInput(f"token names {ADMIN!r} and {ADMIN}-* are the engines' own")
     token = secrets.token_urlsafe(32)
     with ctx.db.session() as s:
         if s.scalar(select(ApiToken).where(ApiToken.name == req.name)):

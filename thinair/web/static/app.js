@@ -5,7 +5,7 @@
 const API = "/api/v1";
 const TOKEN_KEY = "thinair-token";
 const ACTIVE = new Set(["pending", "running"]);
-const state = { sds: [], vms: [], exports: [], jobs: [], watching: new Set(), signedIn: false };
+const state = { sds: [], vms: [], exports: [], jobs: [], audit: null, watching: new Set(), signedIn: false };
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -139,9 +139,11 @@ function refresh() {
   }
   refreshing = (async () => {
     try {
-      [state.sds, state.vms, state.exports, state.jobs] = await Promise.all([
+      [state.sds, state.vms, state.exports, state.jobs, state.audit] = await Promise.all([
         api("GET", "/storage_domains"), api("GET", "/vms"), api("GET", "/exports"),
         api("GET", "/jobs"),
+        // The audit log is for admin tokens: another token gets 403, and no view.
+        api("GET", "/audit?limit=30").catch((e) => { if (e.status === 403) return null; throw e; }),
       ]);
       render();
     } catch (e) {
@@ -234,6 +236,19 @@ function render() {
   renderJobs();
   renderStorage();
   renderExports();
+  renderAudit();
+}
+
+function renderAudit() {
+  $("#audit-section").hidden = state.audit === null;
+  if (state.audit === null) return;
+  const rows = state.audit.map((a) => h("tr", { id: `audit-${a.id}` },
+    cell("Time", new Date(a.at).toLocaleString()), cell("Token", a.token || "-"),
+    cell("Client", a.client || "-"), cell("Action", a.action), cell("Target", a.target || "-"),
+    cell("Outcome", badge(a.outcome, a.outcome === "ok" ? "running" : "failed"),
+      a.message ? h("div", { class: "hint" }, a.message) : null)));
+  replace($("#audit"), table(["Time", "Token", "Client", "Action", "Target", "Outcome"], rows,
+    "Nothing recorded yet."));
 }
 
 function where(vm, disk, job) {
