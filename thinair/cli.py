@@ -833,7 +833,10 @@ def expose(
         str | None, typer.Option("--listen", help="HOST:PORT (127.0.0.1, a free port).")
     ] = None,
     unix: Annotated[str | None, typer.Option("--unix", help="Unix socket path instead.")] = None,
-    tls: Annotated[str, typer.Option("--tls", help="none, psk or x509.")] = "none",
+    tls: Annotated[
+        str | None,
+        typer.Option("--tls", help="none, psk or x509; psk by default off loopback."),
+    ] = None,
     tls_dir: Annotated[
         str | None, typer.Option("--tls-dir", help="Use these credentials, not new ones.")
     ] = None,
@@ -859,6 +862,8 @@ def expose(
             shared=shared,
         )
     _emit(export, as_json, lambda: _render_export(export))
+    if export.warning:
+        err.print(f"[yellow]warning:[/yellow] {export.warning}", highlight=False)
 
 
 @app.command("exports")
@@ -875,6 +880,9 @@ def exports_list(as_json: JsonOpt = False) -> None:
             state = f"{e.state}: {e.error}" if e.error and e.state != "running" else e.state
             table.add_row(e.id, e.name, state, e.tls, clients, _size(e.bytes_read), e.url)
         out.print(table)
+        for e in exports:
+            if e.warning:
+                err.print(f"[yellow]warning:[/yellow] {e.name}: {e.warning}", highlight=False)
 
     _emit(exports, as_json, render)
 

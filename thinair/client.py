@@ -444,7 +444,7 @@ class Exports:
         protocol: str = "nbd",
         listen: str | None = None,
         unix: str | None = None,
-        tls: str = "none",
+        tls: str | None = None,
         tls_dir: str | None = None,
         shared: int = 16,
         vm: str | None = None,

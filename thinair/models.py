@@ -297,7 +297,11 @@ class ExportCreate(_Model):
         description="listen on this Unix socket instead (NBD only)",
         json_schema_extra=LOCAL_PATH,
     )
-    tls: Literal["none", "psk", "x509"] = "none"
+    tls: Literal["none", "psk", "x509"] | None = Field(
+        default=None,
+        description="omitted: psk for NBD on an address other than loopback (anyone who "
+        "reaches the port could read a plain export), none on loopback, a Unix socket or HTTP",
+    )
     tls_dir: str | None = Field(
         default=None,
         max_length=4096,
@@ -343,6 +347,10 @@ class Export(_Model):
     created_at: datetime
     engine: str | None = Field(
         default=None, description="the engine that runs its server (machine:THINAIR_HOME)"
+    )
+    warning: str | None = Field(
+        default=None,
+        description="set when the export is plain (no TLS) on an address beyond loopback",
     )
 
 

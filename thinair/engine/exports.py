@@ -19,6 +19,7 @@ The VM is held busy meanwhile: no stop, import or rollback until then.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ import threading
 import xml.etree.ElementTree as ET
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -185,6 +187,7 @@ def to_model(ctx: EngineContext, e: Export) -> models.Export:
         error=e.error,
         created_at=aware(e.created_at),
         engine=e.engine,
+        warning=exposure_warning(e),
         **_tls_files(ctx, e),
     )
 
@@ -291,6 +294,34 @@ def _free_port(host: str) -> int:
         except OSError as e:
             raise InvalidInput(f"cannot listen on {host}: {e.strerror}") from None
         return int(s.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _default_tls(req: models.ExportCreate, host: str) -> Literal["none", "psk", "x509"]:
+    """TLS unless asked otherwise wherever the network reaches the server."""
+    if req.tls is not None:
+        return req.tls
+    if req.protocol == "nbd" and req.unix is None and not is_loopback(host):
+        return "psk"
+    return "none"
+
+
+def exposure_warning(e: Export) -> str | None:
+    """What a plain export beyond loopback means, for the CLI, the API and the UI."""
+    if e.tls != "none" or e.socket is not None or e.host is None or is_loopback(e.host):
+        return None
+    return (
+        f"plain {e.protocol.upper()} on {e.host}:{e.port}: anyone on the network who can "
+        "reach this port can read the whole disk; firewall it, or use --tls psk"
+    )
 
 
 def _check_socket_path(ctx: EngineContext, path: str) -> None:
@@ -531,8 +562,9 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
         assert req.image is not None
         image = req.image
         fmt, size = _check_image(ctx, req)
-    _check_tls_dir(ctx, req)
     host, port = _parse_listen(req.listen)
+    req = req.model_copy(update={"tls": _default_tls(req, host)})
+    _check_tls_dir(ctx, req)
     if req.unix is not None:
         if req.listen:
             raise InvalidInput("give --listen or --unix, not both")

@@ -351,7 +351,8 @@ function renderExports() {
     cell("Name", x.name), cell("Image", h("code", {}, x.image), h("div", { class: "hint" },
       `${x.format}, ${bytes(x.virtual_size)}`)),
     cell("URL", urlBox(x.url, `export-${x.name}`)),
-    cell("State", badge(x.state), x.clients !== null ? h("div", { class: "hint" }, `${x.clients} clients`) : null),
+    cell("State", badge(x.state), x.clients !== null ? h("div", { class: "hint" }, `${x.clients} clients`) : null,
+      x.warning ? h("div", { class: "error", id: `export-${x.name}-warning`, role: "note" }, x.warning) : null),
     cell("", h("button", { type: "button", class: "secondary", id: `export-${x.name}-remove`,
       onclick: (e) => act(e.target, () => api("DELETE", `/exports/${x.id}`)) }, "Unexpose"))));
   replace($("#exports"), table(["Name", "Image", "URL", "State", ""], rows, "No exports."));
