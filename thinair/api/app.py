@@ -158,6 +158,7 @@ def rollback_vm(ctx: Ctx, ref: str) -> Response:
 @router.get("/vms/{ref}/console", response_model=models.Console)
 async def vm_console(
     ctx: Ctx,
+    token: Annotated[ApiToken, Depends(authenticated)],
     ref: str,
     offset: Annotated[int, Query(ge=0)] = 0,
     wait: Annotated[
@@ -167,9 +168,16 @@ async def vm_console(
     """The serial console from `offset` on; with `wait`, once there is something
     past `offset` (or the wait ran out)."""
     path = await run_in_threadpool(vms.console_path, ctx, ref)
-    deadline = time.monotonic() + wait
-    while wait and _console_size(path) == offset and time.monotonic() < deadline:
-        await asyncio.sleep(CONSOLE_POLL)
+    if wait:
+        with security.CONSOLE_WAITS.hold(token.id):
+            deadline = time.monotonic() + wait
+            recheck = time.monotonic() + security.RECHECK_SECONDS
+            while _console_size(path) == offset and time.monotonic() < deadline:
+                await asyncio.sleep(CONSOLE_POLL)
+                if time.monotonic() > recheck:
+                    if not await run_in_threadpool(auth.is_live, ctx, token.id):
+                        raise AuthError("token revoked")
+                    recheck = time.monotonic() + security.RECHECK_SECONDS
     return await run_in_threadpool(vms.console, ctx, ref, offset)
 
 
@@ -188,22 +196,39 @@ def _console_size(path: str) -> int:
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
 )
-async def events(ctx: Ctx) -> EventSourceResponse:
+async def events(
+    ctx: Ctx, token: Annotated[ApiToken, Depends(authenticated)]
+) -> EventSourceResponse:
     """Server-sent events, until the client goes: `vm` (id, name, and the state
     when libvirt reports one) when a VM is created, removed, started, imported
     or changes state; `job` (the whole job) on every change of a job; `resync`
     when the client fell behind and should read everything again. The first
-    event, `hello`, says the stream is open: read the state then."""
-    sub = ctx.events.subscribe(asyncio.get_running_loop())
+    event, `hello`, says the stream is open: read the state then. A token has
+    at most a few streams open (429 past that); a revoked token's ends."""
+    security.EVENT_STREAMS.check(token.id)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        try:
-            yield ServerSentEvent(event="hello", data="{}")
-            while True:
-                event = await sub.get()
-                yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
-        finally:
-            ctx.events.unsubscribe(sub)
+        # Held here, not in the handler: a generator that never starts never
+        # runs its finally, and the count would leak.
+        with security.EVENT_STREAMS.hold(token.id):
+            sub = ctx.events.subscribe(asyncio.get_running_loop())
+            try:
+                yield ServerSentEvent(event="hello", data="{}")
+                recheck = time.monotonic() + security.RECHECK_SECONDS
+                while True:
+                    try:
+                        left = max(0.05, recheck - time.monotonic())
+                        event = await asyncio.wait_for(sub.get(), left)
+                    except TimeoutError:
+                        event = None
+                    if time.monotonic() >= recheck:  # a busy stream is checked too
+                        if not await run_in_threadpool(auth.is_live, ctx, token.id):
+                            return  # revoked: the stream ends, the client sees it close
+                        recheck = time.monotonic() + security.RECHECK_SECONDS
+                    if event is not None:
+                        yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
+            finally:
+                ctx.events.unsubscribe(sub)
 
     return EventSourceResponse(stream(), ping=EVENTS_PING)
 
@@ -391,6 +416,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             404: "not_found",
             405: "method_not_allowed",
             413: "too_large",
+            429: "too_many",
         }
         return JSONResponse(
             status_code=exc.status_code,

@@ -69,6 +69,13 @@ def verify(ctx: EngineContext, token: str) -> ApiToken | None:
         return row
 
 
+def is_live(ctx: EngineContext, token_id: str) -> bool:
+    """Is the token still there and not revoked (for requests that stay open)?"""
+    with ctx.db.session() as s:
+        row = s.get(ApiToken, token_id)
+        return row is not None and row.revoked_at is None
+
+
 def _model(row: ApiToken) -> models.Token:
     return models.Token(
         id=row.id,

@@ -6,6 +6,9 @@ middleware, so streamed answers (the event stream) pass through untouched."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -142,3 +145,51 @@ class BodyLimit:
 def install(app: Starlette) -> None:
     app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)
+
+
+class TooMany(HTTPException):
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(
+            429, f"this token has {limit} {what} open already; close one (another tab?) first"
+        )
+
+
+class PerToken:
+    """How many long requests of one kind (event streams, console long-polls)
+    each token has open, so that one client cannot tie up the engine."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self.what, self.limit = what, limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def check(self, token_id: str) -> None:
+        """Raise TooMany if the token has all it may have open now."""
+        with self._lock:
+            if self._open.get(token_id, 0) >= self.limit:
+                raise TooMany(self.what, self.limit)
+
+    @contextmanager
+    def hold(self, token_id: str) -> Iterator[None]:
+        with self._lock:
+            if self._open.get(token_id, 0) >= self.limit:
+                raise TooMany(self.what, self.limit)
+            self._open[token_id] = self._open.get(token_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open[token_id] -= 1
+                if not self._open[token_id]:
+                    del self._open[token_id]
+
+    def count(self, token_id: str) -> int:
+        with self._lock:
+            return self._open.get(token_id, 0)
+
+
+EVENT_STREAMS = PerToken("event streams", 8)
+CONSOLE_WAITS = PerToken("console long-polls", 8)
+# How often an open event stream or console wait checks that its token is
+# still live: a revoked token's stream ends within this.
+RECHECK_SECONDS = 2.0
