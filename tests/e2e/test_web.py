@@ -329,8 +329,11 @@ def test_markup_stays_text(
     shot("markup-as-text")
     page.keyboard.press("Escape")
 
+    # A plain export beyond loopback: the page says what it means.
+    plain = c.exports.create(str(image), format="raw", listen="0.0.0.0", tls="none")
     # The admin's audit view lists that refusal, its markup as text too.
     page.reload()
+    expect(page.locator(f"#export-{plain.name}-warning")).to_contain_text("anyone on the network")
     audit = page.locator("#audit")
     expect(audit).to_contain_text("create_vm")
     expect(audit).to_contain_text("<img src=x onerror=")
@@ -347,5 +350,6 @@ def test_markup_stays_text(
     assert page.evaluate("window.__pwned") is None
     assert csp_reports, "the browser did not report the blocked inline handler"
     assert errors == []
+    c.exports.remove(plain.id)
     c.vms.stop("i19-markup", force=True)
     c.vms.remove("i19-markup")
