@@ -6,8 +6,6 @@ reads the log, through the API, the SDK and the CLI."""
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +14,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import TEST_ROOT
+from tests.conftest import module_engine
 from tests.support.engine import Engine
 from thinair.cli import app
 from thinair.client import Client, ThinairAPIError
@@ -24,18 +22,12 @@ from thinair.client import Client, ThinairAPIError
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
-    base = TEST_ROOT / f"audit-{uuid.uuid4().hex[:8]}"
-    (base / "sd").mkdir(mode=0o755, parents=True)
-    with open(base / "image.raw", "wb") as f:
-        f.truncate(16 * 2**20)
-    engine = Engine(home=base / "home", libvirt_uri="test:///default")
-    engine.start()
-    try:
+    with module_engine("audit") as (engine, base):
+        (base / "sd").mkdir(mode=0o755)
+        with open(base / "image.raw", "wb") as f:
+            f.truncate(16 * 2**20)
+        engine.start()
         yield engine
-    finally:
-        engine.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _as(engine: Engine, token: str) -> Client:

@@ -9,9 +9,7 @@ for a file that exists and one that does not, and nothing may change."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import TEST_ROOT
+from tests.conftest import module_engine
 from tests.support.engine import Engine
 from thinair.cli import app
 from thinair.client import Client, ThinairAPIError
@@ -113,35 +111,26 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup() -> Iterator[Setup]:
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
-    base = TEST_ROOT / f"roots-{uuid.uuid4().hex[:8]}"
-    root = base / "images"  # the engine's only image root
-    (root / "sd").mkdir(mode=0o755, parents=True)
-    (base / "images-sibling").mkdir(mode=0o755)
-    image = root / "image.raw"
-    for path in (image, base / "images-sibling" / "disk.raw"):
-        with open(path, "wb") as f:
-            f.truncate(16 * 2**20)
-    os.symlink("/etc/shadow", root / "shadow-link.raw")
-    os.symlink("/etc", root / "etc-link")
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw"]
-        + [str(root / "evil.qcow2"), "16M"],
-        check=True,
-    )
-    engine = Engine(
-        home=base / "home",
-        libvirt_uri="test:///default",
-        extra_env={"THINAIR_IMAGE_ROOTS": str(root)},
-    )
-    engine.start()
-    client = engine.client()
-    client.storage_domains.add("sd", str(root / "sd"))
-    try:
+    with module_engine("roots") as (engine, base):
+        root = base / "images"  # the engine's only image root
+        engine.extra_env["THINAIR_IMAGE_ROOTS"] = str(root)
+        (root / "sd").mkdir(mode=0o755, parents=True)
+        (base / "images-sibling").mkdir(mode=0o755)
+        image = root / "image.raw"
+        for path in (image, base / "images-sibling" / "disk.raw"):
+            with open(path, "wb") as f:
+                f.truncate(16 * 2**20)
+        os.symlink("/etc/shadow", root / "shadow-link.raw")
+        os.symlink("/etc", root / "etc-link")
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw"]
+            + [str(root / "evil.qcow2"), "16M"],
+            check=True,
+        )
+        engine.start()
+        client = engine.client()
+        client.storage_domains.add("sd", str(root / "sd"))
         yield Setup(engine, client, root, image)
-    finally:
-        engine.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ token's open event stream or console wait ends within seconds. (Bodies over
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
 import uuid
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import TEST_ROOT
+from tests.conftest import module_engine
 from tests.support.engine import Engine
 from thinair.api.security import CONSOLE_WAITS, EVENT_STREAMS
 from thinair.client import Client
@@ -24,21 +23,15 @@ from thinair.client import Client
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
-    base = TEST_ROOT / f"limits-{uuid.uuid4().hex[:8]}"
-    (base / "sd").mkdir(mode=0o755, parents=True)
-    with open(base / "image.raw", "wb") as f:
-        f.truncate(16 * 2**20)
-    engine = Engine(home=base / "home", libvirt_uri="test:///default")
-    engine.start()
-    c = engine.client()
-    c.storage_domains.add("sd", str(base / "sd"))
-    c.vms.create("i19-console", [str(base / "image.raw")], memory_mib=64)
-    try:
+    with module_engine("limits") as (engine, base):
+        (base / "sd").mkdir(mode=0o755)
+        with open(base / "image.raw", "wb") as f:
+            f.truncate(16 * 2**20)
+        engine.start()
+        c = engine.client()
+        c.storage_domains.add("sd", str(base / "sd"))
+        c.vms.create("i19-console", [str(base / "image.raw")], memory_mib=64)
         yield engine
-    finally:
-        engine.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _token(engine: Engine, name: str) -> str:

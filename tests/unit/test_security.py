@@ -3,30 +3,21 @@ refused with 413 before the engine reads them, on a real engine process."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import TEST_ROOT
+from tests.conftest import module_engine
 from tests.support.engine import Engine
 from thinair.api.security import MAX_BODY
 
 
 @pytest.fixture(scope="module")
 def test_engine() -> Iterator[Engine]:
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
-    home = TEST_ROOT / f"security-{uuid.uuid4().hex[:8]}" / "home"
-    home.parent.mkdir(mode=0o755)
-    engine = Engine(home=home, libvirt_uri="test:///default")
-    engine.start()
-    try:
+    with module_engine("security") as (engine, _base):
+        engine.start()
         yield engine
-    finally:
-        engine.stop()
-        shutil.rmtree(home.parent, ignore_errors=True)
 
 
 @pytest.fixture
