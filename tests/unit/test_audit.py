@@ -77,6 +77,7 @@ def test_changes_are_recorded_and_reads_are_not(engine: Engine) -> None:
 
 
 def test_admin_only(engine: Engine) -> None:
+    """The audit log, and making or revoking tokens, are for admin tokens."""
     admin = engine.client()
     other = admin.tokens.create("i19-other")
     with pytest.raises(ThinairAPIError) as e:
@@ -93,6 +94,12 @@ def test_admin_only(engine: Engine) -> None:
         headers={"Authorization": f"Bearer {token}"},
     )
     assert r.status_code == 200 and len(r.json()) == 1
+    rw = _as(engine, other.token)  # a read-write token neither mints nor revokes tokens
+    for call in (lambda: rw.tokens.create("i19-mine"), lambda: rw.tokens.revoke("admin")):
+        with pytest.raises(ThinairAPIError) as e:
+            call()
+        assert e.value.status == 403
+    assert all(t.revoked_at is None for t in admin.tokens.list() if t.name == "admin")
     for reserved in ("admin", "admin-x"):  # no token can pass for an engine's own
         with pytest.raises(ThinairAPIError) as e:
             admin.tokens.create(reserved)

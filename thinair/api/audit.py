@@ -18,9 +18,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from thinair import models
-from thinair.api import auth
-from thinair.api.app import ERRORS, Ctx, Forbidden, authenticated
-from thinair.db.models import ApiToken, AuditEntry, aware
+from thinair.api.app import ERRORS, Ctx
+from thinair.api.tokens import admin_only
+from thinair.db.models import AuditEntry, aware
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,6 @@ class AuditTrail:
             await run_in_threadpool(record, ctx, entry)
         except Exception:  # the answer is sent; a full disk must not hide it
             log.exception("could not record %s %s in the audit log", entry.method, entry.path)
-
-
-def admin_only(token: Annotated[ApiToken, Depends(authenticated)]) -> None:
-    if not auth.is_admin(token.name):
-        raise Forbidden(f"token {token.name!r} is not an admin token; the audit log is admin only")
 
 
 router = APIRouter(
