@@ -360,6 +360,7 @@ class HostCreate(_Model):
         min_length=1,
         max_length=1024,
         description="qemu+ssh://, qemu+tls://, qemu+tcp:// or qemu:///system",
+        json_schema_extra={"x-thinair-local": "libvirt"},
     )
 
 

@@ -59,6 +59,17 @@ URL_ESCAPES = [
     "{root}/evil.qcow2",  # under the root, its backing file /etc/shadow is not
 ]
 
+# A host's libvirt URI names no local file nor program: the test driver reads
+# the file it names and quotes its first line back in the error.
+LIBVIRT_ESCAPES = [
+    "test:///etc/shadow",
+    "test://{root}/shadow-link.raw",
+    "qemu+ssh://localhost/system?command=/bin/false",
+    "qemu+ssh://localhost/system?netcat=/bin/false",
+    "qemu:///system?socket=/etc/shadow",
+    "qemu+libssh://localhost/system?known_hosts=/x&command=/bin/false",
+]
+
 # Every field the walk must find, with a request that puts X there and is
 # good otherwise. A new route or field taking a path fails the test until it
 # is added here (and so checked).
@@ -74,9 +85,10 @@ ROUTES: dict[tuple[str, str, str], dict[str, Any]] = {
     ("post", "/api/v1/exports", "tls_dir"): {"image": "{image}", "tls": "psk", "tls_dir": "X"},
     ("post", "/api/v1/exports", "unix"): {"image": "{image}", "unix": "X"},
     ("post", "/api/v1/storage_domains", "path"): {"name": "i19-sd", "path": "X"},
+    ("post", "/api/v1/hosts", "libvirt_uri"): {"name": "i19-host", "libvirt_uri": "X"},
 }
 # Property names that smell of a file: each must carry the mark.
-FILE_WORDS = ("url", "path", "image", "dir", "file", "socket", "unix", "ova", "cert", "key")
+FILE_WORDS = ("url", "uri", "path", "image", "dir", "file", "socket", "unix", "ova", "cert", "key")
 
 
 @dataclass
@@ -180,23 +192,30 @@ def test_the_walk_finds_every_field(setup: Setup) -> None:
         for prop_name, prop in schema.get("properties", {}).items():
             if any(w in prop_name for w in FILE_WORDS) and not name.endswith(("Result", "Error")):
                 request_model = name.endswith(("Create", "Request")) or name == "ExternalDisk"
-                if request_model and prop_name != "libvirt_uri":
+                if request_model:
                     assert "x-thinair-local" in prop, (name, prop_name)
 
 
-CASES = [
-    (key, escape)
-    for key in ROUTES
-    for escape in (URL_ESCAPES if key[2].endswith(("url", "ova")) else PATH_ESCAPES)
-    if not (key[2] == "ova" and escape.endswith(".qcow2"))  # an OVA is a tar, not a chain
-]
+def _escapes(field: str) -> list[str]:
+    if field == "libvirt_uri":
+        return LIBVIRT_ESCAPES
+    if field == "ova":  # an OVA is a tar, not a chain
+        return [e for e in URL_ESCAPES if not e.endswith(".qcow2")]
+    return URL_ESCAPES if field.endswith("url") else PATH_ESCAPES
+
+
+CASES = [(key, escape) for key in ROUTES for escape in _escapes(key[2])]
 
 
 def _check_refusal(setup: Setup, escape: str, status: int, code: str, message: str) -> None:
     assert status == 400, (status, message)
     assert code == "invalid_input", message
     assert "Traceback" not in message
-    if escape not in SYNTAX:
+    if escape.startswith("test:"):
+        assert "outside the directories the engine serves from" in message, message
+    elif escape in LIBVIRT_ESCAPES:
+        assert "is not allowed in a host URI" in message, message
+    elif escape not in SYNTAX:
         assert "outside the directories the engine serves from" in message, message
 
 
