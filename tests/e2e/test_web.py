@@ -284,8 +284,10 @@ def test_markup_stays_text(
 ) -> None:
     """A guest that prints HTML and script on its serial console, and an error
     message carrying markup (the engine echoes a bad URL): the page shows both
-    as text, builds no element from them and runs no script. And the engine's
-    Content-Security-Policy stops an inline handler even if one got in."""
+    as text (in the audit view too), builds no element from them and runs no
+    script. The engine's Content-Security-Policy stops an inline handler even
+    if one got in. A plain export beyond loopback shows its warning; a token
+    that is not admin sees no audit view, and once revoked is signed out."""
     c = engine.client()
     image = workdir / "markup.raw"
     markup_guest(image)
@@ -350,6 +352,16 @@ def test_markup_stays_text(
     assert page.evaluate("window.__pwned") is None
     assert csp_reports, "the browser did not report the blocked inline handler"
     assert errors == []
+    # Another (not admin) token sees no audit view; revoked, the page is signed
+    # out within seconds (its event stream closes, the engine refuses it again).
+    other = c.tokens.create("i19-ui")
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("API token").fill(other.token)
+    page.get_by_label("API token").press("Enter")
+    expect(page.locator("#vms")).to_contain_text("i19-markup")
+    expect(page.locator("#audit-section")).to_be_hidden()
+    c.tokens.revoke("i19-ui")
+    expect(page.locator("#sign-in-view")).to_be_visible(timeout=10_000)
     c.exports.remove(plain.id)
     c.vms.stop("i19-markup", force=True)
     c.vms.remove("i19-markup")
