@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -170,14 +169,12 @@ async def vm_console(
     path = await run_in_threadpool(vms.console_path, ctx, ref)
     if wait:
         with security.CONSOLE_WAITS.hold(token.id):
-            deadline = time.monotonic() + wait
-            recheck = time.monotonic() + security.RECHECK_SECONDS
-            while _console_size(path) == offset and time.monotonic() < deadline:
-                await asyncio.sleep(CONSOLE_POLL)
-                if time.monotonic() > recheck:
-                    if not await run_in_threadpool(auth.is_live, ctx, token.id):
-                        raise AuthError("token revoked")
-                    recheck = time.monotonic() + security.RECHECK_SECONDS
+
+            def grown() -> bool:
+                return _console_size(path) != offset
+
+            if not await security.wait_while_live(ctx, token.id, grown, wait, CONSOLE_POLL):
+                raise AuthError("token revoked")
     return await run_in_threadpool(vms.console, ctx, ref, offset)
 
 
@@ -214,19 +211,9 @@ async def events(
             sub = ctx.events.subscribe(asyncio.get_running_loop())
             try:
                 yield ServerSentEvent(event="hello", data="{}")
-                recheck = time.monotonic() + security.RECHECK_SECONDS
-                while True:
-                    try:
-                        left = max(0.05, recheck - time.monotonic())
-                        event = await asyncio.wait_for(sub.get(), left)
-                    except TimeoutError:
-                        event = None
-                    if time.monotonic() >= recheck:  # a busy stream is checked too
-                        if not await run_in_threadpool(auth.is_live, ctx, token.id):
-                            return  # revoked: the stream ends, the client sees it close
-                        recheck = time.monotonic() + security.RECHECK_SECONDS
-                    if event is not None:
-                        yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
+                # Revoked, the stream ends: the client sees it close.
+                async for event in security.while_live(ctx, token.id, sub.get):
+                    yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
             finally:
                 ctx.events.unsubscribe(sub)
 

@@ -5,14 +5,23 @@ middleware, so streamed answers (the event stream) pass through untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from thinair.api import auth
+from thinair.engine.context import EngineContext
+
+T = TypeVar("T")
 
 MAX_BODY = 2**20  # bytes; the largest real request (26 disks) is a few KiB
 
@@ -193,3 +202,38 @@ CONSOLE_WAITS = PerToken("console long-polls", 8)
 # How often an open event stream or console wait checks that its token is
 # still live: a revoked token's stream ends within this.
 RECHECK_SECONDS = 2.0
+
+
+async def while_live(
+    ctx: EngineContext, token_id: str, get: Callable[[], Awaitable[T]]
+) -> AsyncIterator[T]:
+    """What `get()` gives, one after another, until the token is revoked: it is
+    checked every RECHECK_SECONDS, a busy stream as well as an idle one."""
+    recheck = time.monotonic() + RECHECK_SECONDS
+    while True:
+        try:
+            item = await asyncio.wait_for(get(), max(0.05, recheck - time.monotonic()))
+        except TimeoutError:
+            item = None
+        if time.monotonic() >= recheck:
+            if not await run_in_threadpool(auth.is_live, ctx, token_id):
+                return
+            recheck = time.monotonic() + RECHECK_SECONDS
+        if item is not None:
+            yield item
+
+
+async def wait_while_live(
+    ctx: EngineContext, token_id: str, done: Callable[[], bool], timeout: float, poll: float
+) -> bool:
+    """Poll `done()` until it holds or `timeout` runs out; False as soon as the
+    token is found revoked."""
+    deadline = time.monotonic() + timeout
+    recheck = time.monotonic() + RECHECK_SECONDS
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+        if time.monotonic() > recheck:
+            if not await run_in_threadpool(auth.is_live, ctx, token_id):
+                return False
+            recheck = time.monotonic() + RECHECK_SECONDS
+    return True
