@@ -294,3 +294,25 @@ def test_cli(setup: Setup, unchanged: None, command: list[str], escape: str) -> 
     )
     assert result.exit_code == 1, result.output
     assert "outside the directories" in result.output, result.output
+
+
+def test_the_engines_own_files_stay_out() -> None:
+    """Even where THINAIR_IMAGE_ROOTS covers THINAIR_HOME, its token and
+    database cannot be named as a disk, an image or a storage domain."""
+    with module_engine("home") as (engine, base):
+        engine.extra_env["THINAIR_IMAGE_ROOTS"] = str(base)
+        engine.start()
+        c = engine.client()
+        home = engine.home
+        calls: list[Callable[[str], object]] = [
+            lambda p: c.disks.probe(p),
+            lambda p: c.vms.create("i19-home", [f"{p},format=raw"], memory_mib=64),
+            lambda p: c.exports.create(p, format="raw"),
+            lambda p: c.storage_domains.add("i19-home", p),
+        ]
+        for path in (home / "token", home / "thinair.db", home, home / "console"):
+            for call in calls:
+                with pytest.raises(ThinairAPIError) as e:
+                    call(str(path))
+                assert e.value.status == 400 and "THINAIR_HOME" in e.value.message
+        assert c.vms.list() == [] and c.exports.list() == []

@@ -76,9 +76,18 @@ def check_image_root(
     ctx: EngineContext, path: str, what: str = "image", domains: bool = True
 ) -> None:
     """Refuse a local path outside the image roots and the storage domains. The
-    path is resolved first, so neither ".." nor a symlink gets out. The answer
+    path is resolved first, so neither ".." nor a symlink gets out. Nothing in
+    THINAIR_HOME is let in but its images/ and exports/ (the engine's own
+    exports' keys). The answer
     for a path outside is the same whether it exists or not, and nothing there
     is opened, so the refusal tells nothing about the host's files."""
+    home = Path(os.path.realpath(ctx.settings.home))
+    if inside(path, [home]) and not inside(path, [home / "images", home / "exports"]):
+        # Its token, database and keys, should THINAIR_IMAGE_ROOTS cover it.
+        raise InvalidInput(
+            f"{what} {path} is in THINAIR_HOME ({home}), which holds the engine's own "
+            "token, database and keys; only its images/ and exports/ may be named"
+        )
     roots = image_roots(ctx, domains)
     if not inside(path, roots):
         shown = ", ".join(str(r) for r in roots)
