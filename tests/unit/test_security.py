@@ -7,10 +7,13 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from tests.conftest import module_engine
 from tests.support.engine import Engine
 from thinair.api.security import MAX_BODY
+from thinair.cli import app
+from thinair.client import ThinairAPIError
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +91,12 @@ def test_body_under_the_limit_is_read(http: httpx.Client) -> None:
     r = http.post("/api/v1/vms", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422  # read, and refused for what it says
     assert "pad" in r.json()["message"]
+
+
+def test_body_over_the_limit_sdk_and_cli(test_engine: Engine) -> None:
+    huge = "/" + "a" * MAX_BODY
+    with pytest.raises(ThinairAPIError) as e:
+        test_engine.client().storage_domains.add("i19-huge", huge)
+    assert e.value.status == 413 and e.value.code == "too_large"
+    result = CliRunner().invoke(app, ["storage", "add", "i19-huge", huge], env=test_engine.env)
+    assert result.exit_code == 1 and "request body over 1 MiB" in result.output
