@@ -1,7 +1,9 @@
-"""What every HTTP answer of the engine carries and what every request may be:
+"""What every HTTP answer of the engine carries and what a request may take:
 browser hardening headers (the UI keeps an admin token in sessionStorage, so
-script injection would be a takeover), and a cap on request bodies. Plain ASGI
-middleware, so streamed answers (the event stream) pass through untouched."""
+script injection would be a takeover), a cap on request bodies (plain ASGI
+middleware, so streamed answers pass through untouched), and per-token bounds
+on long requests (event streams, console long-polls), which end once their
+token is revoked."""
 
 from __future__ import annotations
 
