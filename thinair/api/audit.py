@@ -66,7 +66,7 @@ def record(ctx: EngineContext, entry: AuditEntry) -> None:
 
 
 class AuditTrail:
-    """ASGI middleware: records each change once its answer has been sent. The
+    """ASGI middleware: records each change as its answer ends. The
     route's `authenticated` dependency leaves the token's name in the request's
     state; the body (already capped at 1 MiB) is kept to name the target."""
 
@@ -92,18 +92,26 @@ class AuditTrail:
                 body.extend(message.get("body", b""))
             return message
 
+        recorded = False
+
         async def keep_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, recorded
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and len(answer) < MESSAGE_BYTES:
-                answer.extend(message.get("body", b"")[:MESSAGE_BYTES])
+            elif message["type"] == "http.response.body":
+                if len(answer) < MESSAGE_BYTES:
+                    answer.extend(message.get("body", b"")[:MESSAGE_BYTES])
+                if not message.get("more_body", False) and not recorded:
+                    # Before the answer ends: a client that has it finds it logged.
+                    recorded = True
+                    await self._record(scope, status, bytes(body), bytes(answer))
             await send(message)
 
         try:
             await self.app(scope, keep_body, keep_status)
         finally:
-            await self._record(scope, status, bytes(body), bytes(answer))
+            if not recorded:
+                await self._record(scope, status, bytes(body), bytes(answer))
 
     async def _record(self, scope: Scope, status: int, body: bytes, answer: bytes) -> None:
         ctx: EngineContext | None = getattr(scope["app"].state, "ctx", None)
