@@ -132,3 +132,15 @@ def test_markup_in_a_target_is_text(engine: Engine) -> None:
 
 def test_home_is_private(engine: Engine) -> None:
     assert (Path(engine.home) / "token").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_body_it_cannot_read_is_recorded_still(engine: Engine) -> None:
+    token = (engine.home / "token").read_text().strip()
+    r = httpx.post(
+        f"{engine.env['THINAIR_URL']}/api/v1/vms",
+        content=b"[" * 10000 + b"]" * 10000,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500
+    last = engine.client().audit(limit=1)[0]
+    assert (last.action, last.target, last.outcome) == ("create_vm", None, "refused")

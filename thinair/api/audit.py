@@ -41,7 +41,7 @@ def _target(scope: Scope, body: bytes) -> str | None:
         return ",".join(str(v) for v in params.values())[:512]
     try:
         data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, or nested 10000 deep
         return None
     if isinstance(data, dict):
         for key in TARGET_FIELDS:
@@ -55,9 +55,13 @@ def _message(status: int, body: bytes) -> str | None:
         return None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return body[:500].decode(errors="replace") or None
     return str(data.get("message"))[:2000] if isinstance(data, dict) else None
+
+
+def scope_line(scope: Scope) -> tuple[str, str]:
+    return scope["method"], scope["path"]
 
 
 def record(ctx: EngineContext, entry: AuditEntry) -> None:
@@ -114,6 +118,12 @@ class AuditTrail:
                 await self._record(scope, status, bytes(body), bytes(answer))
 
     async def _record(self, scope: Scope, status: int, body: bytes, answer: bytes) -> None:
+        try:
+            await self._write(scope, status, body, answer)
+        except Exception:  # the answer goes out whatever happens here
+            log.exception("could not record %s %s in the audit log", *scope_line(scope))
+
+    async def _write(self, scope: Scope, status: int, body: bytes, answer: bytes) -> None:
         ctx: EngineContext | None = getattr(scope["app"].state, "ctx", None)
         if ctx is None:
             return
@@ -130,10 +140,7 @@ class AuditTrail:
             outcome=_outcome(status),
             message=_message(status, answer),
         )
-        try:
-            await run_in_threadpool(record, ctx, entry)
-        except Exception:  # the answer is sent; a full disk must not hide it
-            log.exception("could not record %s %s in the audit log", entry.method, entry.path)
+        await run_in_threadpool(record, ctx, entry)
 
 
 router = APIRouter(
