@@ -16,6 +16,7 @@ packages=(
   gnutls-bin nginx-light qemu-block-extra tcpdump
   chromium chromium-driver
   postgresql iproute2
+  prometheus
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -26,6 +27,16 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# `systemd-analyze verify` checks the unit in systemd/ (no running systemd is
+# needed); Debian's systemd package has it. Only when it is missing: installing
+# systemd on a machine that runs another init changes nothing else here.
+if ! command -v systemd-analyze >/dev/null; then
+  say "installing systemd (for systemd-analyze)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends systemd >/dev/null
 fi
 
 # Without udev /dev/kvm is root-only; libvirt then re-probes QEMU on every start
@@ -62,6 +73,21 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
   "$venv/bin/python" -c "import thinair, libvirt, nbd" 
   echo "$want" >"$stamp"
+fi
+
+# xterm.js for the web UI's console terminal, from the npm registry (as Proxmox
+# ships it); not in git. Without it the console dialog still shows the output.
+xterm_version=5.5.0
+xterm_dir="$top/thinair/web/static/vendor/xterm"
+if [ ! -f "$xterm_dir/$xterm_version" ] && command -v npm >/dev/null; then
+  say "fetching xterm.js $xterm_version (npm)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@xterm/xterm@$xterm_version" >/dev/null)
+  mkdir -p "$xterm_dir"
+  tar -xzf "$tmp"/xterm-xterm-*.tgz -C "$tmp"
+  cp "$tmp/package/lib/xterm.js" "$tmp/package/css/xterm.css" "$tmp/package/LICENSE" "$xterm_dir/"
+  touch "$xterm_dir/$xterm_version"
+  rm -rf "$tmp"
 fi
 
 # The test guest: built from Debian packages, cached outside the tree.

@@ -5,6 +5,6 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 "$top/scripts/setup.sh"
 cd "$top"
-.venv/bin/ruff check thinair tests bench examples
+.venv/bin/ruff check thinair tests bench examples ansible
 .venv/bin/mypy thinair tests examples bench
 exec .venv/bin/pytest -m "not slow" "$@"

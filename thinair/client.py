@@ -62,6 +62,12 @@ class Client:
     ) -> None:
         settings = settings or Settings.load()
         self.url = (url or settings.url).rstrip("/")
+        if not self.url.startswith(("http://", "https://")) or "//" not in self.url[:8]:
+            raise ThinairAPIError(
+                0,
+                "invalid_input",
+                f"THINAIR_URL must be http://HOST:PORT or https://HOST:PORT, not {self.url!r}",
+            )
         token = token or settings.token or _local_token(settings)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # The engine's own CA when given (an HTTPS engine with its own certificate).
@@ -166,10 +172,14 @@ class Vm(models.Vm):
         return self._client.vms.stop(self.id, force=force, timeout=timeout)
 
     def import_(
-        self, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+        self,
+        to: str,
+        strategy: str | None = None,
+        bandwidth_mib: float | None = None,
+        verify: str = "digest",
     ) -> Job:
         return self._client.vms.import_(
-            self.id, to=to, strategy=strategy, bandwidth_mib=bandwidth_mib
+            self.id, to=to, strategy=strategy, bandwidth_mib=bandwidth_mib, verify=verify
         )
 
     def rollback(self) -> None:
@@ -305,11 +315,16 @@ class Vms:
         self._c.request("POST", f"/vms/{ref}/rollback")
 
     def import_(
-        self, ref: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+        self,
+        ref: str,
+        to: str,
+        strategy: str | None = None,
+        bandwidth_mib: float | None = None,
+        verify: str = "digest",
     ) -> Job:
         """Start making the VM's external disks local; returns the job at once
-        (see Job.wait)."""
-        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
+        (see Job.wait). verify="full" also compares each copy with its source."""
+        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib, "verify": verify}
         return self._c.jobs._job(self._c.request("POST", f"/vms/{ref}/import", json=body))
 
     def console(self, ref: str, offset: int = 0, wait: float = 0) -> models.Console:
@@ -367,11 +382,18 @@ class Disks:
         return models.Disk.model_validate(self._c.request("GET", f"/disks/{disk_id}"))
 
     def find(self, vm: str, target: str) -> models.Disk:
-        """A VM's disk by its target (vda) or id."""
-        for disk in self._c.vms.get(vm).disks:
+        """A VM's disk by its target (vda), id or a unique prefix of its id."""
+        disks = self._c.vms.get(vm).disks
+        for disk in disks:
             if target in (disk.target, disk.id):
                 return disk
-        raise ThinairAPIError(404, "not_found", f"VM {vm!r} has no disk {target!r}")
+        matches = [d for d in disks if len(target) >= 4 and d.id.startswith(target)]
+        if len(matches) == 1:
+            return matches[0]
+        have = ", ".join(d.target for d in disks) or "none"
+        raise ThinairAPIError(
+            404, "not_found", f"VM {vm!r} has no disk {target!r} (its disks: {have})"
+        )
 
     def probe(
         self, url: str, format: str | None = None, check_readonly: bool = True
@@ -381,9 +403,16 @@ class Disks:
         return models.ProbeResult.model_validate(self._c.request("POST", "/probe", json=body))
 
     def move(
-        self, disk_id: str, to: str, strategy: str | None = None, bandwidth_mib: float | None = None
+        self,
+        disk_id: str,
+        to: str,
+        strategy: str | None = None,
+        bandwidth_mib: float | None = None,
+        verify: str = "digest",
     ) -> Job:
-        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib}
+        """Move one disk to a storage domain: an external one is imported, a
+        local one copied there while the VM runs."""
+        body = {"to": to, "strategy": strategy, "bandwidth_mib": bandwidth_mib, "verify": verify}
         return self._c.jobs._job(self._c.request("POST", f"/disks/{disk_id}/move", json=body))
 
 

@@ -3,10 +3,17 @@ so there is one schema and no hand-kept copy of it."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 # Names appear in paths, libvirt domain names and XML: keep them plain.
 Name = Annotated[
@@ -16,6 +23,14 @@ Name = Annotated[
         description="1-64 characters: letters, digits, '.', '_', '-'; not starting with a symbol"
     ),
 ]
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+# Every time the API gives is UTC and says so (SQLite hands back naive ones).
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
 
 
 class _Model(BaseModel):
@@ -55,7 +70,7 @@ class StorageDomain(_Model):
     total_bytes: int | None
     free_bytes: int | None
     available: bool
-    created_at: datetime
+    created_at: Timestamp
     host: str | None = Field(default=None, description="the one host that reaches it")
     shared: bool = Field(default=True, description="every host reaches it")
 
@@ -201,7 +216,7 @@ class Vm(_Model):
     last_start_seconds: float | None = Field(
         description="seconds the last start took, from request to a running domain"
     )
-    created_at: datetime
+    created_at: Timestamp
 
 
 class VmStop(_Model):
@@ -216,14 +231,30 @@ class Console(_Model):
 
 class ImportRequest(_Model):
     to: str = Field(min_length=1, description="name or id of the target storage domain")
-    strategy: Literal["stream", "mirror"] | None = Field(
+    strategy: Literal["bulk", "mirror", "stream"] | None = Field(
         default=None,
-        description="stream where the temporary disk is on the target already, "
-        "mirror elsewhere, when omitted",
+        description="bulk (the default for an external disk): a fast copy of the "
+        "source's data into the final volume, then a merge of the guest's writes; "
+        "mirror: QEMU copies the whole chain (what a local disk's move does); "
+        "stream: the same as bulk (block pull is not durable in QEMU)",
+    )
+    verify: Literal["digest", "full"] = Field(
+        default="digest",
+        description="digest: check the copy against digests of what was read from the "
+        "source; full: also compare it with the source, read again",
     )
     bandwidth_mib: float | None = Field(
         default=None, gt=0, le=1024 * 1024, description="MiB/s limit"
     )
+
+
+class JobEvent(_Model):
+    at: Timestamp
+    what: str | None = Field(
+        description="the step begun or the state reached (failed: the error); "
+        "None for a sample of the bytes done"
+    )
+    done: int | None = Field(default=None, description="bytes done then")
 
 
 class Job(_Model):
@@ -235,9 +266,14 @@ class Job(_Model):
     params: dict[str, Any]
     progress: dict[str, Any]
     error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    finished_at: Timestamp | None
+    log: list[JobEvent] = Field(
+        default_factory=list,
+        description="steps and states with their times, and the bytes done every few "
+        "seconds, oldest first; kept after the job ends",
+    )
 
 
 class Health(_Model):
@@ -255,8 +291,8 @@ class Token(_Model):
     id: str
     name: str
     read_only: bool
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
 
 
 class TokenCreated(Token):
@@ -344,7 +380,7 @@ class Export(_Model):
         description="image bytes the server has read to answer clients since it started"
     )
     error: str | None = Field(description="why the server could not be started again")
-    created_at: datetime
+    created_at: Timestamp
     engine: str | None = Field(
         default=None, description="the engine that runs its server (machine:THINAIR_HOME)"
     )

@@ -92,7 +92,7 @@ def test_preview_then_restore(
     # backup's: the chain's data, read through both layers.
     (disk,) = c.vms.get("fx-bk2").disks
     step = 16 * guest.MIB
-    with image_reader(disk.volume_path) as read, open(guest_image, "rb") as src:
+    with image_reader(disk.volume_path, disk.volume_format) as read, open(guest_image, "rb") as src:
         for start, end in [(0, guest.HEADER_OFFSET), (guest.SLOTS_END, guest.IMAGE_SIZE)]:
             for offset in range(start, end, step):
                 src.seek(offset)

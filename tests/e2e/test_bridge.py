@@ -31,9 +31,9 @@ def test_source_restart_mid_import_loses_nothing(
         c.vms.create("rs", disks=[server.url], memory_mib=256)
         c.vms.start("rs")
         wait_console(c, "rs", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-        # A slow pull (8 MiB/s for ~74 MiB of data), so the outage lands inside it.
-        job = c.vms.import_("rs", to="final", strategy="stream", bandwidth_mib=8)
-        _wait_step(c, job.id, "pull")
+        # A slow copy (8 MiB/s for ~74 MiB of data), so the outage lands inside it.
+        job = c.vms.import_("rs", to="final", bandwidth_mib=8)
+        _wait_step(c, job.id, "copy")
         server.stop()
         time.sleep(4)  # the source is gone: reads stall in the bridge's retries
         assert c.jobs.get(job.id).state == "running"

@@ -1,5 +1,5 @@
 """The engine SIGKILLed at each step of create, start, import (mirror and
-stream), rollback and expose (engine.faults' crash points): restarted, it
+bulk), rollback and expose (engine.faults' crash points): restarted, it
 finishes or undoes the flow, and what it owns is consistent again: every VM has
 its domain and volumes, every file and process belongs to a VM, a bridge or an
 export, and an import in progress completes without being asked again."""
@@ -121,7 +121,8 @@ def test_killed_while_rolling_back(
 
 
 @pytest.mark.parametrize(
-    ("point", "strategy"), [("import-pivoted", "mirror"), ("import-committed", "stream")]
+    ("point", "strategy"),
+    [("import-pivoted", "mirror"), ("import-switching", "bulk"), ("import-checkpoint", "bulk")],
 )
 def test_killed_while_importing(
     crashing: Callable[[str], Engine],
@@ -137,8 +138,7 @@ def test_killed_while_importing(
     for path in (tmp, final):
         path.mkdir(mode=0o755)
         c.storage_domains.add(path.name, str(path))
-    home = "final" if strategy == "stream" else "tmp"
-    c.vms.create("cp-imp", disks=[f"{guest_export.url},storage={home}"], memory_mib=256)
+    c.vms.create("cp-imp", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
     c.vms.start("cp-imp")
     wait_console(c, "cp-imp", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
     job = c.vms.import_("cp-imp", to="final", strategy=strategy)

@@ -28,19 +28,17 @@ pytestmark = pytest.mark.guest
 def _copying(
     c: Client, name: str, url: str, strategy: str, bandwidth_mib: float
 ) -> tuple[Job, list[int]]:
-    """A booted guest writing its records, its import to "final" copying (with
-    stream the temporary disk is on "final" already, with mirror on "tmp"):
-    the job and the records written before the copy."""
-    home = "final" if strategy == "stream" else "tmp"
-    c.vms.create(name, disks=[f"{url},storage={home}"], memory_mib=256)
+    """A booted guest writing its records on "tmp", its import to "final"
+    copying: the job and the records written before the copy."""
+    c.vms.create(name, disks=[f"{url},storage=tmp"], memory_mib=256)
     c.vms.start(name)
     first = wait_console(c, name, lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)["wrote"]
     job = c.vms.import_(name, to="final", strategy=strategy, bandwidth_mib=bandwidth_mib)
-    _wait_step(c, job.id, "pull" if strategy == "stream" else "copy")
+    _wait_step(c, job.id, "copy")
     return job, first
 
 
-@pytest.mark.parametrize("strategy", ["stream", "mirror"])
+@pytest.mark.parametrize("strategy", ["bulk", "mirror"])
 def test_qemu_killed_mid_import(
     engine: Engine,
     guest_export: qemu_nbd.Server,
@@ -53,17 +51,27 @@ def test_qemu_killed_mid_import(
     job, first = _copying(c, "qk", guest_export.url, strategy, bandwidth_mib=4)
     (pid,) = procfs.find(frozenset({"qemu-system-x86_64"}), "guest=qk,")
     os.kill(pid, signal.SIGKILL)
-    failed = c.jobs.wait(job.id, timeout=120)
-    assert failed.state == "failed" and "stopped" in (failed.error or ""), failed
-    vm = c.vms.get("qk")
-    assert vm.state == "stopped" and vm.disks[0].location == "external"
+    ended = c.jobs.wait(job.id, timeout=180)
     if strategy == "mirror":
-        assert list(final.iterdir()) == []  # the partial copy is gone
-    # Start again on the temporary disk: what the guest flushed is there.
-    c.vms.start("qk")
-    info = wait_console(c, "qk", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-    assert min(info["wrote"]) > max(first)
-    assert c.vms.import_("qk", to="final", strategy=strategy).wait().state == "succeeded"
+        # QEMU was the copier: the job says the VM stopped, and the partial copy goes.
+        assert ended.state == "failed" and "stopped" in (ended.error or ""), ended
+        vm = c.vms.get("qk")
+        assert vm.state == "stopped" and vm.disks[0].location == "external"
+        assert list(final.iterdir()) == []
+        c.vms.start("qk")
+        info = wait_console(c, "qk", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+        assert min(info["wrote"]) > max(first)
+        assert c.vms.import_("qk", to="final", strategy=strategy).wait().state == "succeeded"
+    else:
+        # The bulk copy does not need QEMU: it goes on, and the guest's writes
+        # are merged into it with qemu-img, the VM being stopped.
+        assert ended.state == "succeeded", ended.error
+        vm = c.vms.get("qk")
+        assert vm.state == "stopped" and vm.disks[0].location == "local"
+        assert list(tmp.iterdir()) == []
+        c.vms.start("qk")
+        info = wait_console(c, "qk", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+        assert min(info["wrote"]) > max(first)
     _finish(c, "qk", guest_image)
 
 
@@ -82,8 +90,8 @@ def test_source_gone_for_good_then_back(
         c.vms.create("gone", disks=[server.url], memory_mib=256)
         c.vms.start("gone")
         wait_console(c, "gone", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-        job = c.vms.import_("gone", to="final", strategy="stream", bandwidth_mib=4)
-        _wait_step(c, job.id, "pull")
+        job = c.vms.import_("gone", to="final", bandwidth_mib=4)
+        _wait_step(c, job.id, "copy")
         server.stop()
         failed = c.jobs.wait(job.id, timeout=180)
         assert failed.state == "failed", failed
@@ -125,12 +133,14 @@ def _fill(path: Path, leave: int = 2 * 2**20) -> Path:
     return filler
 
 
+@pytest.mark.parametrize("strategy", ["bulk", "mirror"])
 def test_storage_domain_full_mid_copy(
     engine: Engine,
     guest_export: qemu_nbd.Server,
     guest_image: Path,
     workdir: Path,
     small_domain: Path,
+    strategy: str,
 ) -> None:
     """The target fills up mid-copy: the job fails saying so, the partial copy is
     deleted, the VM keeps running on its temporary disk, and once space is freed
@@ -143,7 +153,7 @@ def test_storage_domain_full_mid_copy(
     c.vms.create("full", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
     c.vms.start("full")
     wait_console(c, "full", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-    job = c.vms.import_("full", to="small", strategy="mirror", bandwidth_mib=4)
+    job = c.vms.import_("full", to="small", strategy=strategy, bandwidth_mib=4)
     _wait_step(c, job.id, "copy")
     filler = _fill(small_domain)
     failed = c.jobs.wait(job.id, timeout=180)
@@ -185,7 +195,7 @@ def _restart_libvirtd() -> None:
     raise AssertionError("libvirtd did not come back")
 
 
-@pytest.mark.parametrize("strategy", ["stream", "mirror"])
+@pytest.mark.parametrize("strategy", ["bulk", "mirror"])
 def test_libvirtd_restart_mid_import(
     engine: Engine,
     guest_export: qemu_nbd.Server,
@@ -203,30 +213,29 @@ def test_libvirtd_restart_mid_import(
     _finish(c, "lr", guest_image)
 
 
-def test_storage_domain_full_mid_pull(
+def test_storage_domain_full_with_the_temporary_disk_on_it(
     engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, small_domain: Path
 ) -> None:
-    """stream keeps the temporary disk as the final one, so it fills the same
-    domain the guest writes to: the job fails saying so and keeps what it pulled,
-    the guest keeps running (or pauses on the full disk, QEMU's ENOSPC policy,
-    rather than seeing errors), and once space is freed `vm start` resumes it and
-    the import run again completes with every write."""
+    """The temporary disk is on the target domain already, so the copy fills the
+    domain the guest writes to: the job fails saying so and deletes its partial
+    copy, the guest keeps running (or pauses on the full disk, QEMU's ENOSPC
+    policy, rather than seeing errors), and once space is freed `vm start`
+    resumes it and the import run again completes with every write."""
     c = engine.client()
     c.storage_domains.add("small", str(small_domain))
     c.vms.create("fullp", disks=[f"{guest_export.url},storage=small"], memory_mib=256)
     c.vms.start("fullp")
     wait_console(c, "fullp", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-    job = c.vms.import_("fullp", to="small", strategy="stream", bandwidth_mib=4)
-    _wait_step(c, job.id, "pull")
+    job = c.vms.import_("fullp", to="small", bandwidth_mib=4)
+    _wait_step(c, job.id, "copy")
     filler = _fill(small_domain, leave=0)
     failed = c.jobs.wait(job.id, timeout=180)
     assert failed.state == "failed", failed
-    assert "is full" in (failed.error or "") and "stays in the temporary disk" in (
+    assert "is full" in (failed.error or "") and "partial copy is deleted" in (
         failed.error or ""
     ), failed.error
-    # The guest goes on: it rewrites clusters it has. Had a write needed a new
-    # cluster, QEMU would have paused it (its ENOSPC policy); `vm start` resumes
-    # a paused VM once there is space.
+    # Had a guest write needed a new cluster, QEMU would have paused it (its
+    # ENOSPC policy); `vm start` resumes a paused VM once there is space.
     assert c.vms.get("fullp").state in ("running", "paused")
     dom = domain("fullp")
     assert dom is not None

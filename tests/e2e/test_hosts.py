@@ -65,8 +65,8 @@ def test_vm_on_another_host_boots_from_an_export_here(
         served = c.exports.get(export.id)
         assert served.clients and served.bytes_read
 
-        # Import there (stream): the disk becomes local to the shared domain.
-        job = c.vms.import_("so-xhost", to="shared", strategy="stream").wait(timeout=600)
+        # Import there: the disk becomes local to the shared domain.
+        job = c.vms.import_("so-xhost", to="shared").wait(timeout=600)
         assert job.state == "succeeded", job.error
         (disk,) = c.vms.get("so-xhost").disks
         assert disk.location == "local" and disk.external_disk is None

@@ -28,9 +28,9 @@ def _check_final_disk(client: Client, vm_name: str, guest_image: Path) -> None:
     wrote = guest.parse_console(client.vms.console(vm_name).text)["wrote"]
     (disk,) = client.vms.get(vm_name).disks
     assert disk.location == "local" and disk.external_disk is None
-    info = qemu_img.info(disk.volume_path)
+    info = qemu_img.info(disk.volume_path, disk.volume_format)
     assert info.backing_filename is None
-    with image_reader(disk.volume_path) as read:
+    with image_reader(disk.volume_path, disk.volume_format) as read:
         records = guest.decode_records(read)
         pattern = read(guest.PATTERN_OFFSET, guest.PATTERN_SIZE)
         boot_area = read(0, guest.FAT_SIZE)
@@ -50,19 +50,20 @@ def _finish(client: Client, vm_name: str, guest_image: Path) -> None:
     client.vms.remove(vm_name)
 
 
-@pytest.mark.parametrize("strategy", ["stream", "mirror"])
+@pytest.mark.parametrize(
+    ("strategy", "first_home"), [("bulk", "tmp"), ("bulk", "final"), ("mirror", "tmp")]
+)
 def test_live_import_keeps_every_write(
     engine: Engine,
     guest_export: qemu_nbd.Server,
     guest_image: Path,
     domains: tuple[Path, Path],
     strategy: str,
+    first_home: str,
 ) -> None:
     source_sum = sha256(guest_image)
     tmp, final = domains
     c = engine.client()
-    # stream keeps the temporary disk, so it must live on the target already
-    first_home = "final" if strategy == "stream" else "tmp"
     c.vms.create("imp", disks=[f"{guest_export.url},storage={first_home}"], memory_mib=256)
     c.vms.start("imp")
     wait_console(c, "imp", lambda i: i["boot_ok"] and len(i["wrote"]) >= 2)
@@ -111,7 +112,7 @@ def test_offline_import_and_bad_requests(
 
     for kwargs, words in [
         (dict(to="nope"), "no storage domain"),
-        (dict(to="final", strategy="stream"), "use --strategy mirror"),
+        (dict(to="final", strategy="pull"), "'bulk', 'mirror' or 'stream'"),
     ]:
         with pytest.raises(ThinairAPIError, match=words):
             c.vms.import_("off", **kwargs)  # type: ignore[arg-type]
@@ -165,8 +166,8 @@ def test_engine_killed_mid_import_resumes(
     c.vms.create("res", disks=[guest_export.url], memory_mib=256)
     c.vms.start("res")
     wait_console(c, "res", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
-    job = c.vms.import_("res", to="final", strategy="stream", bandwidth_mib=16)
-    _wait_step(c, job.id, "pull")
+    job = c.vms.import_("res", to="final", bandwidth_mib=4)
+    _wait_step(c, job.id, "copy")
     engine.stop(signal.SIGKILL)
     engine.start()  # resumes the job by itself
     c = engine.client()

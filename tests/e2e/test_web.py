@@ -109,7 +109,7 @@ def test_whole_flow_in_a_browser(
     shot("new-vm-uri-checked")
     page.get_by_role("button", name="Create").click()
     card = page.locator("#vm-web-a")
-    expect(card).to_contain_text("remote")
+    expect(card).to_contain_text("external")
     expect(page.locator("#vm-dialog")).to_be_hidden()
     assert c.vms.get("web-a").disks[0].external_disk.url == guest_export.url  # type: ignore[union-attr]
     shot("vm-created")
@@ -178,7 +178,7 @@ def test_whole_flow_in_a_browser(
         card.get_by_role("button", name="Import").click()
         dialog = page.locator("#import-dialog")
         dialog.get_by_label("Target storage domain").select_option("sd")
-        dialog.get_by_label("Strategy").select_option("stream")
+        dialog.get_by_label("Strategy").select_option("bulk")
         dialog.get_by_label("Bandwidth limit").fill(bandwidth)
         dialog.get_by_role("button", name="Start import").click()
 
@@ -187,7 +187,7 @@ def test_whole_flow_in_a_browser(
     expect(bar).to_be_visible()
     card.get_by_role("button", name="Cancel import").click()
     expect(page.locator("#jobs tr", has_text="cancelled")).to_have_count(1)
-    expect(card.locator(".badge", has_text="remote")).to_be_visible()
+    expect(card.locator(".badge", has_text="external")).to_be_visible()
     assert c.vms.get("web-a").disks[0].location == "external"
 
     # Import for real: the bar moves, live, until the disk is local.

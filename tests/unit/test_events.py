@@ -4,6 +4,7 @@ QEMU's do)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -108,3 +109,54 @@ def test_console_long_poll(test_engine: Engine, storage_dir: Path, raw_image: Pa
     log_file.write_text("again\n")
     chunk = c.vms.console("bl-con", 15, wait=30)
     assert (chunk.text, chunk.offset) == ("again\n", 6)
+
+
+def _read_events(r: httpx.Response) -> Iterator[tuple[str, str, str]]:
+    """(event, id, data) from a raw server-sent events stream."""
+    kind, event_id, data = "message", "", ""
+    for line in r.iter_lines():
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif not line and data:
+            yield kind, event_id, data
+            kind, event_id, data = "message", "", ""
+
+
+def test_events_replay_and_revoked_tokens(test_engine: Engine, storage_dir: Path) -> None:
+    c = test_engine.client()
+    c.storage_domains.add("sd", str(storage_dir))
+    url = f"http://127.0.0.1:{test_engine.port}/api/v1/events"
+    secret = c.tokens.create("i18-watcher", read_only=True).token
+    headers = {"Authorization": f"Bearer {secret}"}
+    with httpx.stream("GET", url, headers=headers, timeout=30) as r:
+        events = _read_events(r)
+        assert next(events)[0] == "hello"
+        c.vms.create("bl-i18-a", disks=["size=1M"])
+        kind, first_id, _ = next(events)
+        assert kind == "vm" and first_id
+    # Missed while away: replayed after the last id seen, then nothing twice.
+    c.vms.create("bl-i18-b", disks=["size=1M"])
+    c.vms.remove("bl-i18-b")
+    with httpx.stream("GET", url, headers={**headers, "Last-Event-ID": first_id}, timeout=30) as r:
+        events = _read_events(r)
+        assert next(events)[0] == "hello"
+        replayed = [next(events), next(events)]
+        assert [json.loads(d)["name"] for _k, _i, d in replayed] == ["bl-i18-b", "bl-i18-b"]
+        seq = int(first_id.rpartition(":")[2])
+        assert [int(i.rpartition(":")[2]) for _k, i, _d in replayed] == [seq + 1, seq + 2]
+    # An id from another run of the engine (or too old): resync.
+    with httpx.stream("GET", url, headers={**headers, "Last-Event-ID": "0:1"}, timeout=30) as r:
+        events = _read_events(r)
+        assert next(events)[0] == "hello"
+        assert next(events)[0] == "resync"
+        # Revoking the token ends its open stream, within a few seconds.
+        began = time.monotonic()
+        c.tokens.revoke("i18-watcher")
+        kind, _id, data = next(events)
+        assert kind == "unauthorized" and "revoked" in json.loads(data)["message"]
+        assert time.monotonic() - began < 15
+        assert next(events, None) is None

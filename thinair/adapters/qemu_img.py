@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from thinair.adapters._process import CommandFailed, run
+
+Progress = Callable[[float], None]  # the fraction done, 0.0 to 1.0
+ShouldStop = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """should_stop() said so; the command was terminated."""
 
 
 def binary() -> str:
@@ -108,11 +118,24 @@ def compare(
     return True
 
 
-def measure(qcow2_path: str, out_fmt: str) -> int:
+def first_difference(a: str, b: str, a_format: str, b_format: str) -> int | None:
+    """The offset of the first byte where two images differ, or None."""
+    argv = [binary(), "compare", "-f", a_format, "-F", b_format, a, b]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return None
+    if done.returncode != 1:
+        raise CommandFailed(argv, done.returncode, done.stderr)
+    # "Content mismatch at offset N!" (stdout)
+    found = re.search(r"offset (\d+)", done.stdout)
+    return int(found.group(1)) if found else 0
+
+
+def measure(path: str, out_fmt: str, fmt: str = "qcow2") -> int:
     """Bytes a copy of the image's whole chain needs in `out_fmt`. Reads the
     allocation map only, and without taking the image's lock, so it works on the
     disk of a running VM."""
-    opts = f"driver=qcow2,file.driver=file,file.filename={qcow2_path},file.locking=off"
+    opts = f"driver={fmt},file.driver=file,file.filename={path},file.locking=off"
     out = run([binary(), "measure", "--output=json", "-O", out_fmt, "--image-opts", opts])
     return int(json.loads(out)["required"])
 
@@ -130,3 +153,67 @@ def zero_ranges(filename: str, fmt: str, timeout: float | None = None) -> list[t
             else:
                 ranges.append((start, length))
     return ranges
+
+
+_PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def run_with_progress(
+    argv: list[str], on_progress: Progress | None = None, should_stop: ShouldStop | None = None
+) -> None:
+    """Run a qemu-img command given -p, reporting its percentage as it goes;
+    terminate it (and raise Stopped) when should_stop() says so."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    buf = b""
+    try:
+        while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
+            buf = (buf + chunk)[-256:]
+            found = _PROGRESS.findall(buf.decode(errors="replace"))
+            if found and on_progress:
+                on_progress(float(found[-1]) / 100)
+            if should_stop and should_stop():
+                proc.terminate()
+                proc.wait()
+                raise Stopped()
+        stderr = proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    if proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode, stderr)
+
+
+def convert(
+    src: str,
+    dest: str,
+    src_format: str,
+    dest_format: str,
+    bandwidth: int | None = None,
+    on_progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> None:
+    """Copy an image's whole chain into a new image (-W: writes out of order)."""
+    argv = [binary(), "convert", "-p", "-f", src_format, "-O", dest_format, "-W", "-m", "8"]
+    if bandwidth:
+        argv += ["-r", str(bandwidth)]
+    run_with_progress([*argv, src, dest], on_progress, should_stop)
+
+
+def rebase_unsafe(image: str, backing: str, backing_format: str) -> None:
+    """Point a qcow2 image at another backing file holding the same data (-u:
+    only the header changes)."""
+    run([binary(), "rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", backing_format, image])
+
+
+def commit(
+    image: str, on_progress: Progress | None = None, should_stop: ShouldStop | None = None
+) -> None:
+    """Write a qcow2 image's own clusters into its backing file (-d: and leave
+    the image as it is, so that a commit interrupted can simply run again)."""
+    run_with_progress(
+        [binary(), "commit", "-p", "-d", "-f", "qcow2", image], on_progress, should_stop
+    )

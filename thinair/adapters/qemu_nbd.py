@@ -68,7 +68,21 @@ class Server:
 
     @property
     def url(self) -> str:
+        if self.unix_socket:
+            return f"nbd+unix:///{self.export_name}?socket={self.unix_socket}"
         return f"nbd://{self.host}:{self.port}/{self.export_name}"
+
+    def _answers(self) -> bool:
+        try:
+            if self.unix_socket:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.2)
+                    s.connect(self.unix_socket)
+            else:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
 
     def argv(self) -> list[str]:
         argv = [
@@ -134,14 +148,11 @@ class Server:
                 rc = self._proc.returncode
                 self._proc = None
                 raise ServerError(f"qemu-nbd exited with {rc}: {err or '(no output)'}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                pass
+            if self._answers():
+                return
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"qemu-nbd did not listen on {self.host}:{self.port}")
+                raise ServerError(f"qemu-nbd did not listen at {self.url}")
             time.sleep(0.05)
 
     def _read_stderr(self) -> str:

@@ -282,19 +282,39 @@ class Virt:
         """Memory a new guest can have: free plus page cache and buffers (the kernel
         gives those back). Where the driver has no memory statistics (libvirt's
         test driver): the host's memory less what its running domains use."""
+        return self.memory_mib()[1]
+
+    def memory_mib(self) -> tuple[int, int]:
+        """(total, free as in free_memory_mib) in MiB, both from the same source:
+        virNodeGetInfo's memory can be less than the node's statistics say (it
+        counts NUMA cells, not a container's or balloon's view), and a free figure
+        above the total is nonsense."""
         conn = self.conn
         try:
             try:
                 stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
                 kib = stats["free"] + stats.get("buffers", 0) + stats.get("cached", 0)
-                return int(kib // 1024)
+                total = int(stats["total"] // 1024)
+                return total, min(total, int(kib // 1024))
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                     raise
+            total = int(conn.getInfo()[1])
             used_kib = sum(dom.info()[2] for dom in conn.listAllDomains() if dom.isActive())
-            return max(0, conn.getInfo()[1] - used_kib // 1024)
+            return total, max(0, total - used_kib // 1024)
         except libvirt.libvirtError as e:
             raise BackendError(f"libvirt: {e}") from None
+
+    def open_console(self, name: str) -> libvirt.virStream:
+        """A blocking stream to the domain's serial console, both ways, as `virsh
+        console` opens it (taking it over from another client that holds it)."""
+        dom = self._get(name)
+        try:
+            stream = self.conn.newStream(0)
+            dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not open the console of {name}: {e}") from None
+        return stream
 
     def lookup(self, name: str) -> libvirt.virDomain | None:
         try:
@@ -355,6 +375,12 @@ class Virt:
             dom.create()
         except libvirt.libvirtError as e:
             raise BackendError(f"libvirt could not start {name}: {e}") from None
+
+    def suspend(self, name: str) -> None:
+        try:
+            self._get(name).suspend()
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt could not pause {name}: {e}") from None
 
     def resume(self, name: str) -> None:
         try:

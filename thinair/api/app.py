@@ -4,6 +4,7 @@ with a stable `code` and a `message`, and HTTP statuses are chosen here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -194,26 +195,41 @@ def _console_size(path: str) -> int:
     responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
 )
 async def events(
-    ctx: Ctx, token: Annotated[ApiToken, Depends(authenticated)]
+    ctx: Ctx,
+    token: Annotated[ApiToken, Depends(authenticated)],
+    last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     """Server-sent events, until the client goes: `vm` (id, name, and the state
     when libvirt reports one) when a VM is created, removed, started, imported
     or changes state; `job` (the whole job) on every change of a job; `resync`
     when the client fell behind and should read everything again. The first
-    event, `hello`, says the stream is open: read the state then. A token has
-    at most a few streams open (429 past that); a revoked token's ends."""
+    event, `hello`, says the stream is open: read the state then. Each event has
+    an id: reconnecting with `Last-Event-ID` replays what was missed (or sends
+    `resync`). A token revoked while its stream is open ends the stream, with
+    an `unauthorized` event. A token has at most a few streams open (429 past
+    that)."""
     security.EVENT_STREAMS.check(token.id)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         # Held here, not in the handler: a generator that never starts never
         # runs its finally, and the count would leak.
         with security.EVENT_STREAMS.hold(token.id):
-            sub = ctx.events.subscribe(asyncio.get_running_loop())
+            sub = ctx.events.subscribe(asyncio.get_running_loop(), last_event_id)
             try:
                 yield ServerSentEvent(event="hello", data="{}")
-                # Revoked, the stream ends: the client sees it close.
-                async for event in security.while_live(ctx, token.id, sub.get):
-                    yield ServerSentEvent(event=event.kind, data=json.dumps(event.data))
+                while True:
+                    try:
+                        event = await asyncio.wait_for(sub.get(), EVENTS_RECHECK)
+                    except TimeoutError:
+                        event = None
+                    if not await run_in_threadpool(auth.is_live, ctx, token.id):
+                        message = f"token {token.name!r} was revoked"
+                        data = json.dumps({"code": "unauthorized", "message": message})
+                        yield ServerSentEvent(event="unauthorized", data=data)
+                        return
+                    if event is not None:
+                        data = json.dumps(event.data)
+                        yield ServerSentEvent(event=event.kind, data=data, id=event.id or None)
             finally:
                 ctx.events.unsubscribe(sub)
 
@@ -221,6 +237,8 @@ async def events(
 
 
 EVENTS_PING = 15
+# How often an open stream checks that its token still holds (and on every event).
+EVENTS_RECHECK = 5.0
 
 
 @router.post("/probe", response_model=models.ProbeResult)
@@ -280,11 +298,7 @@ def list_disks(ctx: Ctx) -> list[models.Disk]:
 
 @router.get("/disks/{disk_id}", response_model=models.Disk)
 def get_disk(ctx: Ctx, disk_id: str) -> models.Disk:
-    for vm in vms.list_all(ctx):
-        for d in vm.disks:
-            if d.id == disk_id:
-                return d
-    raise NotFound(f"no disk {disk_id!r}")
+    return vms.get_disk(ctx, disk_id)
 
 
 @router.post("/disks/{disk_id}/move", response_model=models.Job, status_code=202)
@@ -295,7 +309,11 @@ def move_disk(ctx: Ctx, jobs: Jobs, disk_id: str, req: models.ImportRequest) -> 
 
 
 @router.get("/jobs", response_model=list[models.Job])
-def list_jobs(jobs: Jobs, vm: str | None = None) -> list[models.Job]:
+def list_jobs(ctx: Ctx, jobs: Jobs, vm: str | None = None) -> list[models.Job]:
+    """`vm`: its name, id or id prefix; the id of a VM removed since keeps its jobs."""
+    if vm:
+        with contextlib.suppress(NotFound):
+            vm = vms.get(ctx, vm).id
     return jobs.list(vm_id=vm)
 
 
@@ -351,7 +369,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    from thinair.api import audit, hosts, tokens  # they import this module: include them late
+    # they import this module: include them late
+    from thinair.api import audit, console, hosts, metrics, tokens
 
     app.add_middleware(audit.AuditTrail)
     security.install(app)
@@ -359,6 +378,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(tokens.router)
     app.include_router(hosts.router)
+    app.include_router(metrics.router)  # GET /metrics, for Prometheus
+    app.include_router(console.router)
     web.mount(app)
 
     @app.get(

@@ -11,7 +11,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -204,25 +204,6 @@ CONSOLE_WAITS = PerToken("console long-polls", 8)
 # How often an open event stream or console wait checks that its token is
 # still live: a revoked token's stream ends within this.
 RECHECK_SECONDS = 2.0
-
-
-async def while_live(
-    ctx: EngineContext, token_id: str, get: Callable[[], Awaitable[T]]
-) -> AsyncIterator[T]:
-    """What `get()` gives, one after another, until the token is revoked: it is
-    checked every RECHECK_SECONDS, a busy stream as well as an idle one."""
-    recheck = time.monotonic() + RECHECK_SECONDS
-    while True:
-        try:
-            item = await asyncio.wait_for(get(), max(0.05, recheck - time.monotonic()))
-        except TimeoutError:
-            item = None
-        if time.monotonic() >= recheck:
-            if not await run_in_threadpool(auth.is_live, ctx, token_id):
-                return
-            recheck = time.monotonic() + RECHECK_SECONDS
-        if item is not None:
-            yield item
 
 
 async def wait_while_live(

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from thinair import models
 from thinair.adapters import gnutls, nginx, procfs, qemu_img, qemu_nbd, snapshot
 from thinair.adapters._process import CommandFailed
+from thinair.db import refs
 from thinair.db.models import Disk, Export, Vm, aware, new_id
 from thinair.engine import storage, vms
 from thinair.engine.context import EngineContext
@@ -93,10 +94,8 @@ def _programs(protocol: str) -> frozenset[str]:
 
 
 def find(s: Session, ref: str) -> Export:
-    export = s.scalar(select(Export).where((Export.name == ref) | (Export.id == ref)))
-    if export is None:
-        raise NotFound(f"no export {ref!r}")
-    return export
+    """By name, id or a unique prefix of its id."""
+    return refs.find(s, Export, ref, "export", list_existing=True)
 
 
 def _url_host(host: str) -> str:

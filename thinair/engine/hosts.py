@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 
 from thinair import models
 from thinair.adapters.virt import Virt
+from thinair.db import refs
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Host, StorageDomain, Vm
 from thinair.engine.context import EngineContext
-from thinair.errors import BackendError, Conflict, InvalidInput, NotFound
+from thinair.errors import BackendError, Conflict, InvalidInput
 
 # libvirt URIs a host may have: QEMU's drivers, local or through libvirt's remote
 # transports; `test:` is libvirt's test driver (no hypervisor), for trying things out.
@@ -54,10 +55,8 @@ def check_uri(ctx: EngineContext, uri: str) -> None:
 
 
 def find(s: Session, ref: str) -> Host:
-    host = s.scalar(select(Host).where((Host.name == ref) | (Host.id == ref)))
-    if host is None:
-        raise NotFound(f"no host {ref!r}")
-    return host
+    """By name, id or a unique prefix of its id."""
+    return refs.find(s, Host, ref, "host", list_existing=True)
 
 
 def uri(ctx: EngineContext, host: Host) -> str:
@@ -86,13 +85,13 @@ def to_model(ctx: EngineContext, host: Host, vms: int = 0) -> models.Host:
     try:
         virt = ctx.virt_at(where)
         conn = virt.conn
-        _model, memory_mib, cpus, *_ = conn.getInfo()  # libvirt-python gives MiB
+        cpus = conn.getInfo()[2]
         version = conn.getVersion()
         major, minor, micro = version // 1_000_000, version // 1000 % 1000, version % 1000
         model.hypervisor = conn.getType()
         model.hypervisor_version = f"{major}.{minor}.{micro}"
-        model.cpus, model.memory_mib = cpus, memory_mib
-        model.free_memory_mib = _free_mib(virt)
+        model.cpus = cpus
+        model.memory_mib, model.free_memory_mib = virt.memory_mib()
         model.domain_type = ctx.domain_type_on(virt)
     except (libvirt.libvirtError, BackendError) as e:
         model.reachable, model.error = False, str(getattr(e, "message", e))

@@ -1,17 +1,41 @@
-"""Import: make a VM's external disks local, running or stopped.
+"""Import: make a VM's disks local on a target storage domain, running or stopped.
 
-Strategies, per disk:
-- stream: pull the backing data into the temporary disk (libvirt block pull; for
-  a stopped VM `qemu-img rebase -b ""`), then drop the backing: the temporary
-  disk becomes the final one. Needs the temporary disk on the target domain. A
-  crash loses nothing: the qcow2 overlay records what is local already.
-- mirror: copy the whole chain to a new volume on the target domain (libvirt
-  block copy with synchronous writes once ready; for a stopped VM `qemu-img
-  convert`), pivot to it when libvirt says the mirror is ready, then delete the
-  temporary disk, as oVirt's live storage migration does.
+How, per disk (`disk move` moves one, local ones too):
+- bulk, the default for an external disk: the copier (adapters/nbd_copy) copies
+  the source's allocated data straight into the final volume, a raw file on the
+  target domain, with many reads in flight on several connections, riding out a
+  source restart as the disk's bridge does. It checkpoints as it goes,
+  so an interrupted copy resumes where it was, in this job or the next one, and
+  keeps a digest of every read, checked against the copy read back before
+  anything else writes to it. Then only the guest's own writes move: a shallow
+  mirror of the temporary disk onto the final volume (libvirt block copy with
+  reuse-external: the final volume already holds what the temporary disk's
+  backing holds), which QEMU flushes before it reports ready. For a stopped VM,
+  `qemu-img commit` merges the temporary disk into the final volume instead.
+  This is oVirt's live storage migration (bulk copy of the base, mirror of the
+  top), against an external source.
+- mirror: QEMU copies the whole chain into a new volume (libvirt block copy; for
+  a stopped VM `qemu-img convert`). Moving a local disk does this: there is
+  nothing remote to read fast.
+- stream is the old name of libvirt's block pull into the temporary disk. QEMU's
+  block-stream rewrites the overlay's header without flushing its metadata
+  first (block/stream.c), so a QEMU killed after a pull of an idle guest's disk
+  could leave it reading zeros. An import asked for with `stream` runs bulk,
+  whose result is the same kind of disk, local on the target, durable at every
+  instant.
 
-Every step is idempotent and reads what libvirt holds before acting, so an
-engine that dies mid-import resumes the job from where the disk is.
+The switch-over (running VM): the guest is paused for a few milliseconds while
+the final volume is synced and its record says "switching"; from that record on
+the final volume is the disk whatever happens to QEMU (it holds every write the
+guest made: the mirror writes synchronously once ready, and the guest cannot
+write while paused); then libvirt pivots, the database and libvirt's persistent
+definition get the new volume, and the guest goes on. The temporary disk is
+deleted and the source released only after that, so a crash at any instant
+leaves the old chain or a complete local disk.
+
+Every step is idempotent and reads what libvirt holds and the per-disk import
+record (engine/import_state) before acting, so an engine that dies mid-import
+resumes the job from where the disk is.
 """
 
 from __future__ import annotations
@@ -19,20 +43,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from thinair import models
-from thinair.adapters import nbd_client, qemu_img, virt
+from thinair.adapters import nbd_client, nbd_copy, qemu_img, qemu_nbd, virt
 from thinair.adapters._process import CommandFailed
-from thinair.db.models import Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, exports, storage, vms
+from thinair.db.models import LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
+from thinair.engine import bridges, exports, import_state, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
+from thinair.engine.import_state import DiskImport
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput, StorageError
 from thinair.external import parse_url
@@ -42,6 +65,7 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.5
 # Seconds an import waits for a restarting libvirtd before it gives up.
 LIBVIRT_RESTART_WAIT = 120.0
+ACTIVE_STATES = ("running", "paused")
 
 
 # -- starting ------------------------------------------------------------------
@@ -55,7 +79,8 @@ def start(
     only_disk: str | None = None,
 ) -> models.Job:
     """Check everything, then submit the job. `only_disk` (an id or target) moves
-    one disk, as `disk move` does."""
+    one disk, as `disk move` does: an external one is imported, a local one
+    copied to the target domain."""
     with ctx.db.session() as s:
         vm = vms.find(s, ref)
         if vm.phase != "ready":
@@ -64,48 +89,47 @@ def start(
         disks = [d for d in vm.disks if only_disk in (None, d.id, d.target)]
         if only_disk is not None and not disks:
             raise InvalidInput(f"VM {vm.name!r} has no disk {only_disk!r}")
-        external = [d for d in disks if d.external_url]
-        if not external:
-            raise Conflict(
-                f"VM {vm.name!r} has no external disk to import: "
-                f"{', '.join(d.target for d in disks)} local already"
-            )
-        plan: dict[str, str] = {}
-        for d in external:
-            plan[d.id] = _strategy(d, target_sd, req.strategy)
-        storage.check_space(ctx, target_sd, sum(_needed_bytes(d) for d in external))
+        if only_disk is None:
+            chosen = [d for d in disks if d.external_url]
+            if not chosen:
+                raise Conflict(
+                    f"VM {vm.name!r} has no external disk to import: "
+                    f"{', '.join(d.target for d in disks)} local already"
+                )
+        else:
+            chosen = [d for d in disks if d.external_url or d.storage_domain_id != target_sd.id]
+            if not chosen:
+                raise Conflict(
+                    f"disk {disks[0].target} of {vm.name!r} is local on {target_sd.name!r} already"
+                )
+        plan = {d.id: _method(d, req.strategy) for d in chosen}
+        storage.check_space(ctx, target_sd, sum(_needed_bytes(d) for d in chosen))
         params: dict[str, Any] = {
             "to": target_sd.id,
             "bandwidth": int(req.bandwidth_mib * 2**20) if req.bandwidth_mib else None,
             "strategies": plan,
-            "disks": [d.id for d in external],
-            "dest": {},
+            "verify": req.verify,
+            "disks": [d.id for d in chosen],
             "old": {},
         }
         vm_id = vm.id
     return runner.submit("import", vm_id, params)
 
 
-def _strategy(disk: Disk, target_sd: StorageDomain, asked: str | None) -> str:
-    on_target = disk.storage_domain_id == target_sd.id
-    if asked == "stream" and not on_target:
-        raise InvalidInput(
-            f"stream keeps the temporary disk as the final one, so it must already be on "
-            f"{target_sd.name!r}, but {disk.target}'s is on {disk.storage_domain.name!r}: "
-            "use --strategy mirror"
-        )
-    if asked:
-        return asked
-    return "stream" if on_target else "mirror"
+def _method(disk: Disk, asked: str | None) -> str:
+    """bulk for an external disk unless mirror is asked for; mirror for a local one."""
+    if disk.external_url is None or asked == "mirror":
+        return "mirror"
+    return "bulk"
 
 
 def _needed_bytes(disk: Disk) -> int:
     """What the copy will allocate: qemu-img measure over the whole chain (it reads
     the source's allocation map, so a sparse 1 TiB source measures small)."""
     try:
-        return qemu_img.measure(disk.volume_path, "qcow2")
+        return qemu_img.measure(disk.volume_path, "qcow2", disk.volume_format)
     except CommandFailed as e:
-        raise BackendError(f"cannot measure {disk.target}: {e.stderr}") from None
+        raise BackendError(f"cannot measure {disk.target}: {e.stderr}") from e
 
 
 # -- running -------------------------------------------------------------------
@@ -126,7 +150,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 disk = s.get(Disk, disk_id)
                 if disk is None:
                     raise Conflict("the disk was removed")
-                progress.add(disk.target, disk.virtual_size, disk.external_url is None)
+                progress.add(disk.target, disk.virtual_size, _done(disk, job))
                 if disk.external_url:
                     sources.add(disk.external_url)
         vms.ensure_bridges(ctx, job.vm_id)  # the copy reads through them
@@ -137,43 +161,84 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
         job.update(step="done", progress=progress.snapshot(final=True))
 
 
+def _done(disk: Disk, job: JobHandle) -> bool:
+    return disk.external_url is None and disk.storage_domain_id == job.params["to"]
+
+
 def _import_disk(
     ctx: EngineContext, job: JobHandle, name: str, disk_id: str, progress: _Progress
 ) -> None:
     with ctx.db.session() as s:
         disk = s.get(Disk, disk_id)
         assert disk is not None
-        target, overlay, source = disk.target, disk.volume_path, disk.external_url
-        if source is None:
-            _cleanup_old(job, disk_id)
+        if _done(disk, job):
+            _cleanup(ctx, job, disk_id)
             return
+        target, source = disk.target, disk.external_url
         sd = s.get(StorageDomain, job.params["to"])
         assert sd is not None
-        sd_path = sd.path
+        method = job.params["strategies"][disk_id]
+        if method == "stream":  # a job submitted before stream was retired
+            method = "bulk"
+        state = _state(ctx, disk, sd, method)
     try:
-        _copy_disk(ctx, job, name, disk_id, target, overlay, sd_path, progress)
+        if method == "bulk":
+            _bulk(ctx, job, name, disk_id, state, progress)
+        else:
+            _mirror(ctx, job, name, disk_id, state, progress)
+    except JobCancelled:
+        if _phase(ctx, disk_id) != "switching":
+            import_state.discard(ctx, disk_id)  # the partial copy goes
+        raise
     except BackendError as e:
+        if full := _storage_problem(ctx, job.params["to"]):
+            if _phase(ctx, disk_id) != "switching":
+                import_state.discard(ctx, disk_id)
+            raise StorageError(
+                f"{full}: the copy of {target} stopped; the partial copy is deleted and the "
+                "VM runs on its temporary disk. Free some space and run the import again"
+            ) from e
         try:
-            running = ctx.vm_virt(name).state(name) in ("running", "paused")
+            running = ctx.vm_virt(name).state(name) in ACTIVE_STATES
         except BackendError:
             running = False
-        if running and (problem := _source_problem(ctx, source)):
+        if running and source and (problem := _source_problem(ctx, source)):
             raise BackendError(
                 f"the source of {target} is gone ({problem}); the VM runs on what it has, "
-                "and `import` run again resumes once the source is back"
-            ) from e
-        if full := _storage_problem(ctx, job.params["to"]):
-            kept = (
-                "what was copied stays in the temporary disk"
-                if job.params["strategies"][disk_id] == "stream"
-                else "the partial copy is deleted and the VM runs on its temporary disk"
-            )
-            raise StorageError(
-                f"{full}: the copy of {target} stopped; {kept}. Free some space and run "
-                "the import again"
+                "and `import` run again resumes the copy once the source is back"
             ) from e
         raise
-    _cleanup_old(job, disk_id)
+    _cleanup(ctx, job, disk_id)
+
+
+def _state(ctx: EngineContext, disk: Disk, sd: StorageDomain, method: str) -> DiskImport:
+    """The disk's import record: the one an earlier job left if it goes to the
+    same place the same way (or is past the point of no return), else a new one."""
+    state = import_state.load(ctx, disk.id)
+    if state is not None and (
+        state.phase == "switching"
+        or (state.to == sd.id and state.method == method and os.path.exists(state.dest))
+    ):
+        return state
+    import_state.discard(ctx, disk.id)
+    if method == "bulk":
+        dest_format = "raw"
+    else:  # a local disk keeps its format; a whole chain becomes one qcow2
+        dest_format = disk.volume_format if disk.external_url is None else "qcow2"
+    state = DiskImport(
+        disk_id=disk.id,
+        dest=str(Path(sd.path) / f"{new_id()}.{dest_format}"),
+        dest_format=dest_format,
+        to=sd.id,
+        method=method,
+    )
+    import_state.save(ctx, state)  # before the volume exists: rollback finds it
+    return state
+
+
+def _phase(ctx: EngineContext, disk_id: str) -> str | None:
+    state = import_state.load(ctx, disk_id)
+    return state.phase if state else None
 
 
 def _storage_problem(ctx: EngineContext, sd_id: str) -> str | None:
@@ -204,35 +269,287 @@ def _source_problem(ctx: EngineContext, url: str) -> str | None:
     return None
 
 
-def _copy_disk(
+def _running(ctx: EngineContext, name: str) -> bool:
+    return ctx.vm_virt(name).state(name) in ACTIVE_STATES
+
+
+# -- bulk: the copier, then the guest's writes -----------------------------------
+
+
+def _bulk(
     ctx: EngineContext,
     job: JobHandle,
     name: str,
     disk_id: str,
-    target: str,
-    overlay: str,
-    sd_path: str,
+    state: DiskImport,
     progress: _Progress,
 ) -> None:
-    strategy = job.params["strategies"][disk_id]
-    running = ctx.vm_virt(name).state(name) in ("running", "paused")
-    if strategy == "mirror":
-        dest = job.params["dest"].get(disk_id)
-        if dest is None:  # plan the path before creating anything
-            dest = str(Path(sd_path) / f"{new_id()}.qcow2")
-            job.update(params={**job.params, "dest": {**job.params["dest"], disk_id: dest}})
-        if running:
-            _live_mirror(ctx, job, name, target, overlay, dest, progress)
-        else:
-            _offline_mirror(job, target, overlay, dest, progress)
-        _commit(ctx, job, disk_id, new_path=dest)
+    with ctx.db.session() as s:
+        disk = s.get(Disk, disk_id)
+        assert disk is not None
+        target, overlay = disk.target, disk.volume_path
+        url, fmt = disk.external_url, disk.external_format
+        local = disk.vm.host_id in (None, LOCAL_HOST_ID)
+    assert url is not None and fmt is not None
+    if state.phase == "copy":
+        with _copy_source(ctx, disk_id, url, fmt, local) as source:
+            _bulk_copy(ctx, job, name, target, source, state, progress)
+            _verify(ctx, job, name, target, source, state)
+    if _running(ctx, name):
+        _live_merge(ctx, job, name, target, disk_id, state, progress)
     else:
-        if running:
-            _live_stream(ctx, job, name, target, progress)
-        else:
-            _offline_stream(job, target, overlay, progress)
-        _commit(ctx, job, disk_id, new_path=overlay)
-    crash_point("import-committed")
+        _offline_merge(ctx, job, target, overlay, disk_id, state, progress)
+
+
+@contextlib.contextmanager
+def _copy_source(
+    ctx: EngineContext, disk_id: str, url: str, fmt: str, local: bool
+) -> Iterator[str]:
+    """An NBD URL serving the disk's source as raw bytes. A raw NBD source is
+    read directly (the copier rides out a restart itself, and a hop through the
+    bridge would cost CPU the copy needs); anything else through a qemu-nbd of
+    our own decoding what the temporary disk reads (a qcow2 chain or a VMDK over
+    HTTP, an OVA member, ...). A VM on another host has no bridge here."""
+    ext = parse_url(url)
+    if fmt == "raw" and ext.is_nbd and not ext.is_tar:
+        yield url
+        return
+    backing, backing_format = bridges.source(ctx, disk_id, url, fmt) if local else (url, fmt)
+    if backing_format == "raw" and backing.startswith("nbd"):
+        yield backing
+        return
+    socket = ctx.settings.home / "bridges" / f"copy-{disk_id}.sock"
+    socket.unlink(missing_ok=True)
+    server = qemu_nbd.Server(
+        backing,
+        fmt=backing_format,
+        unix_socket=str(socket),
+        shared=nbd_copy.CONNECTIONS,
+        cache="writeback",
+        aio="threads",
+    )
+    try:
+        server.start(timeout=60)
+    except qemu_nbd.ServerError as e:
+        raise BackendError(f"cannot read {url} to copy it: {e}") from e
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        socket.unlink(missing_ok=True)
+
+
+def _bulk_copy(
+    ctx: EngineContext,
+    job: JobHandle,
+    name: str,
+    target: str,
+    source: str,
+    state: DiskImport,
+    progress: _Progress,
+) -> None:
+    job.update(step=f"copy {target}")
+
+    def on_checkpoint(checkpoint: nbd_copy.Checkpoint) -> None:
+        state.checkpoint = checkpoint
+        import_state.save(ctx, state)
+        crash_point("import-checkpoint", name)
+
+    def on_progress(done: int, total: int) -> None:
+        state.total = total
+        progress.set(target, done, total)
+
+    try:
+        nbd_copy.copy(
+            source,
+            state.dest,
+            str(import_state.digests_path(ctx, state.disk_id)),
+            start=state.checkpoint,
+            bandwidth=job.params["bandwidth"],
+            on_progress=on_progress,
+            on_checkpoint=on_checkpoint,
+            should_stop=lambda: job.cancel_requested,
+            window=ctx.settings.reconnect_window,
+        )
+    except nbd_copy.CopyStopped:
+        raise JobCancelled() from None
+    except nbd_copy.CopyMismatch as e:
+        where = nbd_copy.first_difference(source, state.dest, e.offset, e.length)
+        _mismatch(ctx, target, state, where)
+    except (nbd_copy.CopyError, OSError) as e:
+        raise BackendError(f"copying {target} stopped: {e}") from e
+    crash_point("import-copied", name)
+
+
+def _mismatch(ctx: EngineContext, target: str, state: DiskImport, where: int) -> None:
+    import_state.discard(ctx, state.disk_id)
+    raise BackendError(
+        f"the copy of {target} differs from its source at byte {where}: it is deleted, "
+        "and the VM runs on its temporary disk; run the import again"
+    )
+
+
+def _verify(
+    ctx: EngineContext, job: JobHandle, name: str, target: str, source: str, state: DiskImport
+) -> None:
+    """The copier checked the copy against what it read; with verify=full it is
+    also compared with the source, read again."""
+    if job.params.get("verify") == "full":
+        job.update(step=f"verify {target}")
+        where = qemu_img.first_difference(state.dest, source, "raw", "raw")
+        if where is not None:
+            _mismatch(ctx, target, state, where)
+    state.phase = "verified"
+    import_state.save(ctx, state)
+    crash_point("import-verified", name)
+
+
+def _live_merge(
+    ctx: EngineContext,
+    job: JobHandle,
+    name: str,
+    target: str,
+    disk_id: str,
+    state: DiskImport,
+    progress: _Progress,
+) -> None:
+    """Move the guest's writes onto the bulk copy (a shallow mirror), then switch."""
+    if state.phase == "switching":
+        _finish_switch(ctx, job, name, target, disk_id, state, progress)
+        return
+    virt_ = ctx.vm_virt(name)
+    try:
+        if virt_.block_job(name, target) is None:
+            state.phase = "mirror"
+            import_state.save(ctx, state)
+            job.update(step=f"merge {target}")
+            virt_.block_copy(
+                name,
+                target,
+                state.dest,
+                "raw",
+                bandwidth=job.params["bandwidth"],
+                shallow=True,
+                reuse_external=True,
+            )
+        _wait_ready(ctx, job, name, target, state.dest, progress)
+        job.check_cancel()
+    except BaseException:
+        _abandon_mirror(ctx, name, target, state.dest, delete=False)
+        raise
+    _switch(ctx, job, name, target, disk_id, state)
+
+
+def _offline_merge(
+    ctx: EngineContext,
+    job: JobHandle,
+    target: str,
+    overlay: str,
+    disk_id: str,
+    state: DiskImport,
+    progress: _Progress,
+) -> None:
+    """A stopped VM: point the temporary disk at the bulk copy (the same bytes as
+    its source) and commit its clusters into it. From the record "switching" on,
+    the temporary disk reads the copy; every step runs again as it is."""
+    if state.phase != "switching":
+        state.phase = "switching"
+        import_state.save(ctx, state)
+    job.update(step=f"merge {target}")
+    try:
+        qemu_img.rebase_unsafe(overlay, state.dest, "raw")
+        qemu_img.commit(overlay, lambda f: progress.set_fraction(target, f))
+    except CommandFailed as e:
+        raise BackendError(f"merging {target} into its copy failed: {e.stderr}") from e
+    _sync(state.dest)
+    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+
+
+# -- mirror: QEMU copies the whole chain -------------------------------------------
+
+
+def _mirror(
+    ctx: EngineContext,
+    job: JobHandle,
+    name: str,
+    disk_id: str,
+    state: DiskImport,
+    progress: _Progress,
+) -> None:
+    with ctx.db.session() as s:
+        disk = s.get(Disk, disk_id)
+        assert disk is not None
+        target, volume, volume_format = disk.target, disk.volume_path, disk.volume_format
+    if _running(ctx, name):
+        if state.phase == "switching":
+            _finish_switch(ctx, job, name, target, disk_id, state, progress)
+            return
+        virt_ = ctx.vm_virt(name)
+        try:
+            if virt_.block_job(name, target) is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(state.dest)  # a partial copy from before a restart
+                job.update(step=f"copy {target}")
+                # QEMU's mirror keeps at most 16 x 1 MiB reads in flight on one
+                # connection, whatever the buffer size: libvirt's defaults stay.
+                virt_.block_copy(
+                    name,
+                    target,
+                    state.dest,
+                    state.dest_format,
+                    bandwidth=job.params["bandwidth"],
+                    shallow=False,
+                    reuse_external=False,
+                )
+            _wait_ready(ctx, job, name, target, state.dest, progress)
+            job.check_cancel()
+        except BaseException:
+            _abandon_mirror(ctx, name, target, state.dest, delete=True)
+            raise
+        _switch(ctx, job, name, target, disk_id, state)
+        return
+    if state.phase == "switching":  # the copy was complete and checked
+        _commit(ctx, job, disk_id, state.dest, state.dest_format)
+        return
+    job.update(step=f"copy {target}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state.dest)
+    try:
+        qemu_img.convert(
+            volume,
+            state.dest,
+            volume_format,
+            state.dest_format,
+            bandwidth=job.params["bandwidth"],
+            on_progress=lambda f: progress.set_fraction(target, f),
+            should_stop=lambda: job.cancel_requested,
+        )
+        same = qemu_img.compare(volume, state.dest, volume_format, state.dest_format)
+    except qemu_img.Stopped:
+        raise JobCancelled() from None
+    except CommandFailed as e:
+        raise BackendError(f"copying {target} failed: {e.stderr}") from e
+    if not same:
+        raise BackendError(f"the copy of {target} differs from its source")
+    _sync(state.dest)
+    state.phase = "switching"
+    import_state.save(ctx, state)
+    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+
+
+# -- following libvirt's block job --------------------------------------------------
+
+
+def _wait_ready(
+    ctx: EngineContext, job: JobHandle, name: str, target: str, dest: str, progress: _Progress
+) -> None:
+    virt_ = ctx.vm_virt(name)
+    if virt_.mirror_ready(name, target):
+        return
+    with _flushing(dest) as flush:
+        event = _wait_job(ctx, job, name, target, progress, (virt.JOB_READY,), flush)
+    if event != virt.JOB_READY and not virt_.mirror_ready(name, target):
+        raise BackendError(f"the copy of {target} ended before it was ready")
 
 
 def _wait_job(
@@ -256,15 +573,15 @@ def _wait_job(
             tick()
         try:
             info = _block_job_info(ctx, name, target)
-        except BackendError:
-            if ctx.vm_virt(name).state(name) not in ("running", "paused"):
+        except BackendError as e:
+            if not _running(ctx, name):
                 raise BackendError(
                     f"the VM stopped while {target} was being copied; start it and run "
-                    "the import again: it resumes from the temporary disk"
-                ) from None
+                    "the import again: it resumes from what was copied"
+                ) from e
             raise
         if info is not None:
-            progress.set(target, *info)
+            progress.set_merge(target, *info)
         if event in until:
             return event
         if event in (virt.JOB_FAILED, virt.JOB_CANCELED):
@@ -273,8 +590,11 @@ def _wait_job(
                 "libvirt's for the reason (is the source still reachable?)"
             )
         if info is None and event is None:
-            if ctx.vm_virt(name).state(name) not in ("running", "paused"):
-                raise BackendError(f"the VM stopped while {target} was being copied")
+            if not _running(ctx, name):
+                raise BackendError(
+                    f"the VM stopped while {target} was being copied; start it and run "
+                    "the import again: it resumes from what was copied"
+                )
             return ""  # the job ended with no event we saw (e.g. before a restart)
         if job.cancel_requested:
             raise JobCancelled()
@@ -289,55 +609,6 @@ def _block_job_info(ctx: EngineContext, name: str, target: str) -> tuple[int, in
     except BackendError:
         virt_.wait_connected(LIBVIRT_RESTART_WAIT)
         return virt_.block_job(name, target)
-
-
-def _live_mirror(
-    ctx: EngineContext,
-    job: JobHandle,
-    name: str,
-    target: str,
-    overlay: str,
-    dest: str,
-    progress: _Progress,
-) -> None:
-    chain = ctx.vm_virt(name).disk_chain(name, target)
-    if chain[0] == dest:
-        return  # pivoted already (the engine died before recording it)
-    try:
-        if ctx.vm_virt(name).block_job(name, target) is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(dest)  # a partial copy from before a restart
-            job.update(step=f"copy {target}")
-            # QEMU's mirror keeps at most 16 x 1 MiB reads in flight on one
-            # connection, whatever the buffer size: buf-size and granularity
-            # changed nothing when measured, so libvirt's defaults stay.
-            ctx.vm_virt(name).block_copy(
-                name,
-                target,
-                dest,
-                "qcow2",
-                bandwidth=job.params["bandwidth"],
-                shallow=False,
-                reuse_external=False,
-            )
-        if not ctx.vm_virt(name).mirror_ready(name, target):
-            with _flushing(dest) as flush:
-                event = _wait_job(ctx, job, name, target, progress, (virt.JOB_READY,), flush)
-            if event != virt.JOB_READY and not ctx.vm_virt(name).mirror_ready(name, target):
-                raise BackendError(f"the copy of {target} ended before it was ready")
-        job.check_cancel()
-        job.update(step=f"pivot {target}")
-        ctx.vm_virt(name).block_job_abort(name, target, pivot=True)
-        deadline = time.monotonic() + 60
-        while ctx.vm_virt(name).disk_chain(name, target)[0] != dest:
-            if time.monotonic() > deadline:
-                raise BackendError(f"libvirt did not switch {target} to {dest}")
-            ctx.vm_virt(name).wait_block_event(name, target, 0.2)
-        crash_point("import-pivoted")
-    except BaseException:
-        _abandon_mirror(ctx, name, target, dest)
-        raise
-    _verify_local(ctx, name, target)
 
 
 @contextlib.contextmanager
@@ -360,122 +631,115 @@ def _flushing(path: str) -> Iterator[Callable[[], None]]:
         os.close(fd)
 
 
-def _abandon_mirror(ctx: EngineContext, name: str, target: str, dest: str) -> None:
-    """Cancel a copy that did not pivot: the VM keeps running on its temporary disk."""
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        if (
-            ctx.vm_virt(name).state(name) == "running"
-            and ctx.vm_virt(name).disk_chain(name, target)[0] == dest
-        ):
-            return  # it did pivot: keep the destination
-        if (
-            ctx.vm_virt(name).state(name) == "running"
-            and ctx.vm_virt(name).block_job(name, target) is not None
-        ):
-            ctx.vm_virt(name).block_job_abort(name, target, pivot=False)
-            deadline = time.monotonic() + 30
-            while (
-                ctx.vm_virt(name).block_job(name, target) is not None
-                and time.monotonic() < deadline
-            ):
-                time.sleep(0.1)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _abandon_mirror(ctx: EngineContext, name: str, target: str, dest: str, delete: bool) -> None:
+    """Cancel a copy that did not switch: the VM keeps running on its temporary
+    disk. A bulk copy stays (it is still a copy of the source; the next merge
+    writes every cluster of the temporary disk again)."""
+    try:
+        virt_ = ctx.vm_virt(name)
+        if virt_.state(name) in ACTIVE_STATES:
+            if virt_.disk_chain(name, target)[0] == dest:
+                return  # it did switch: keep the destination
+            if virt_.block_job(name, target) is not None:
+                virt_.block_job_abort(name, target, pivot=False)
+                deadline = time.monotonic() + 30
+                while virt_.block_job(name, target) is not None and time.monotonic() < deadline:
+                    time.sleep(0.1)
     except BackendError:
         log.exception("could not cancel the copy of %s %s", name, target)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(dest)
-
-
-def _live_stream(
-    ctx: EngineContext, job: JobHandle, name: str, target: str, progress: _Progress
-) -> None:
-    if len(ctx.vm_virt(name).disk_chain(name, target)) > 1:
-        try:
-            if ctx.vm_virt(name).block_job(name, target) is None:
-                job.update(step=f"pull {target}")
-                ctx.vm_virt(name).block_pull(name, target, bandwidth=job.params["bandwidth"])
-            _wait_job(ctx, job, name, target, progress, (virt.JOB_COMPLETED,))
-        except JobCancelled:
-            # What was pulled stays in the overlay; the disk is still backed.
-            with contextlib.suppress(BackendError):
-                if ctx.vm_virt(name).block_job(name, target) is not None:
-                    ctx.vm_virt(name).block_job_abort(name, target)
-            raise
-    _verify_local(ctx, name, target)
-
-
-def _verify_local(ctx: EngineContext, name: str, target: str) -> None:
-    chain = ctx.vm_virt(name).disk_chain(name, target)
-    if len(chain) != 1 or not chain[0].startswith("/"):
-        raise BackendError(f"{target} still reads from {' <- '.join(chain)}")
-
-
-_PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
-
-
-def _qemu_img_with_progress(
-    argv: list[str], job: JobHandle, target: str, progress: _Progress
-) -> None:
-    """Run a qemu-img command with -p, feeding its percentage into the job."""
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    buf = b""
-    try:
-        while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
-            buf = (buf + chunk)[-256:]
-            found = _PROGRESS.findall(buf.decode(errors="replace"))
-            if found:
-                progress.set_fraction(target, float(found[-1]) / 100)
-            if job.cancel_requested:
-                proc.terminate()
-                proc.wait()
-                raise JobCancelled()
-        stderr = proc.stderr.read().decode(errors="replace").strip()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    if proc.returncode != 0:
-        raise BackendError(f"{argv[0]} {argv[1]} failed: {stderr}")
-
-
-def _offline_mirror(
-    job: JobHandle, target: str, overlay: str, dest: str, progress: _Progress
-) -> None:
-    job.update(step=f"copy {target}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(dest)
-    argv = [qemu_img.binary(), "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8"]
-    if job.params["bandwidth"]:
-        argv += ["-r", str(job.params["bandwidth"])]
-    try:
-        _qemu_img_with_progress([*argv, overlay, dest], job, target, progress)
-    except BaseException:
+    if delete:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(dest)
-        raise
-    if not qemu_img.compare(overlay, dest, "qcow2", "qcow2"):
-        os.unlink(dest)
-        raise BackendError(f"the copy of {target} differs from its source")
 
 
-def _offline_stream(job: JobHandle, target: str, overlay: str, progress: _Progress) -> None:
-    job.update(step=f"pull {target}")
-    if qemu_img.info(overlay).backing_filename:
-        # Safe mode copies every range the overlay lacks from the backing chain;
-        # interrupted, it leaves a valid overlay that a rerun completes.
-        _qemu_img_with_progress(
-            [qemu_img.binary(), "rebase", "-p", "-f", "qcow2", "-b", "", overlay],
-            job,
-            target,
-            progress,
-        )
-    if qemu_img.info(overlay).backing_filename:
-        raise BackendError(f"{overlay} still has a backing file")
+# -- the switch-over -----------------------------------------------------------------
 
 
-def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str) -> None:
+def _switch(
+    ctx: EngineContext, job: JobHandle, name: str, target: str, disk_id: str, state: DiskImport
+) -> None:
+    """The mirror is ready: pause the guest, make the destination durable and
+    record it as the disk, pivot, resume (see the module's docstring)."""
+    job.update(step=f"switch {target}")
+    virt_ = ctx.vm_virt(name)
+    virt_.suspend(name)
+    try:
+        _sync(state.dest)
+        state.phase = "switching"
+        import_state.save(ctx, state)
+        crash_point("import-switching", name)
+        try:
+            _pivot(ctx, name, target, state.dest)
+        except BackendError:
+            if _running(ctx, name) and virt_.disk_chain(name, target)[0] != state.dest:
+                # Still on the temporary disk, and the guest wrote nothing
+                # since: the temporary disk stays the disk.
+                state.phase = "mirror"
+                import_state.save(ctx, state)
+                raise
+            # QEMU is gone (the destination is the disk now) or it did switch.
+        crash_point("import-pivoted", name)
+        _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    finally:
+        with contextlib.suppress(BackendError):
+            if virt_.state(name) == "paused":
+                virt_.resume(name)
+
+
+def _pivot(ctx: EngineContext, name: str, target: str, dest: str) -> None:
+    virt_ = ctx.vm_virt(name)
+    virt_.block_job_abort(name, target, pivot=True)
+    deadline = time.monotonic() + 60
+    while virt_.disk_chain(name, target)[0] != dest:
+        if time.monotonic() > deadline:
+            raise BackendError(f"libvirt did not switch {target} to {dest}")
+        virt_.wait_block_event(name, target, 0.2)
+
+
+def _finish_switch(
+    ctx: EngineContext,
+    job: JobHandle,
+    name: str,
+    target: str,
+    disk_id: str,
+    state: DiskImport,
+    progress: _Progress,
+) -> None:
+    """An engine that died during the switch-over: the guest is still paused (we
+    paused it), or QEMU is gone. Either way the destination is the disk."""
+    virt_ = ctx.vm_virt(name)
+    if virt_.state(name) in ACTIVE_STATES:
+        chain = virt_.disk_chain(name, target)
+        if chain[0] != state.dest:
+            if virt_.block_job(name, target) is None or not virt_.mirror_ready(name, target):
+                # No mirror to pivot (libvirt lost it): the guest has been paused
+                # since the destination was synced, so the temporary disk holds
+                # the same data; merge again from it.
+                state.phase = "mirror"
+                import_state.save(ctx, state)
+                with contextlib.suppress(BackendError):
+                    if virt_.state(name) == "paused":
+                        virt_.resume(name)
+                _live_merge(ctx, job, name, target, disk_id, state, progress)
+                return
+            _pivot(ctx, name, target, state.dest)
+        _commit(ctx, job, disk_id, state.dest, state.dest_format)
+        with contextlib.suppress(BackendError):
+            if virt_.state(name) == "paused":
+                virt_.resume(name)
+        return
+    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+
+
+def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str, fmt: str) -> None:
     """Record the disk as local, remembering the old volume for cleanup, and give
     libvirt's persistent definition the new path."""
     with ctx.db.session() as s:
@@ -486,6 +750,7 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str) -> 
                 params={**job.params, "old": {**job.params["old"], disk_id: disk.volume_path}}
             )
             disk.volume_path = new_path
+        disk.volume_format = fmt
         disk.storage_domain_id = job.params["to"]
         disk.external_url = None
         disk.external_format = None
@@ -494,24 +759,32 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str) -> 
         s.flush()
         ctx.vm_virt(vm.name).define(virt.domain_xml(vms.domain_spec(ctx, vm)))
         vm_id, vm_name = vm.id, vm.name
+    crash_point("import-committed", vm_name)
     bridges.stop(ctx, disk_id)  # QEMU reads nothing through it any more
     ctx.events.vm_changed(vm_id, vm_name)
 
 
-def _cleanup_old(job: JobHandle, disk_id: str) -> None:
+def _cleanup(ctx: EngineContext, job: JobHandle, disk_id: str) -> None:
+    """The disk is local on the target: delete the temporary disk and the record."""
     old = job.params["old"].get(disk_id)
     if old:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old)
+    with ctx.db.session() as s:
+        disk = s.get(Disk, disk_id)
+        keep = disk.volume_path if disk else None
+    import_state.discard(ctx, disk_id, keep=keep)
 
 
 class _Progress:
     """Bytes done and total per disk and overall, with rate and ETA, written to
-    the job at most every PROGRESS_INTERVAL."""
+    the job at most every PROGRESS_INTERVAL. A disk's bytes are its bulk copy's
+    (the source's allocated data) and then the guest's writes merged after it."""
 
     def __init__(self, job: JobHandle) -> None:
         self.job = job
         self.disks: dict[str, dict[str, int]] = {}
+        self.bulk: dict[str, int] = {}  # per disk, what the bulk copy moved
         self.started = time.monotonic()
         self.start_done = 0
         self.last_write = 0.0
@@ -523,11 +796,21 @@ class _Progress:
     def set(self, target: str, done: int, total: int) -> None:
         if total > 0:
             self.disks[target] = {"done": done, "total": total}
+            self.bulk[target] = total
+        self._maybe_write()
+
+    def set_merge(self, target: str, done: int, total: int) -> None:
+        """The block job's bytes, after what the bulk copy moved (none for a
+        whole-chain mirror)."""
+        base = self.bulk.get(target, 0)
+        if total > 0:
+            self.disks[target] = {"done": base + done, "total": base + total}
         self._maybe_write()
 
     def set_fraction(self, target: str, fraction: float) -> None:
         d = self.disks[target]
-        self.set(target, int(d["total"] * fraction), d["total"])
+        self.disks[target] = {"done": int(d["total"] * fraction), "total": d["total"]}
+        self._maybe_write()
 
     def snapshot(self, final: bool = False) -> dict[str, Any]:
         if final:

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 
 from thinair import models
+from thinair.db import refs
 from thinair.db.models import Job, aware, new_id, utcnow
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, NotFound, ThinairError
@@ -31,6 +32,34 @@ from thinair.errors import Conflict, NotFound, ThinairError
 log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "running")
+# The job log keeps a sample of the bytes done at most this often, and at most
+# this many (then every other one goes: an hour-long copy still fits).
+LOG_SAMPLE_INTERVAL = 2.0
+LOG_SAMPLES = 240
+
+
+def _log(job: Job, what: str | None, sample: bool = False) -> None:
+    """Append to the job's log: a step or state (`what`), or a sample of the bytes
+    done, no more often than LOG_SAMPLE_INTERVAL."""
+    entries = list(job.log or [])
+    now = utcnow()
+    done = (job.progress or {}).get("done")
+    if sample:
+        samples = [e for e in entries if e.get("what") is None]
+        if done is None or (
+            samples
+            and (now - datetime.fromisoformat(samples[-1]["at"])).total_seconds()
+            < LOG_SAMPLE_INTERVAL
+        ):
+            return
+        if len(samples) >= LOG_SAMPLES:  # thin the samples out, keep every step
+            drop = {id(e) for e in samples[::2]}
+            entries = [e for e in entries if id(e) not in drop]
+    entry: dict[str, Any] = {"at": now.isoformat(), "what": what}
+    if done is not None:
+        entry["done"] = done
+    entries.append(entry)
+    job.log = entries  # a new list: SQLAlchemy sees a JSON column change only so
 
 
 class JobCancelled(Exception):
@@ -87,6 +116,7 @@ def to_model(job: Job) -> models.Job:
         created_at=aware(job.created_at),
         updated_at=aware(job.updated_at),
         finished_at=aware(job.finished_at),
+        log=[models.JobEvent.model_validate(e) for e in job.log or []],
     )
 
 
@@ -185,6 +215,7 @@ class JobRunner:
             assert job is not None
             job.state = "running"
             job.updated_at = utcnow()
+            _log(job, "resumed" if job.log else "running")
             handle = JobHandle(self, job.id, job.vm_id, dict(job.params))
             flow = self.flows[job.kind]
         self._notify(job_id)
@@ -205,6 +236,7 @@ class JobRunner:
                 if job is not None:
                     job.state, job.error = state, error
                     job.updated_at = job.finished_at = utcnow()
+                    _log(job, f"{state}: {error}" if error else state)
         finally:  # ended (or left for another engine to run again)
             self.ctx.db.locks.unlock(_key(job_id))
             self._threads.pop(job_id, None)
@@ -223,10 +255,14 @@ class JobRunner:
             job = s.get(Job, job_id)
             if job is None:
                 return
+            if progress is not None:
+                job.progress = progress
+            if step is not None and step != job.step:
+                _log(job, step)
             if step is not None:
                 job.step = step
             if progress is not None:
-                job.progress = progress
+                _log(job, None, sample=True)
             if params is not None:
                 job.params = params
             job.updated_at = utcnow()
@@ -238,7 +274,13 @@ class JobRunner:
         with contextlib.suppress(NotFound):
             self.ctx.events.publish("job", self.get(job_id).model_dump(mode="json"))
 
+    def resolve(self, ref: str) -> str:
+        """The id of the job whose id is `ref` or starts with it (unique)."""
+        with self.ctx.db.session() as s:
+            return refs.find(s, Job, ref, "job").id
+
     def cancel(self, job_id: str) -> models.Job:
+        job_id = self.resolve(job_id)
         with self.ctx.db.session() as s:
             job = s.get(Job, job_id)
             if job is None:
@@ -269,10 +311,9 @@ class JobRunner:
             raise Conflict(f"job {job_id} did not stop within {timeout:g} s")
 
     def get(self, job_id: str) -> models.Job:
+        """By id or a unique prefix of it."""
         with self.ctx.db.session() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id!r}")
+            job = s.get(Job, job_id) or refs.find(s, Job, job_id, "job")
             return to_model(job)
 
     def list(self, vm_id: str | None = None) -> list[models.Job]:
@@ -296,6 +337,7 @@ class JobRunner:
     def wait_change(self, job_id: str, since: datetime | None, timeout: float) -> models.Job:
         """Long-poll: the job once it changed after `since` (or ended), or as it is
         when `timeout` runs out. A `since` with no time zone is UTC."""
+        job_id = self.resolve(job_id)
         since = aware(since)
         self.wait(
             job_id,

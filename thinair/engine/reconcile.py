@@ -21,7 +21,7 @@ import libvirt
 from sqlalchemy import select
 
 from thinair.db.models import LOCAL_HOST_ID, Disk, Host, Vm
-from thinair.engine import bridges, convert, exports, hosts, vms
+from thinair.engine import bridges, convert, exports, hosts, import_state, vms
 from thinair.engine.context import EngineContext
 from thinair.errors import BackendError
 
@@ -81,6 +81,14 @@ def reconcile(ctx: EngineContext) -> list[str]:
             if d.external_url and bridges.bridged(d.external_url, d.external_format)
         }
     actions += bridges.reconcile(ctx, wanted)
+    # An import record whose disk is gone (its VM removed by an engine that died
+    # before it got there) owns a partial copy that nothing will resume.
+    with ctx.db.session() as s:
+        disks = set(s.scalars(select(Disk.id)))
+    for disk_id in import_state.known(ctx):
+        if disk_id not in disks:
+            import_state.discard(ctx, disk_id)
+            actions.append(f"deleted the partial import of removed disk {disk_id}")
     actions += exports.reconcile(ctx)
     for line in actions:
         log.info("reconcile: %s", line)

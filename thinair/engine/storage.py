@@ -11,10 +11,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from thinair import models
+from thinair.db import refs
 from thinair.db.models import Disk, StorageDomain
 from thinair.engine import hosts
 from thinair.engine.context import EngineContext
-from thinair.errors import Conflict, InvalidInput, NotFound, StorageError
+from thinair.errors import Conflict, InvalidInput, StorageError
 from thinair.external import ExternalURL, inside, parse_url
 
 
@@ -131,12 +132,8 @@ def to_model(sd: StorageDomain) -> models.StorageDomain:
 
 
 def find(s: Session, ref: str) -> StorageDomain:
-    sd = s.scalar(
-        select(StorageDomain).where((StorageDomain.name == ref) | (StorageDomain.id == ref))
-    )
-    if sd is None:
-        raise NotFound(f"no storage domain {ref!r}")
-    return sd
+    """By name, id or a unique prefix of its id; a missing one names those there are."""
+    return refs.find(s, StorageDomain, ref, "storage domain", list_existing=True)
 
 
 def list_all(ctx: EngineContext) -> list[models.StorageDomain]:

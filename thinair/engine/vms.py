@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, selectinload
 from thinair import models
 from thinair.adapters import qemu_img, qemu_io, v2v, virt
 from thinair.adapters._process import CommandFailed
+from thinair.db import refs
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, convert, hosts, ova, storage
+from thinair.engine import bridges, convert, hosts, import_state, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -37,10 +38,8 @@ CONSOLE_CHUNK = 256 * 1024
 
 
 def find(s: Session, ref: str) -> Vm:
-    vm = s.scalar(select(Vm).where((Vm.name == ref) | (Vm.id == ref)))
-    if vm is None:
-        raise NotFound(f"no VM {ref!r}")
-    return vm
+    """By name, id or a unique prefix of its id."""
+    return refs.find(s, Vm, ref, "VM")
 
 
 def disk_model(disk: Disk) -> models.Disk:
@@ -125,6 +124,12 @@ def get(ctx: EngineContext, ref: str) -> models.Vm:
         return to_model(ctx, find(s, ref))
 
 
+def get_disk(ctx: EngineContext, ref: str) -> models.Disk:
+    """A disk by its id or a unique prefix of it."""
+    with ctx.db.session() as s:
+        return disk_model(refs.find(s, Disk, ref, "disk"))
+
+
 def console_path(ctx: EngineContext, ref: str) -> str:
     with ctx.db.session() as s:
         return find(s, ref).console_log
@@ -159,7 +164,8 @@ def _resolve_storage(s: Session, ref: str | None) -> StorageDomain:
         return domains[0]
     if not domains:
         raise NotFound("no storage domain: add one with `thinair storage add NAME PATH`")
-    raise InvalidInput("several storage domains exist: say which one with storage=NAME")
+    names = ", ".join(sorted(d.name for d in domains))
+    raise InvalidInput(f"several storage domains exist ({names}): say which one with storage=NAME")
 
 
 def probe_disk(ctx: EngineContext, req: models.ProbeRequest) -> models.ProbeResult:
@@ -432,6 +438,13 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
+        for d in vm.disks:
+            half_done = import_state.load(ctx, d.id)
+            if half_done is not None and half_done.phase == "switching" and d.external_url:
+                raise Conflict(
+                    f"{name}: the import of {d.target} stopped half way through its "
+                    "switch to the local copy: run `vm import` again to finish it"
+                )
     with ctx.vm_busy(vm_id, "start"):
         if host is not None:
             _move(ctx, vm_id, host)
@@ -569,6 +582,7 @@ def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) 
     crash_point("destroy-undefined")
     for disk_id in disk_ids:
         bridges.stop(ctx, disk_id)
+        import_state.discard(ctx, disk_id)  # a partial copy an import left
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             if path:

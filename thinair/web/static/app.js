@@ -5,7 +5,7 @@
 const API = "/api/v1";
 const TOKEN_KEY = "thinair-token";
 const ACTIVE = new Set(["pending", "running"]);
-const state = { sds: [], vms: [], exports: [], jobs: [], audit: null, watching: new Set(), signedIn: false };
+const state = { sds: [], vms: [], exports: [], jobs: [], hosts: [], audit: null, watching: new Set(), signedIn: false };
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -57,8 +57,29 @@ function h(tag, attrs = {}, ...children) {
 function replace(container, ...nodes) {
   const active = document.activeElement;
   const id = active && container.contains(active) ? active.id : null;
-  container.replaceChildren(...nodes.flat());
+  container.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
   if (id) document.getElementById(id)?.focus();
+}
+
+const mib = (n) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+
+// The rate of bytes copied, in MiB/s as the sizes are, with the limit when one is set.
+function rate(job) {
+  const r = job.progress?.rate;
+  const limit = job.params?.bandwidth;
+  const shown = r !== undefined && r !== null ? `${(r / 2 ** 20).toFixed(1)} MiB/s` : "";
+  return limit ? `${shown || "?"} (limit ${+(limit / 2 ** 20).toFixed(2)} MiB/s)` : shown;
+}
+
+// Times: local, as the browser's clock shows them; the UTC form in the tooltip.
+const when = (iso) => iso ? h("time", { datetime: iso, title: iso }, new Date(iso).toLocaleString()) : "";
+function duration(job) {
+  const end = job.finished_at ? new Date(job.finished_at)
+    : ACTIVE.has(job.state) ? new Date() : new Date(job.updated_at);
+  const s = Math.max(0, (end - new Date(job.created_at)) / 1000);
+  if (s < 60) return `${s.toFixed(1)} s`;
+  const m = Math.floor(s / 60);
+  return m < 60 ? `${m} min ${Math.round(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
 function bytes(n) {
@@ -99,6 +120,22 @@ async function act(button, fn) {
   await refresh();
 }
 
+// Run a form's action: its error goes next to the form, not to a toast.
+async function formAct(form, errorSel, fn) {
+  const button = form.querySelector("button[type=submit]");
+  const error = $(errorSel);
+  error.textContent = "";
+  button.disabled = true;
+  try {
+    await fn();
+  } catch (e) {
+    error.textContent = e.message;
+  } finally {
+    button.disabled = false;
+  }
+  await refresh();
+}
+
 // -- sign in -------------------------------------------------------------------
 
 async function signIn(token) {
@@ -115,6 +152,7 @@ async function signIn(token) {
 
 function signOut(message) {
   state.signedIn = false;
+  lastEventId = null;
   stopEvents();
   sessionStorage.removeItem(TOKEN_KEY);
   $("#who").hidden = true;
@@ -139,9 +177,9 @@ function refresh() {
   }
   refreshing = (async () => {
     try {
-      [state.sds, state.vms, state.exports, state.jobs, state.audit] = await Promise.all([
+      [state.sds, state.vms, state.exports, state.jobs, state.hosts, state.audit] = await Promise.all([
         api("GET", "/storage_domains"), api("GET", "/vms"), api("GET", "/exports"),
-        api("GET", "/jobs"),
+        api("GET", "/jobs"), api("GET", "/hosts"),
         // The audit log is for admin tokens: another token gets 403, and no view.
         api("GET", "/audit?limit=30").catch((e) => { if (e.status === 403) return null; throw e; }),
       ]);
@@ -161,16 +199,16 @@ function refresh() {
 // behind) mean: read everything again; "vm": a VM changed; "job": a job, whole.
 let eventsRun = 0;
 let eventsAbort = null;
+let lastEventId = null;  // sent again on reconnecting: the engine replays what we missed
 
 async function followEvents() {
   const run = ++eventsRun;
   while (state.signedIn && run === eventsRun) {
     eventsAbort = new AbortController();
     try {
-      const res = await fetch(`${API}/events`, {
-        headers: { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` },
-        signal: eventsAbort.signal,
-      });
+      const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` };
+      if (lastEventId) headers["Last-Event-ID"] = lastEventId;
+      const res = await fetch(`${API}/events`, { headers, signal: eventsAbort.signal });
       if (res.status === 401) { signOut("The engine refused the token: sign in again."); return; }
       if (!res.ok) throw new Error(`events: HTTP ${res.status}`);
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -204,8 +242,13 @@ function onEvent(block) {
   for (const line of block.split("\n")) {
     if (line.startsWith("event:")) kind = line.slice(6).trim();
     else if (line.startsWith("data:")) data += line.slice(5).trim();
+    else if (line.startsWith("id:")) lastEventId = line.slice(3).trim();
   }
   if (!data) return;  // a ping
+  if (kind === "unauthorized") {  // the token was revoked while the page was open
+    signOut(`${JSON.parse(data).message}: sign in again.`);
+    return;
+  }
   if (kind === "job") {
     const job = JSON.parse(data);
     const i = state.jobs.findIndex((j) => j.id === job.id);
@@ -236,6 +279,9 @@ function render() {
   renderJobs();
   renderStorage();
   renderExports();
+  renderHosts();
+  renderExposeVms();
+  renderJobView();
   renderAudit();
 }
 
@@ -259,7 +305,7 @@ function where(vm, disk, job) {
     const pct = p && p.total ? Math.floor((100 * p.done) / p.total) : 0;
     return { label: `copying ${pct}%`, cls: "copying", pct };
   }
-  return { label: "remote", cls: "remote" };
+  return { label: "external", cls: "external" };
 }
 
 function renderVms() {
@@ -300,7 +346,7 @@ function renderVms() {
         button("Console", "console", () => openConsole(vm.name), "secondary"),
         external.length && !job ? button("Import", "import", () => openImport(vm)) : null,
         job ? button("Cancel import", "cancel", (e) => act(e.target, () => api("POST", `/jobs/${job.id}/cancel`)), "secondary") : null,
-        vm.disks.every((d) => d.location === "external" || d.blank)
+        !job && vm.disks.every((d) => d.location === "external" || d.blank)
           ? button("Roll back", "rollback", () => confirmRollback(vm), "danger") : null,
         button("Remove", "remove", () => confirmRemove(vm), "secondary")));
   });
@@ -311,23 +357,114 @@ function renderJobs() {
   const rows = state.jobs.slice(0, 15).map((j) => {
     const p = j.progress || {};
     const pct = p.total ? Math.floor((100 * p.done) / p.total) : null;
+    const active = ACTIVE.has(j.state);
     return h("tr", { id: `job-${j.id}` },
       cell("Job", j.kind, h("div", { class: "hint" }, j.id.slice(0, 8))),
       cell("VM", vmName(j.vm_id)),
+      cell("Target", j.params?.to ? sdName(j.params.to) : ""),
       cell("State", badge(j.state), j.step ? h("div", { class: "hint" }, j.step) : null),
+      cell("Started", when(j.created_at), h("div", { class: "hint" }, active ? `for ${duration(j)}` : `took ${duration(j)}`)),
       cell("Progress", pct !== null
         ? [h("progress", { max: 100, value: pct, "aria-label": `job ${j.id.slice(0, 8)} progress` }, `${pct}%`),
           h("div", { class: "hint" }, `${pct}%, ${bytes(p.done)} of ${bytes(p.total)}`,
-            ACTIVE.has(j.state) && p.rate ? `, ${bytes(p.rate)}/s` : "",
-            ACTIVE.has(j.state) && p.eta ? `, ${Math.ceil(p.eta)} s left` : "")]
+            active && rate(j) ? `, ${rate(j)}` : "",
+            active && p.eta ? `, ${Math.ceil(p.eta)} s left` : "")]
         : ""),
-      cell("Error", j.error || ""),
-      cell("", ACTIVE.has(j.state)
-        ? h("button", { type: "button", class: "secondary", id: `job-${j.id}-cancel`,
-          onclick: (e) => act(e.target, () => api("POST", `/jobs/${j.id}/cancel`)) }, "Cancel")
-        : ""));
+      cell("Error", j.error ? h("span", { class: "clip", title: j.error }, j.error) : ""),
+      cell("", h("div", { class: "actions" },
+        h("button", { type: "button", class: "secondary", id: `job-${j.id}-view`,
+          onclick: () => openJob(j.id) }, "Details"),
+        active
+          ? h("button", { type: "button", class: "secondary", id: `job-${j.id}-cancel`,
+            onclick: (e) => act(e.target, () => api("POST", `/jobs/${j.id}/cancel`)) }, "Cancel")
+          : null)));
   });
-  replace($("#jobs"), table(["Job", "VM", "State", "Progress", "Error", ""], rows, "No jobs."));
+  replace($("#jobs"), table(["Job", "VM", "Target", "State", "Started", "Progress", "Error", ""], rows, "No jobs."));
+}
+
+// One job: its steps with their times, the bytes done over time, its error in full.
+let viewedJob = null;
+function openJob(id) {
+  viewedJob = id;
+  renderJobView();
+  $("#job-dialog").showModal();
+}
+
+function renderJobView() {
+  const dialog = $("#job-dialog");
+  const j = state.jobs.find((x) => x.id === viewedJob);
+  if (!j || !dialog) return;
+  $("#job-title").textContent = `${j.kind} of ${vmName(j.vm_id)}`;
+  const steps = (j.log || []).filter((e) => e.what !== null);
+  const rows = steps.map((e, i) => {
+    const next = steps[i + 1];
+    const took = next ? `${((new Date(next.at) - new Date(e.at)) / 1000).toFixed(1)} s` : "";
+    return h("tr", {}, cell("At", when(e.at)), cell("Took", took), cell("Step", e.what),
+      cell("Done", e.done !== undefined && e.done !== null ? mib(e.done) : ""));
+  });
+  const p = j.progress || {};
+  replace($("#job-body"),
+    h("p", { class: "meta" }, badge(j.state), ` job ${j.id}`, j.params?.to ? `, to ${sdName(j.params.to)}` : "",
+      `; started `, when(j.created_at), `, ${ACTIVE.has(j.state) ? "running for" : "took"} ${duration(j)}`,
+      p.total ? `; ${bytes(p.done)} of ${bytes(p.total)}` : "", rate(j) ? `, ${rate(j)}` : ""),
+    chart(j),
+    table(["At", "Took", "Step", "Done"], rows, "No steps recorded."),
+    j.error ? [h("h3", {}, "Error"), h("pre", { class: "job-error", id: "job-error" }, j.error)] : null);
+}
+
+// The bytes done over time, from the job log's samples: a small SVG line chart.
+function chart(j) {
+  const points = (j.log || []).filter((e) => e.done !== undefined && e.done !== null);
+  const total = j.progress?.total;
+  if (points.length < 2 || !total) return null;
+  const t0 = new Date(points[0].at);
+  const span = Math.max(1, (new Date(points[points.length - 1].at) - t0) / 1000);
+  const W = 600, H = 120;
+  const xy = points.map((e) => [((new Date(e.at) - t0) / 1000 / span) * W, H - (e.done / total) * H]);
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("id", "job-chart");
+  svg.setAttribute("aria-label", `bytes done over ${span.toFixed(0)} s: ${bytes(points[points.length - 1].done)} of ${bytes(total)}`);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", xy.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" "));
+  svg.append(line);
+  return h("figure", {}, svg, h("figcaption", { class: "hint" },
+    `Bytes done over time: 0 to ${bytes(total)} (top), ${span.toFixed(0)} s wide.`));
+}
+
+function renderHosts() {
+  const rows = state.hosts.map((x) => h("tr", { id: `host-${x.name}` },
+    cell("Name", x.name), cell("URI", h("code", {}, x.libvirt_uri)),
+    cell("Hypervisor", x.reachable ? `${x.hypervisor} ${x.hypervisor_version}, ${x.domain_type}`
+      : badge(`unreachable: ${x.error}`, "failed")),
+    cell("CPUs", x.reachable ? x.cpus : ""),
+    cell("Memory", x.reachable ? `${x.free_memory_mib} MiB free of ${x.memory_mib} MiB` : ""),
+    cell("VMs", x.vms)));
+  replace($("#hosts"), table(["Name", "URI", "Hypervisor", "CPUs", "Memory", "VMs"], rows, "No hosts."));
+}
+
+// The expose form's running VMs and their disks.
+function renderExposeVms() {
+  const vmSelect = $("#expose-form [name=vm]");
+  if (vmSelect && document.activeElement !== vmSelect) {
+    const chosen = vmSelect.value;
+    vmSelect.replaceChildren(h("option", { value: "" }, "choose a running VM"),
+      ...state.vms.filter((v) => v.state === "running").map((v) =>
+        h("option", { value: v.name, selected: v.name === chosen }, v.name)));
+    exposeDisks();
+  }
+}
+
+function exposeDisks() {
+  const f = $("#expose-form");
+  const vm = state.vms.find((v) => v.name === f.elements.vm.value);
+  const disk = f.elements.disk;
+  const chosen = disk.value;
+  disk.replaceChildren(...(vm ? vm.disks : []).map((d) =>
+    h("option", { value: d.target, selected: d.target === chosen }, d.target)));
 }
 
 function renderStorage() {
@@ -496,7 +633,11 @@ function openImport(vm) {
   form.reset();
   $("#import-title").textContent = `Import ${vm.name}`;
   $("#import-error").textContent = "";
-  sdOptions(form.elements.to, vm.disks[0] && sdName(vm.disks[0].storage_domain));
+  // Not where its temporary disks are (the engine would stream there; a user
+  // importing means "somewhere else" more often than not).
+  const temporary = new Set(vm.disks.map((d) => sdName(d.storage_domain)));
+  const target = state.sds.find((s) => !temporary.has(s.name)) || state.sds[0];
+  sdOptions(form.elements.to, target && target.name);
   $("#import-dialog").showModal();
 }
 
@@ -571,18 +712,21 @@ async function openConsole(name) {
   const pre = $("#console-text");
   consoleName = name;
   $("#console-title").textContent = `Console of ${name}`;
+  closeTerminal();
   pre.textContent = "";
+  pre.dataset.empty = "true";
   renderConsoleInfo();
   if (!dialog.open) dialog.showModal();
   const stop = new AbortController();
-  dialog.addEventListener("close", () => stop.abort(), { once: true });
+  dialog.addEventListener("close", () => { stop.abort(); closeTerminal(); }, { once: true });
   let offset = 0;
   while (dialog.open && run === consoleRun) {
     try {
       const c = await api("GET", `/vms/${name}/console?offset=${offset}&wait=25`, undefined, stop.signal);
       if (run !== consoleRun) return;
-      if (c.offset < offset) pre.textContent = "";  // the VM started again: a new log
+      if (c.offset < offset) { pre.textContent = ""; pre.dataset.empty = "true"; }  // a new log
       if (c.text) {
+        delete pre.dataset.empty;
         const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 20;
         pre.append(c.text);
         if (atEnd) pre.scrollTop = pre.scrollHeight;
@@ -595,6 +739,78 @@ async function openConsole(name) {
       await sleep(2000);
     }
   }
+}
+
+// The interactive console: xterm.js (as Proxmox's) over a WebSocket to the
+// engine, which relays libvirt's console stream both ways. xterm.js is loaded
+// when first asked for (scripts/setup.sh fetches it from npm).
+let term = null;
+let termSocket = null;
+function loadXterm() {
+  if (window.Terminal) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const css = h("link", { rel: "stylesheet", href: "vendor/xterm/xterm.css" });
+    const js = h("script", { src: "vendor/xterm/xterm.js" });
+    // The bundle writes into a global `exports` when there is one, and the
+    // element with id "exports" is one (named access): hide it meanwhile.
+    window.exports = undefined;
+    js.onload = () => { delete window.exports; resolve(); };
+    js.onerror = () => {
+      delete window.exports;
+      reject(new Error("the terminal needs xterm.js: run scripts/setup.sh (it fetches it with npm)"));
+    };
+    document.head.append(css, js);
+  });
+}
+
+async function openTerminal() {
+  const name = consoleName;
+  try {
+    await loadXterm();
+  } catch (e) {
+    $("#console-info").textContent = e.message;
+    return;
+  }
+  closeTerminal();
+  consoleRun++;  // the read-only view stops
+  $("#console-text").hidden = true;
+  $("#console-type").hidden = true;
+  const box = $("#console-term");
+  box.hidden = false;
+  term = new window.Terminal({ convertEol: false, cursorBlink: true, fontSize: 13, scrollback: 5000 });
+  term.open(box);
+  term.write(`\x1b[2mConnecting to the serial console of ${name}…\x1b[0m\r\n`);
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${proto}//${location.host}${API}/vms/${encodeURIComponent(name)}/console/ws`);
+  ws.binaryType = "arraybuffer";
+  termSocket = ws;
+  let heard = false;
+  ws.onopen = () => {
+    ws.send(JSON.stringify({ token: sessionStorage.getItem(TOKEN_KEY) || "" }));
+    term.write("\x1b[2mConnected; waiting for output (press Enter to wake a login prompt).\x1b[0m\r\n");
+    term.focus();
+  };
+  ws.onmessage = (e) => {
+    if (!heard) { heard = true; box.dataset.heard = "true"; }
+    term.write(new Uint8Array(e.data));
+  };
+  ws.onclose = (e) => {
+    if (term && termSocket === ws) term.write(`\r\n\x1b[2m[disconnected: ${e.reason || e.code}]\x1b[0m\r\n`);
+  };
+  term.onData((d) => { if (ws.readyState === WebSocket.OPEN) ws.send(new TextEncoder().encode(d)); });
+}
+
+function closeTerminal() {
+  termSocket?.close();
+  termSocket = null;
+  term?.dispose();
+  term = null;
+  const box = $("#console-term");
+  box.hidden = true;
+  box.replaceChildren();
+  delete box.dataset.heard;
+  $("#console-text").hidden = false;
+  $("#console-type").hidden = false;
 }
 
 function renderConsoleInfo() {
@@ -619,24 +835,45 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#sign-out").addEventListener("click", () => signOut());
   $("#new-vm").addEventListener("click", openNewVm);
+  $("#console-type").addEventListener("click", openTerminal);
   $("#add-disk").addEventListener("click", addDiskRow);
   $("#vm-form").addEventListener("submit", createVm);
   $("#import-form").addEventListener("submit", startImport);
   $("#sd-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const f = e.target;
-    act(f.querySelector("button"), async () => {
+    formAct(f, "#sd-error", async () => {
       await api("POST", "/storage_domains", { name: f.elements.name.value.trim(), path: f.elements.path.value.trim() });
       f.reset();
     });
   });
+  const exposeSource = () => {
+    const f = $("#expose-form");
+    const fromVm = f.elements.source.value === "vm";
+    f.querySelectorAll(".from-image").forEach((l) => { l.hidden = fromVm; });
+    f.querySelectorAll(".from-vm").forEach((l) => { l.hidden = !fromVm; });
+    f.elements.image.disabled = fromVm;
+    f.elements.image.required = !fromVm;
+    f.elements.vm.disabled = !fromVm;
+    f.elements.disk.disabled = !fromVm;
+  };
+  $("#expose-form [name=source]").addEventListener("change", exposeSource);
+  $("#expose-form [name=vm]").addEventListener("change", exposeDisks);
+  exposeSource();
   $("#expose-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const f = e.target;
-    act(f.querySelector("button"), async () => {
-      const x = await api("POST", "/exports", { image: f.elements.image.value.trim(),
-        format: f.elements.format.value || null, protocol: f.elements.protocol.value });
+    const fromVm = f.elements.source.value === "vm";
+    formAct(f, "#expose-error", async () => {
+      const x = await api("POST", "/exports", {
+        image: fromVm ? null : f.elements.image.value.trim(),
+        vm: fromVm ? f.elements.vm.value || null : null,
+        disk: fromVm ? f.elements.disk.value || null : null,
+        name: f.elements.name.value.trim() || null,
+        format: fromVm ? null : f.elements.format.value || null,
+        protocol: f.elements.protocol.value, tls: f.elements.tls.value });
       f.reset();
+      exposeSource();
       toast(`Exposed at ${x.url}`, "info");
     });
   });
