@@ -10,6 +10,8 @@ in order (each also runs alone as bench/<name>.py):
   5. pivot_pause         the guest's largest write gap across a mirror's switch-over
   6. concurrency         1, 4, 16 rollbacks and imports at once
   7. api_latency         GET /api/v1/vms with 1,000 VMs, p50 and p99
+  8. distance            start to boot marker with 10/25/50 ms per read vs none
+                         (about 9 min alone, 3 with --quick)
 A benchmark that fails is reported in the table (and the exit status); the
 others still run. One JSON line per run goes to bench/results/history.jsonl.
 
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import api_latency  # noqa: E402
 import boot_marker  # noqa: E402
 import concurrency  # noqa: E402
+import distance  # noqa: E402
 import import_speed  # noqa: E402
 import pivot_pause  # noqa: E402
 import read_during_import  # noqa: E402
@@ -48,6 +51,7 @@ BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "pivot_pause": pivot_pause.run,
     "concurrency": concurrency.run,
     "api_latency": api_latency.run,
+    "distance": distance.run,
 }
 
 

@@ -419,6 +419,8 @@ def _render_vm(vm: Any, job: Any = None) -> None:
         f"id {vm.id}  created {_when(vm.created_at)}",
         markup=False,
     )
+    if vm.pause_reason:
+        out.print(vm.pause_reason, highlight=False, markup=False)
     if vm.last_start_seconds is not None:
         out.print(f"last start took {vm.last_start_seconds:.2f} s")
     if job is not None:

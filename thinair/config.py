@@ -34,8 +34,12 @@ class Settings:
     probe_timeout: float = 20.0
     # A storage domain with less free space than this refuses new volumes.
     min_free_mib: int = 256
-    # Seconds an NBD source may be gone (restarting) before reads of it fail.
+    # Seconds an NBD source may be gone (restarting) before its bridge fails a
+    # read; the read then pauses the VM (never an error in the guest).
     reconnect_window: float = 30.0
+    # Seconds between two checks of the source of a VM paused on an I/O error;
+    # the VM resumes once its source answers.
+    resume_check_interval: float = 5.0
     # Seconds a graceful stop waits for the guest before giving up.
     stop_timeout: float = 60.0
     # HTTPS for the engine: its certificate and key (PEM); clients verify the
@@ -47,6 +51,24 @@ class Settings:
     # besides the storage domains. Anyone with a read-write token can ask the
     # engine (root) to read a local path; this keeps /etc and /root out of reach.
     image_roots: str = "/srv:/var/lib/libvirt/images"
+    # An NBD source's bridge keeps what it read in a local cache (nbdkit's cache
+    # filter), fetching bridge_cache_block_kib at a time (a power of 2, >= 4), at
+    # most bridge_cache_max_mib (least recently used blocks go first; 0: no
+    # limit); with bridge_readahead, nbdkit's readahead filter prefetches ahead
+    # of sequential reads into it (off: with 1 MiB blocks it did not pay).
+    bridge_cache: bool = True
+    bridge_cache_block_kib: int = 1024
+    bridge_cache_max_mib: int = 2048
+    bridge_readahead: bool = False
+    # A cached bridge records what its source's first boot read (its first
+    # working_set_seconds) and the next bridge to that source prefetches it
+    # (off: with the cache, the test guest's boot had too few misses left for
+    # it to pay, and the log records every miss, an import's reads included).
+    working_set: bool = False
+    working_set_seconds: float = 60.0
+    # QEMU keeps in the temporary disk what the guest read from its source
+    # (libvirt's copy_on_read), so nothing the guest reads crosses the link twice.
+    copy_on_read: bool = False
 
     @property
     def db_url(self) -> str:
@@ -98,8 +120,21 @@ class Settings:
                 converted[name] = float(raw)  # type: ignore[arg-type]
             elif kind in ("int",):
                 converted[name] = int(raw)  # type: ignore[call-overload]
+            elif kind in ("bool",):
+                converted[name] = _boolean(name, raw)
             else:
                 converted[name] = str(raw)
         if "url" not in converted and "listen" in converted:
             converted["url"] = f"http://{converted['listen']}"
         return cls(**converted)  # type: ignore[arg-type]
+
+
+def _boolean(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"setting {name}: {raw!r} is not on or off")

@@ -216,6 +216,11 @@ class Vm(_Model):
     last_start_seconds: float | None = Field(
         description="seconds the last start took, from request to a running domain"
     )
+    pause_reason: str | None = Field(
+        default=None,
+        description="why a paused VM is paused, e.g. its source does not answer "
+        "(the engine resumes it when it answers again)",
+    )
     created_at: Timestamp
 
 

@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import Engine
 from tests.e2e.test_crash_points import _crash_then_restart
 from thinair.adapters import procfs, qemu_img, qemu_nbd
+from thinair.client import ThinairAPIError
 from thinair.engine.faults import QEMU_PROGRAMS, QEMU_VARIABLE, VARIABLE
 
 pytestmark = pytest.mark.libvirt
@@ -106,4 +107,49 @@ def test_idle_vm_import_loses_nothing(
     c.vms.start(name)
     assert c.vms.get(name).state == "running"
     c.vms.remove(name, force=True)
+    assert list(final.iterdir()) == []
+
+
+def test_two_disks_then_a_local_disk_moved(
+    engine: Engine, nbd_export: Callable[..., qemu_nbd.Server], workdir: Path
+) -> None:
+    """Both external disks of a VM are imported in one job; then one of them,
+    local now, moves to another storage domain while the VM runs (oVirt's move:
+    a whole-disk mirror), and back while it is stopped (qemu-img convert)."""
+    sources = [_source(workdir / f"src{i}.raw") for i in range(2)]
+    exports = [nbd_export(s) for s in sources]
+    tmp, final = workdir / "tmp", workdir / "final"
+    c = engine.client()
+    for path in (tmp, final):
+        path.mkdir(mode=0o755)
+        c.storage_domains.add(path.name, str(path))
+    disks = [f"{e.url},format=raw,storage=tmp" for e in exports]
+    c.vms.create("dur-two", disks=disks, memory_mib=64)
+    c.vms.start("dur-two")
+    assert c.vms.import_("dur-two", to="final").wait(timeout=300).state == "succeeded"
+
+    def check(where: str) -> None:
+        vm = c.vms.get("dur-two")
+        for disk, source in zip(vm.disks, sources, strict=True):
+            assert disk.location == "local"
+            assert (
+                qemu_img.first_difference(str(source), disk.volume_path, "raw", disk.volume_format)
+                is None
+            )
+        assert vm.disks[1].storage_domain == "final"
+        assert vm.disks[0].storage_domain == where
+
+    _kill_qemu("dur-two")
+    check("final")
+    with pytest.raises(ThinairAPIError, match="local on 'final' already"):
+        c.disks.move(c.vms.get("dur-two").disks[0].id, to="final")
+    c.vms.start("dur-two")
+    vda = c.vms.get("dur-two").disks[0]
+    assert c.disks.move(vda.id, to="tmp").wait(timeout=300).state == "succeeded"
+    _kill_qemu("dur-two")
+    check("tmp")
+    assert c.disks.move(vda.id, to="final").wait(timeout=300).state == "succeeded"
+    check("final")
+    assert list(tmp.iterdir()) == []
+    c.vms.remove("dur-two")
     assert list(final.iterdir()) == []

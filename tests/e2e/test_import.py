@@ -127,8 +127,9 @@ def test_offline_import_and_bad_requests(
     c.vms.remove("off")
 
 
+@pytest.mark.parametrize("strategy", ["bulk", "mirror"])
 def test_cancel_and_rollback_during_import(
-    engine: Engine, guest_export: qemu_nbd.Server, domains: tuple[Path, Path]
+    engine: Engine, guest_export: qemu_nbd.Server, domains: tuple[Path, Path], strategy: str
 ) -> None:
     tmp, final = domains
     c = engine.client()
@@ -137,7 +138,7 @@ def test_cancel_and_rollback_during_import(
     wait_console(c, "can", lambda i: i["boot_ok"])
 
     # A slow copy (1 MiB/s) we cancel: the VM goes on on its temporary disk.
-    job = c.vms.import_("can", to="final", strategy="mirror", bandwidth_mib=1)
+    job = c.vms.import_("can", to="final", strategy=strategy, bandwidth_mib=1)
     _wait_step(c, job.id, "copy")
     c.jobs.cancel(job.id)
     assert c.jobs.wait(job.id).state == "cancelled"
@@ -148,7 +149,7 @@ def test_cancel_and_rollback_during_import(
     wait_console(c, "can", lambda i: len(i["wrote"]) >= before + 2)
 
     # Again, and roll the VM back in the middle of it.
-    job = c.vms.import_("can", to="final", strategy="mirror", bandwidth_mib=1)
+    job = c.vms.import_("can", to="final", strategy=strategy, bandwidth_mib=1)
     _wait_step(c, job.id, "copy")
     c.vms.rollback("can")
     assert c.jobs.get(job.id).state == "cancelled"

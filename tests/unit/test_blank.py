@@ -42,8 +42,8 @@ def test_create_start_rollback_remove(
     assert Path(data.volume_path).parent == storage_dir
     assert c.request("GET", "/vms/bl-one")["disks"][1]["blank"] is True
 
-    # Nothing to import on a blank disk: only the external one is copied.
-    with pytest.raises(ThinairAPIError, match="no external disk") as e:
+    # Nothing to move: the blank disk is local on "sd" already.
+    with pytest.raises(ThinairAPIError, match="local on 'sd' already") as e:
         c.disks.move(data.id, to="sd")
     assert e.value.code == "conflict"
 

@@ -40,3 +40,10 @@ def test_unknown_setting_in_file_is_refused(tmp_path: Path) -> None:
     conf.write_text('colour = "blue"\n')
     with pytest.raises(ValueError, match="colour"):
         Settings.load({"THINAIR_CONFIG": str(conf)})
+
+
+def test_on_off_settings() -> None:
+    assert Settings.load({"THINAIR_COPY_ON_READ": "on"}).copy_on_read is True
+    assert Settings.load({"THINAIR_COPY_ON_READ": "0"}).copy_on_read is False
+    with pytest.raises(ValueError, match="not on or off"):
+        Settings.load({"THINAIR_COPY_ON_READ": "maybe"})

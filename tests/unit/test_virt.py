@@ -105,3 +105,26 @@ def test_lookup_missing(virt: Virt) -> None:
     with pytest.raises(Exception, match="no domain"):
         virt.start("nope")
     assert libvirt.getVersion() > 0
+
+
+def test_external_disks_pause_on_error_and_may_copy_on_read() -> None:
+    s = spec(
+        disks=[
+            DiskDevice("vda", "/sd/a.qcow2", external=True, copy_on_read=True),
+            DiskDevice("vdb", "/sd/b.qcow2"),
+        ]
+    )
+    drivers = ET.fromstring(domain_xml(s)).findall("devices/disk/driver")
+    assert drivers[0].get("error_policy") == "stop" and drivers[0].get("rerror_policy") == "stop"
+    assert drivers[0].get("copy_on_read") == "on"
+    assert drivers[1].get("error_policy") is None and drivers[1].get("copy_on_read") is None
+
+
+def test_paused_on_io_error_ignores_a_user_pause(virt: Virt) -> None:
+    virt.define(domain_xml(spec("i15")))
+    virt.start("i15")
+    virt.lookup("i15").suspend()  # type: ignore[union-attr]
+    assert virt.paused_on_io_error() == set()
+    assert virt.pause_reason("i15") == "user"
+    virt.lookup("i15").destroy()  # type: ignore[union-attr]
+    virt.undefine("i15")

@@ -10,6 +10,15 @@ a Unix socket rather than from the remote server itself, for two reasons:
   the key (libnbd's `tls-psk-file`), so it is in neither the domain XML nor
   QEMU's command line, and QEMU talks plain NBD over a local socket only QEMU's
   user may open.
+Over distance, every read the guest makes costs a round trip (QEMU's NBD client
+keeps at most 16 requests in flight, and a booting guest reads small blocks one
+after another). With a `Cache`, an NBD bridge keeps what it read in a local cache
+(the cache filter, `cache-on-read`) in blocks of `block_kib`: a miss fetches the
+whole block in one request, so the small reads after it cost no round trip, and
+no block crosses the link twice while the bridge runs (least recently used
+blocks go past `max_mib`). With `readahead`, the readahead filter also
+prefetches ahead of sequential reads into that cache. The cache is a deleted
+file in the bridge's directory.
 A disk inside a tar file (an OVA's VMDK) is read the same way, through the tar
 filter over the file or curl plugin (see `source_args`), so it is never unpacked.
 The bridge runs detached (it must outlive the engine as long as the VM runs on
@@ -23,6 +32,7 @@ import os
 import pwd
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode
 
@@ -39,13 +49,32 @@ def _binary() -> str:
     return os.environ.get("THINAIR_NBDKIT", "nbdkit")
 
 
-def start(uri: str, socket: Path, pid_file: Path, window: float, owner: str | None) -> int:
+@dataclass(frozen=True)
+class Cache:
+    """Latency hiding for an NBD source (see the module's docstring)."""
+
+    block_kib: int = 1024  # a power of 2, >= 4
+    max_mib: int = 2048  # 0: no limit
+    readahead: bool = False
+    # Where to log what the cache fetches from the source (nbdkit's log filter
+    # below the cache: misses only), for thinair.engine.working_sets.
+    reads_log: Path | None = None
+
+
+def start(
+    uri: str,
+    socket: Path,
+    pid_file: Path,
+    window: float,
+    owner: str | None,
+    cache: Cache | None = None,
+) -> int:
     """Start a read-only bridge to `uri` listening on `socket`; return its pid.
     `owner` (QEMU's user under qemu:///system) gets the socket."""
     for stale in (socket, pid_file):
         stale.unlink(missing_ok=True)
     argv = [_binary(), "--readonly", "--unix", str(socket), "--pidfile", str(pid_file)]
-    argv += source_args(uri, window)
+    argv += source_args(uri, window, cache)
     try:
         # nbdkit forks into the background once the socket is listening.
         done = subprocess.run(
@@ -56,6 +85,8 @@ def start(uri: str, socket: Path, pid_file: Path, window: float, owner: str | No
             text=True,
             timeout=30,
             check=False,
+            # The cache filter's file (deleted once open) goes beside the socket.
+            env={**os.environ, "TMPDIR": str(socket.parent)},
         )
     except subprocess.TimeoutExpired:
         raise BridgeError("nbdkit did not start in 30 s") from None
@@ -86,11 +117,13 @@ def give_socket(socket: Path, owner: str | None) -> None:
     os.chmod(socket, 0o600)
 
 
-def source_args(uri: str, window: float) -> list[str]:
+def source_args(uri: str, window: float, cache: Cache | None = None) -> list[str]:
     """nbdkit's filters, plugin and parameters that read `uri`: an NBD URI
     (libnbd's), an http(s) URL, or thinair's ``tar+file:///PATH#ENTRY`` and
     ``tar+http(s)://...#ENTRY`` for member ENTRY of a tar file. Remote reads go
-    through the retry filter, retrying for up to `window` seconds."""
+    through the retry filter, retrying for up to `window` seconds. `cache`
+    applies to NBD sources only (over curl, nbdkit 1.32 serializes requests and
+    the readahead filter does nothing)."""
     delay = 1
     retry = [
         f"retries={max(1, int(window / delay))}",
@@ -106,7 +139,20 @@ def source_args(uri: str, window: float) -> list[str]:
         uri = inner
     if uri.startswith(("http://", "https://")):
         return [*tar[:1], "--filter=retry", "curl", f"url={uri}", *tar[1:], *retry]
-    return ["--filter=retry", "nbd", *_plugin_args(uri), *retry]
+    if cache is None:
+        return ["--filter=retry", "nbd", *_plugin_args(uri), *retry]
+    # Outermost first: readahead's prefetches land in the cache, whose misses
+    # go through the retry filter to the source.
+    params = ["cache-on-read=true", f"cache-min-block-size={cache.block_kib}K"]
+    if cache.max_mib > 0:
+        params.append(f"cache-max-size={cache.max_mib}M")
+    filters = ["--filter=readahead"] if cache.readahead else []
+    filters.append("--filter=cache")
+    if cache.reads_log is not None:
+        filters.append("--filter=log")
+        params.append(f"logfile={cache.reads_log}")
+    filters.append("--filter=retry")
+    return [*filters, "nbd", *_plugin_args(uri), *retry, *params]
 
 
 def _plugin_args(uri: str) -> list[str]:

@@ -30,6 +30,7 @@ from thinair.db.models import ApiToken
 from thinair.engine import convert, exports, imports, reconcile, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.jobs import JobRunner
+from thinair.engine.outages import OutageWatcher
 from thinair.errors import (
     BackendError,
     Conflict,
@@ -349,6 +350,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx.jobs = runner
         runner.resume_all()
         runner.start_polling()
+        ctx.outages = OutageWatcher(ctx)
+        ctx.outages.start()
         app.state.ctx = ctx
         log.info(
             "engine ready at %s (libvirt %s, database %s)",
@@ -357,6 +360,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             make_url(settings.db_url).render_as_string(hide_password=True),
         )
         yield
+        ctx.outages.stop()
         runner.stop_polling()
         ctx.close()
 

@@ -12,7 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sqlalchemy import select
+
 from thinair.adapters import nbdkit, procfs, qemu_nbd
+from thinair.db.models import Disk
+from thinair.engine import working_sets
 from thinair.engine.context import EngineContext
 from thinair.errors import ExternalDiskError
 from thinair.external import parse_url
@@ -75,11 +79,42 @@ def ensure(ctx: EngineContext, disk_id: str, url: str, fmt: str | None = None) -
         if fmt in DECODED:
             pid = _start_decoder(url, fmt, socket, pid_file, owner)
         else:
-            pid = nbdkit.start(url, socket, pid_file, ctx.settings.reconnect_window, owner)
+            pid = nbdkit.start(
+                url, socket, pid_file, ctx.settings.reconnect_window, owner, cache(ctx, disk_id)
+            )
     except (nbdkit.BridgeError, qemu_nbd.ServerError) as e:
         raise ExternalDiskError(f"cannot bridge to {url}: {e}") from None
     log.info("bridge for disk %s to %s: pid %d", disk_id, url, pid)
+    if fmt not in DECODED and parse_url(url).is_nbd:
+        _prefetch(ctx, disk_id, url)
     return True
+
+
+def cache(ctx: EngineContext, disk_id: str) -> nbdkit.Cache | None:
+    """How an NBD bridge hides the source's latency (the settings bridge_*)."""
+    s = ctx.settings
+    if not s.bridge_cache:
+        return None
+    reads = _reads_log(ctx, disk_id) if s.working_set else None
+    return nbdkit.Cache(s.bridge_cache_block_kib, s.bridge_cache_max_mib, s.bridge_readahead, reads)
+
+
+def _reads_log(ctx: EngineContext, disk_id: str) -> Path:
+    return _dir(ctx) / f"{disk_id}.reads"
+
+
+def _prefetch(ctx: EngineContext, disk_id: str, url: str) -> None:
+    """A new cached bridge fetches its source's boot working set first; the first
+    time, that set may be in the log of another disk's bridge to the same source."""
+    if not ctx.settings.working_set:
+        return
+    if working_sets.blocks(ctx, url) is None:
+        with ctx.db.session() as s:
+            others = s.scalars(select(Disk.id).where(Disk.external_url == url, Disk.id != disk_id))
+            for other in others:
+                if working_sets.record(ctx, url, _reads_log(ctx, other)):
+                    break
+    working_sets.prefetch(ctx, url, _paths(ctx, disk_id)[0])
 
 
 def _start_decoder(url: str, fmt: str, socket: Path, pid_file: Path, owner: str | None) -> int:
@@ -96,24 +131,34 @@ def _start_decoder(url: str, fmt: str, socket: Path, pid_file: Path, owner: str 
     return pid
 
 
-def stop(ctx: EngineContext, disk_id: str) -> None:
+def stop(ctx: EngineContext, disk_id: str, url: str | None = None) -> None:
+    """Stop the disk's bridge; with the disk's source `url`, keep the working set
+    its log holds, if that source has none yet."""
     socket, pid_file = _paths(ctx, disk_id)
     pid = _running(socket, pid_file)
     if pid is not None:
         procfs.terminate(pid, PROGRAMS, str(socket))
-    for path in (socket, pid_file, socket.with_suffix(".log")):
+    reads = _reads_log(ctx, disk_id)
+    if url is not None and ctx.settings.working_set:
+        try:
+            working_sets.record(ctx, url, reads)
+        except OSError as e:  # an optimization only
+            log.warning("could not keep the working set of %s: %s", url, e)
+    for path in (socket, pid_file, socket.with_suffix(".log"), reads):
         path.unlink(missing_ok=True)
 
 
 @contextmanager
-def temporary(ctx: EngineContext, url: str) -> Iterator[str]:
+def temporary(ctx: EngineContext, url: str, window: float = 1) -> Iterator[str]:
     """A short-lived bridge, for reading a source only a bridge can read (NBD
     over TLS, a tar member) or that libnbd should read (an OVA over HTTP);
-    yields the URL to give QEMU's tools or libnbd."""
+    yields the URL to give QEMU's tools or libnbd. It has no cache: a bulk
+    copy through a disk's own (cached) bridge would go one block at a time
+    (nbdkit 1.32's cache filter locks every block) and fill its cache."""
     name = f"probe-{uuid.uuid4().hex[:12]}"
     socket, pid_file = _paths(ctx, name)
     try:
-        nbdkit.start(url, socket, pid_file, window=1, owner=None)
+        nbdkit.start(url, socket, pid_file, window=window, owner=None)
         yield f"nbd+unix:///?socket={socket}"
     except nbdkit.BridgeError as e:
         raise ExternalDiskError(f"cannot read {url}: {e}") from None
@@ -137,7 +182,7 @@ def reconcile(ctx: EngineContext, wanted: dict[str, tuple[str, str | None]]) -> 
             sock = next(w for w in line.split() if w.endswith(".sock"))
             sock = sock.removeprefix("--socket=")
             procfs.terminate(pid, PROGRAMS, sock)
-            for path in (Path(sock), Path(sock).with_suffix(".pid")):
+            for path in (Path(sock), *(Path(sock).with_suffix(s) for s in (".pid", ".reads"))):
                 path.unlink(missing_ok=True)
             actions.append(f"stopped orphan bridge {pid}")
     return actions

@@ -20,6 +20,7 @@ from thinair.errors import Conflict
 
 if TYPE_CHECKING:
     from thinair.engine.jobs import JobRunner
+    from thinair.engine.outages import OutageWatcher
 
 
 class EngineContext:
@@ -38,6 +39,7 @@ class EngineContext:
         self._busy_lock = threading.Lock()
         self._engine_id: str | None = None
         self.jobs: JobRunner | None = None  # set by the service that runs jobs
+        self.outages: OutageWatcher | None = None  # likewise
 
     def _on_lifecycle(self, dom_uuid: str, name: str, state: str) -> None:
         """A domain changed state: an event for clients if it is one of our VMs
@@ -47,6 +49,8 @@ class EngineContext:
             if vm is None or vm.name != name:
                 return
         self.events.vm_changed(dom_uuid, name, state)
+        if state == "paused" and self.outages is not None:
+            self.outages.wake()  # an I/O error? it tells why, and resumes when it can
 
     def migrate(self) -> None:
         self.db.upgrade()

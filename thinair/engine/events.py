@@ -105,10 +105,15 @@ class EventHub:
         for sub in subscribers:
             sub.put(event)
 
-    def vm_changed(self, vm_id: str, name: str, state: str | None = None) -> None:
+    def vm_changed(
+        self, vm_id: str, name: str, state: str | None = None, reason: str | None = None
+    ) -> None:
         """A VM was created, removed, started, imported... or libvirt says its
-        domain changed state."""
+        domain changed state; `reason` says why, where the engine knows (a VM
+        paused because its source does not answer, resumed when it does)."""
         data: dict[str, Any] = {"id": vm_id, "name": name}
         if state is not None:
             data["state"] = state
+        if reason is not None:
+            data["reason"] = reason
         self.publish("vm", data)

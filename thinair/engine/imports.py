@@ -427,7 +427,7 @@ def _live_merge(
                 name,
                 target,
                 state.dest,
-                "raw",
+                state.dest_format,
                 bandwidth=job.params["bandwidth"],
                 shallow=True,
                 reuse_external=True,
@@ -462,7 +462,7 @@ def _offline_merge(
     except CommandFailed as e:
         raise BackendError(f"merging {target} into its copy failed: {e.stderr}") from e
     _sync(state.dest)
-    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    _commit(ctx, job, disk_id, state)
 
 
 # -- mirror: QEMU copies the whole chain -------------------------------------------
@@ -509,7 +509,7 @@ def _mirror(
         _switch(ctx, job, name, target, disk_id, state)
         return
     if state.phase == "switching":  # the copy was complete and checked
-        _commit(ctx, job, disk_id, state.dest, state.dest_format)
+        _commit(ctx, job, disk_id, state)
         return
     job.update(step=f"copy {target}")
     with contextlib.suppress(FileNotFoundError):
@@ -534,7 +534,7 @@ def _mirror(
     _sync(state.dest)
     state.phase = "switching"
     import_state.save(ctx, state)
-    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    _commit(ctx, job, disk_id, state)
 
 
 # -- following libvirt's block job --------------------------------------------------
@@ -667,7 +667,11 @@ def _switch(
     ctx: EngineContext, job: JobHandle, name: str, target: str, disk_id: str, state: DiskImport
 ) -> None:
     """The mirror is ready: pause the guest, make the destination durable and
-    record it as the disk, pivot, resume (see the module's docstring)."""
+    record it as the disk, pivot, resume, then give the database and libvirt's
+    persistent definition the new volume (see the module's docstring). Only
+    what the pause protects is inside it: the job holds the VM until the end,
+    so nobody starts it from an old definition meanwhile, and a job resumed
+    after a crash finishes from the "switching" record."""
     job.update(step=f"switch {target}")
     virt_ = ctx.vm_virt(name)
     virt_.suspend(name)
@@ -687,11 +691,11 @@ def _switch(
                 raise
             # QEMU is gone (the destination is the disk now) or it did switch.
         crash_point("import-pivoted", name)
-        _commit(ctx, job, disk_id, state.dest, state.dest_format)
     finally:
         with contextlib.suppress(BackendError):
             if virt_.state(name) == "paused":
                 virt_.resume(name)
+    _commit(ctx, job, disk_id, state)
 
 
 def _pivot(ctx: EngineContext, name: str, target: str, dest: str) -> None:
@@ -731,17 +735,18 @@ def _finish_switch(
                 _live_merge(ctx, job, name, target, disk_id, state, progress)
                 return
             _pivot(ctx, name, target, state.dest)
-        _commit(ctx, job, disk_id, state.dest, state.dest_format)
+        _commit(ctx, job, disk_id, state)
         with contextlib.suppress(BackendError):
             if virt_.state(name) == "paused":
                 virt_.resume(name)
         return
-    _commit(ctx, job, disk_id, state.dest, state.dest_format)
+    _commit(ctx, job, disk_id, state)
 
 
-def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str, fmt: str) -> None:
-    """Record the disk as local, remembering the old volume for cleanup, and give
-    libvirt's persistent definition the new path."""
+def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, state: DiskImport) -> None:
+    """Record the disk as local on the state's volume, remembering the old volume
+    for cleanup, and give libvirt's persistent definition the new path."""
+    new_path = state.dest
     with ctx.db.session() as s:
         disk = s.get(Disk, disk_id)
         assert disk is not None
@@ -750,8 +755,8 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, new_path: str, fmt
                 params={**job.params, "old": {**job.params["old"], disk_id: disk.volume_path}}
             )
             disk.volume_path = new_path
-        disk.volume_format = fmt
-        disk.storage_domain_id = job.params["to"]
+        disk.volume_format = state.dest_format
+        disk.storage_domain_id = state.to
         disk.external_url = None
         disk.external_format = None
         disk.external_read_only = None
@@ -779,7 +784,8 @@ def _cleanup(ctx: EngineContext, job: JobHandle, disk_id: str) -> None:
 class _Progress:
     """Bytes done and total per disk and overall, with rate and ETA, written to
     the job at most every PROGRESS_INTERVAL. A disk's bytes are its bulk copy's
-    (the source's allocated data) and then the guest's writes merged after it."""
+    (the source's allocated data: holes are not counted, so the rate is that of
+    bytes copied) or, for a whole-chain mirror, QEMU's."""
 
     def __init__(self, job: JobHandle) -> None:
         self.job = job
@@ -800,11 +806,12 @@ class _Progress:
         self._maybe_write()
 
     def set_merge(self, target: str, done: int, total: int) -> None:
-        """The block job's bytes, after what the bulk copy moved (none for a
-        whole-chain mirror)."""
-        base = self.bulk.get(target, 0)
-        if total > 0:
-            self.disks[target] = {"done": base + done, "total": base + total}
+        """The block job's bytes: a whole-chain mirror's copy. After a bulk copy
+        the disk's bytes stay the bulk copy's: the shallow mirror's own figures
+        (QEMU counts the whole disk there) would say nothing of the guest's
+        writes it moves, which take a fraction of a second."""
+        if total > 0 and target not in self.bulk:
+            self.disks[target] = {"done": done, "total": total}
         self._maybe_write()
 
     def set_fraction(self, target: str, fraction: float) -> None:

@@ -65,6 +65,15 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         state = vm.phase
     elif state is None:
         state = _virt(ctx, vm).state(vm.name)
+    pause_reason = None
+    if state == "paused":
+        pause_reason = ctx.outages.reason(vm.id) if ctx.outages else None
+        if pause_reason is None:
+            try:
+                why = _virt(ctx, vm).pause_reason(vm.name)
+            except BackendError:
+                why = None
+            pause_reason = f"paused ({why})" if why else None
     return models.Vm(
         id=vm.id,
         name=vm.name,
@@ -76,6 +85,7 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         disks=[disk_model(d) for d in vm.disks],
         host=vm.host.name if vm.host else LOCAL_HOST,
         last_start_seconds=vm.last_start_seconds,
+        pause_reason=pause_reason,
         created_at=vm.created_at,
     )
 
@@ -420,7 +430,16 @@ def domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
         cpus=vm.cpus,
         domain_type=vm.domain_type,
         console_log=vm.console_log,
-        disks=[virt.DiskDevice(d.target, d.volume_path, d.volume_format) for d in vm.disks],
+        disks=[
+            virt.DiskDevice(
+                d.target,
+                d.volume_path,
+                d.volume_format,
+                external=d.external_url is not None,
+                copy_on_read=d.external_url is not None and ctx.settings.copy_on_read,
+            )
+            for d in vm.disks
+        ],
     )
 
 
@@ -574,14 +593,14 @@ def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) 
         paths.append(str(v2v.xml_path(conversion_log)))
         if not keep_conversion_log:
             paths.append(str(conversion_log))
-        disk_ids = [d.id for d in vm.disks]
+        disk_urls = [(d.id, d.external_url) for d in vm.disks]
         host_virt = _virt(ctx, vm)
     dom = host_virt.lookup(name)
     if dom is not None and host_virt.owner(dom) == (ctx.engine_id, vm_id):
         host_virt.undefine(name)
     crash_point("destroy-undefined")
-    for disk_id in disk_ids:
-        bridges.stop(ctx, disk_id)
+    for disk_id, url in disk_urls:
+        bridges.stop(ctx, disk_id, url)
         import_state.discard(ctx, disk_id)  # a partial copy an import left
     for path in paths:
         with contextlib.suppress(FileNotFoundError):

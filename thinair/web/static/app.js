@@ -335,6 +335,7 @@ function renderVms() {
         `${vm.memory_mib} MiB, ${vm.cpus} CPU${vm.cpus > 1 ? "s" : ""}, ${vm.domain_type}`,
         vm.last_start_seconds !== null
           ? h("span", { id: `${id}-start-time` }, `; started in ${vm.last_start_seconds.toFixed(2)} s`) : null),
+      vm.pause_reason ? h("p", { class: "meta warn", id: `${id}-pause-reason`, role: "status" }, vm.pause_reason) : null,
       h("ul", { "aria-label": `${vm.name} disks` }, disks),
       job ? h("p", { class: "meta" }, `${job.kind}: ${job.step || job.state}`) : null,
       h("div", { class: "actions" },

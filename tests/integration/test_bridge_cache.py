@@ -1,0 +1,113 @@
+"""An NBD bridge with its cache, over a real nbdkit source that goes away and
+comes back: it serves the source's bytes, what it read once without the source,
+fails an uncached read once its retry window is over, and reads again once the
+source is back; the outage watcher's check of a source says why it fails."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.support.far_source import FarSource, reads
+from thinair.adapters import nbdkit
+from thinair.config import Settings
+from thinair.engine import working_sets
+from thinair.engine.context import EngineContext
+from thinair.engine.outages import source_problem
+
+MiB = 2**20
+
+
+@pytest.fixture
+def image(workdir: Path) -> Path:
+    path = workdir / "source.raw"
+    with open(path, "wb") as f:
+        for i in range(16):
+            f.write(bytes([i]) * MiB)
+    path.chmod(0o644)
+    return path
+
+
+@pytest.fixture
+def source(image: Path, workdir: Path) -> Iterator[FarSource]:
+    far = FarSource(image, workdir / "source.pid", delay_ms=5, log_file=workdir / "source.log")
+    far.start()
+    yield far
+    far.stop()
+
+
+def test_cached_bridge_outlives_an_outage(source: FarSource, image: Path, workdir: Path) -> None:
+    socket, pid_file = workdir / "bridge.sock", workdir / "bridge.pid"
+    nbdkit.start(source.url, socket, pid_file, window=2, owner=None, cache=nbdkit.Cache())
+    try:
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={socket}")
+        assert h.pread(4096, 3 * MiB + 512) == bytes([3]) * 4096
+        assert h.pread(MiB, 3 * MiB) == bytes([3]) * MiB  # a hit: the block came whole
+        assert reads(workdir / "source.log")[-1:] == [(3 * MiB, MiB)]
+        source.stop()
+        assert h.pread(8192, 3 * MiB + 65536) == bytes([3]) * 8192  # cached: no source needed
+        began = time.monotonic()
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 9 * MiB)  # never read: fails once the window is over
+        assert time.monotonic() - began >= 1.5
+        FarSource(image, workdir / "source.pid", port=source.port).start()
+        assert h.pread(4096, 9 * MiB) == bytes([9]) * 4096  # the bridge reconnected
+        h.shutdown()
+    finally:
+        nbdkit.stop(socket, pid_file)
+
+
+def test_source_problem_says_why(source: FarSource, image: Path, workdir: Path) -> None:
+    ctx = EngineContext(Settings(home=workdir / "home", libvirt_uri="test:///default"))
+    try:
+        assert source_problem(ctx, source.url, "raw", timeout=5) is None
+        source.stop()
+        problem = source_problem(ctx, source.url, "raw", timeout=5)
+        assert problem is not None and "refused" in problem.lower()
+        FarSource(image, workdir / "source.pid", port=source.port).start()
+        assert source_problem(ctx, source.url, "raw", timeout=5) is None
+    finally:
+        ctx.close()
+
+
+def test_working_set_recorded_then_prefetched(
+    source: FarSource, image: Path, workdir: Path
+) -> None:
+    ctx = EngineContext(Settings(home=workdir / "home", libvirt_uri="test:///default"))
+    first = (workdir / "first.sock", workdir / "first.pid", workdir / "first.reads")
+    second = (workdir / "second.sock", workdir / "second.pid", workdir / "second.reads")
+    try:
+        nbdkit.start(source.url, *first[:2], 2, None, nbdkit.Cache(reads_log=first[2]))
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={first[0]}")
+        for offset in (5 * MiB + 7, 2 * MiB, 5 * MiB + 4096, 11 * MiB):
+            h.pread(512, offset)
+        h.shutdown()
+        assert working_sets.record(ctx, source.url, first[2])
+        assert working_sets.blocks(ctx, source.url) == [
+            (5 * MiB, MiB),
+            (2 * MiB, MiB),
+            (11 * MiB, MiB),
+        ]
+        assert not working_sets.record(ctx, source.url, first[2])  # kept once
+        before = len(reads(workdir / "source.log"))
+        nbdkit.start(source.url, *second[:2], 2, None, nbdkit.Cache(reads_log=second[2]))
+        thread = working_sets.prefetch(ctx, source.url, second[0])
+        assert thread is not None
+        thread.join(30)
+        fetched = reads(workdir / "source.log")[before:]
+        assert sorted(fetched) == [(2 * MiB, MiB), (5 * MiB, MiB), (11 * MiB, MiB)]
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={second[0]}")
+        assert h.pread(4096, 11 * MiB + 8192) == bytes([11]) * 4096
+        h.shutdown()
+        assert len(reads(workdir / "source.log")) == before + 3  # the read was a hit
+    finally:
+        nbdkit.stop(*first[:2])
+        nbdkit.stop(*second[:2])
+        ctx.close()

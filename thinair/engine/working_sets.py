@@ -1,0 +1,142 @@
+"""Boot working sets: what a source's first boot read, fetched first by the next
+VM from the same source.
+
+Provisioning many VMs from one template, or a second preview of one backup,
+boots the same blocks in the same order. An NBD bridge with its cache logs every
+block it fetches from the source (nbdkit's log filter, between the cache and the
+retry filter: cache misses only, in the order fetched). The blocks of a disk's
+first `working_set_seconds` are kept for its source in
+THINAIR_HOME/working-sets/, when its bridge stops or when another VM's bridge to
+the same source starts. A new bridge to a source with a working set then
+prefetches it, many blocks in flight on a connection of its own, into its cache,
+from the moment the VM is created: the guest's boot reads then hit the cache.
+An optimization only: a prefetch that fails costs nothing but the time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import nbd
+
+from thinair.engine.context import EngineContext
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = 16
+
+_READ = re.compile(
+    r"^(\S+ \S+) connection=\d+ Read id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)", re.M
+)
+
+
+def _dir(ctx: EngineContext) -> Path:
+    path = ctx.settings.home / "working-sets"
+    path.mkdir(mode=0o755, exist_ok=True)
+    return path
+
+
+def path_for(ctx: EngineContext, url: str) -> Path:
+    return _dir(ctx) / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.json"
+
+
+def blocks(ctx: EngineContext, url: str) -> list[tuple[int, int]] | None:
+    """The source's working set, (offset, length) in the order first read."""
+    try:
+        data = json.loads(path_for(ctx, url).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if data.get("url") != url:
+        return None
+    return [(int(o), int(n)) for o, n in data["blocks"]]
+
+
+def parse(text: str, seconds: float) -> list[tuple[int, int]]:
+    """The distinct reads of a bridge's log within `seconds` of its first one."""
+    found: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    first: datetime | None = None
+    for m in _READ.finditer(text):
+        try:
+            at = datetime.fromisoformat(m.group(1))
+        except ValueError:
+            continue
+        first = first or at
+        if (at - first).total_seconds() > seconds:
+            break
+        block = (int(m.group(2), 16), int(m.group(3), 16))
+        if block not in seen:
+            seen.add(block)
+            found.append(block)
+    return found
+
+
+def record(ctx: EngineContext, url: str, reads_log: Path) -> bool:
+    """Keep the working set of `url` from a bridge's log, unless it has one; True
+    if it was recorded now."""
+    target = path_for(ctx, url)
+    if target.exists():
+        return False
+    try:
+        text = reads_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+    found = parse(text, ctx.settings.working_set_seconds)
+    if not found:
+        return False
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "blocks": found}))
+    os.replace(tmp, target)
+    log.info("working set of %s: %d blocks, %d bytes", url, len(found), sum(n for _, n in found))
+    return True
+
+
+def prefetch(ctx: EngineContext, url: str, socket: Path) -> threading.Thread | None:
+    """Fetch the working set of `url` through the bridge at `socket`, in a thread."""
+    wanted = blocks(ctx, url)
+    if not wanted:
+        return None
+    thread = threading.Thread(
+        target=_prefetch, args=(url, socket, wanted), name="prefetch", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _prefetch(url: str, socket: Path, wanted: list[tuple[int, int]]) -> None:
+    began = time.monotonic()
+    h = nbd.NBD()
+    try:
+        h.connect_uri(f"nbd+unix:///?socket={socket}")
+        size = h.get_size()
+        use_cache = h.can_cache()
+        pending = list(reversed(wanted))
+        while pending or h.aio_in_flight() > 0:
+            while pending and h.aio_in_flight() < IN_FLIGHT:
+                offset, length = pending.pop()
+                length = min(length, size - offset)
+                if length <= 0:
+                    continue
+                if use_cache:
+                    h.aio_cache(length, offset)
+                else:
+                    h.aio_pread(nbd.Buffer(length), offset)
+            h.poll(-1)
+        h.shutdown()
+    except nbd.Error as e:
+        log.info("prefetch of %s stopped: %s", url, e.string or e)
+        return
+    log.info(
+        "prefetched the working set of %s (%d blocks) in %.2f s",
+        url,
+        len(wanted),
+        time.monotonic() - began,
+    )
