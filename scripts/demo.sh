@@ -10,7 +10,7 @@ image=$("$top/scripts/build-guest-image.sh" | tail -n 1)
 
 work=$(mktemp -d /var/tmp/thinair-demo.XXXXXX)
 chmod 0755 "$work"
-export THINAIR_HOME="$work/home"
+export THINAIR_HOME="$work/home" THINAIR_IMAGE_ROOTS="$work"  # storage domains lie under the roots
 port=$("$top/.venv/bin/python" -c 'from thinair.adapters.qemu_nbd import free_port; print(free_port())')
 nbd_port=$("$top/.venv/bin/python" -c 'from thinair.adapters.qemu_nbd import free_port; print(free_port())')
 export THINAIR_LISTEN="127.0.0.1:$port" THINAIR_URL="http://127.0.0.1:$port"

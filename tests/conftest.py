@@ -90,6 +90,22 @@ def _stop_servers(engine: Engine) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def module_engine(prefix: str, **env: str) -> Iterator[tuple[Engine, Path]]:
+    """An engine on libvirt's test driver for a whole test module, in a fresh
+    directory TEST_ROOT/PREFIX-xxxx (its home is home/ there; the test may put
+    images and storage domains beside it); all removed afterwards."""
+    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    base = TEST_ROOT / f"{prefix}-{uuid.uuid4().hex[:8]}"
+    base.mkdir(mode=0o755)
+    engine = Engine(home=base / "home", libvirt_uri="test:///default", extra_env=env)
+    try:
+        yield engine, base
+    finally:
+        engine.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
 def test_engine(make_engine: Callable[..., Engine]) -> Engine:
     """An engine on libvirt's test driver: fast, no hypervisor."""

@@ -1211,6 +1211,37 @@ def token_revoke(name: str, as_json: JsonOpt = False) -> None:
     _emit(token, as_json, lambda: out.print(f"revoked token {token.name}"))
 
 
+# -- audit ---------------------------------------------------------------------
+
+
+@app.command()
+def audit(
+    limit: Annotated[int, typer.Option("--limit", help="Entries shown, newest first.")] = 50,
+    token: Annotated[str | None, typer.Option("--token", help="Only this token's.")] = None,
+    action: Annotated[
+        str | None, typer.Option("--action", help="Only this action (create_vm, ...).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Who asked the engine for what change, from where, and how it ended
+    (an admin token only)."""
+    with _errors():
+        entries = Client().audit(limit=limit, token=token, action=action)
+
+    def render() -> None:
+        rows = []
+        for e in entries:
+            outcome = e.outcome if e.outcome == "ok" else f"{e.outcome} ({e.status})"
+            if e.message:
+                outcome += f": {e.message[:80]}"
+            when = e.at.strftime("%Y-%m-%d %H:%M:%S")
+            rows.append((when, e.token, e.client, e.action, e.target, outcome))
+        headers = ("TIME", "TOKEN", "CLIENT", "ACTION", "TARGET", "OUTCOME")
+        _table(headers, rows, keep=("TIME", "TARGET"))
+
+    _emit(entries, as_json, render)
+
+
 # -- exports -------------------------------------------------------------------
 
 
@@ -1241,7 +1272,10 @@ def expose(
         str | None, typer.Option("--listen", help="HOST:PORT (127.0.0.1, a free port).")
     ] = None,
     unix: Annotated[str | None, typer.Option("--unix", help="Unix socket path instead.")] = None,
-    tls: Annotated[str, typer.Option("--tls", help="none, psk or x509.")] = "none",
+    tls: Annotated[
+        str | None,
+        typer.Option("--tls", help="none, psk or x509; psk by default off loopback."),
+    ] = None,
     tls_dir: Annotated[
         str | None, typer.Option("--tls-dir", help="Use these credentials, not new ones.")
     ] = None,
@@ -1267,6 +1301,8 @@ def expose(
             shared=shared,
         )
     _emit(export, as_json, lambda: _render_export(export))
+    if export.warning:
+        err.print(f"[yellow]warning:[/yellow] {export.warning}", highlight=False)
 
 
 @app.command("exports")
@@ -1282,6 +1318,9 @@ def exports_list(as_json: JsonOpt = False) -> None:
             rows.append((e.id, e.name, state, e.tls, e.clients, _size(e.bytes_read), e.url))
         headers = ("ID", "NAME", "STATE", "TLS", "CLIENTS", "READ", "URL")
         _table(headers, rows, keep=("ID", "NAME", "URL"))
+        for e in exports:
+            if e.warning:
+                err.print(f"[yellow]warning:[/yellow] {e.name}: {e.warning}", highlight=False)
 
     _emit(exports, as_json, render)
 

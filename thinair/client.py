@@ -129,6 +129,15 @@ class Client:
     def health(self) -> models.Health:
         return models.Health.model_validate(self.request("GET", "/health"))
 
+    def audit(
+        self, limit: int = 100, token: str | None = None, action: str | None = None
+    ) -> list[models.AuditEntry]:
+        """The audit log, newest first (an admin token only)."""
+        params: dict[str, Any] = {"limit": limit}
+        params |= {k: v for k, v in (("token", token), ("action", action)) if v is not None}
+        data = self.request("GET", "/audit", params=params)
+        return [models.AuditEntry.model_validate(x) for x in data]
+
     def close(self) -> None:
         self._http.close()
 
@@ -464,7 +473,7 @@ class Exports:
         protocol: str = "nbd",
         listen: str | None = None,
         unix: str | None = None,
-        tls: str = "none",
+        tls: str | None = None,
         tls_dir: str | None = None,
         shared: int = 16,
         vm: str | None = None,

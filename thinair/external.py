@@ -18,9 +18,12 @@ A ``--disk`` option is ``URL[,format=F][,storage=SD][,check-readonly=off]``;
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from thinair.errors import InvalidInput
@@ -66,16 +69,16 @@ class ExternalURL:
 
     @property
     def local_files(self) -> list[str]:
-        """The local files the engine would read for this URL: the image itself
-        (or the tar holding it), or the TLS key or certificates an ``nbds://`` URL
-        names."""
+        """The local files the engine would open for this URL: the image itself
+        (or the tar holding it), the TLS key or certificates an ``nbds://`` URL
+        names, or the Unix socket of an ``nbd+unix://`` one."""
         if self.is_local:
             return [self.url]
         if self.is_tar:
             inner, _entry = self.tar_entry
             return [inner] if inner.startswith("/") else []
         query = parse_qs(urlsplit(self.url).query)
-        return [values[0] for key, values in query.items() if key in _TLS_PARAMS]
+        return [values[0] for key, values in query.items() if key in _TLS_PARAMS | {"socket"}]
 
     @property
     def is_tar(self) -> bool:
@@ -88,6 +91,14 @@ class ExternalURL:
         if inner.startswith("file://"):
             inner = inner.removeprefix("file://")
         return inner, unquote(entry)
+
+
+def inside(path: str, roots: Iterable[Path]) -> bool:
+    """Is `path`, resolved (symlinks, ".."), one of `roots` or below one?"""
+    if "\0" in path:
+        return False
+    real = Path(os.path.realpath(path))
+    return any(real == root or root in real.parents for root in roots)
 
 
 def tar_url(source: str, entry: str) -> str:

@@ -37,6 +37,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Marks, in the OpenAPI document, a field naming a local file or a URL that may
+# name one: the engine checks each against THINAIR_IMAGE_ROOTS (storage.check_location).
+LOCAL_PATH: dict[str, Any] = {"x-thinair-local": "path"}
+LOCAL_URL: dict[str, Any] = {"x-thinair-local": "url"}
+
+
 class Error(_Model):
     code: str = Field(description="stable machine-readable error code")
     message: str = Field(description="what went wrong, for a person")
@@ -44,7 +50,12 @@ class Error(_Model):
 
 class StorageDomainCreate(_Model):
     name: Name
-    path: str = Field(min_length=1, max_length=4096, description="an existing directory")
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="an existing directory under THINAIR_IMAGE_ROOTS",
+        json_schema_extra=LOCAL_PATH,
+    )
     host: str | None = Field(
         default=None,
         description="the one host that reaches it; omitted: shared, mounted at the same "
@@ -65,7 +76,9 @@ class StorageDomain(_Model):
 
 
 class ExternalDisk(_Model):
-    url: str = Field(min_length=1, max_length=4096, description="as QEMU reads it")
+    url: str = Field(
+        min_length=1, max_length=4096, description="as QEMU reads it", json_schema_extra=LOCAL_URL
+    )
     format: str | None = Field(default=None, description="raw, qcow2, ...; probed when omitted")
     tls: Literal["none"] = "none"
 
@@ -112,7 +125,9 @@ class DiskCreate(_Model):
 
 
 class ProbeRequest(_Model):
-    url: str = Field(min_length=1, max_length=4096, description="as QEMU reads it")
+    url: str = Field(
+        min_length=1, max_length=4096, description="as QEMU reads it", json_schema_extra=LOCAL_URL
+    )
     format: str | None = Field(default=None, description="raw, qcow2, ...; probed when omitted")
     check_readonly: bool = Field(
         default=True, description="refuse an NBD export that is not read-only"
@@ -154,6 +169,7 @@ class VmCreate(_Model):
         max_length=4096,
         description="an OVA (path or http(s) URL) instead of disks: its OVF gives the "
         "disks and, unless given here, the name, memory and CPUs; no disk is unpacked",
+        json_schema_extra=LOCAL_URL,
     )
     storage_domain: str | None = Field(
         default=None, description="with `ova`: the storage domain for the temporary disks"
@@ -294,6 +310,7 @@ class ExportCreate(_Model):
         min_length=1,
         max_length=4096,
         description="absolute path of an image file or device (or give vm and disk)",
+        json_schema_extra=LOCAL_PATH,
     )
     vm: str | None = Field(
         default=None,
@@ -316,14 +333,22 @@ class ExportCreate(_Model):
         description="HOST:PORT, HOST or :PORT; 127.0.0.1 and a free port by default",
     )
     unix: str | None = Field(
-        default=None, max_length=107, description="listen on this Unix socket instead (NBD only)"
+        default=None,
+        max_length=107,
+        description="listen on this Unix socket instead (NBD only)",
+        json_schema_extra=LOCAL_PATH,
     )
-    tls: Literal["none", "psk", "x509"] = "none"
+    tls: Literal["none", "psk", "x509"] | None = Field(
+        default=None,
+        description="omitted: psk for NBD on an address other than loopback (anyone who "
+        "reaches the port could read a plain export), none on loopback, a Unix socket or HTTP",
+    )
     tls_dir: str | None = Field(
         default=None,
         max_length=4096,
         description="use these credentials instead of making new ones: keys.psk for psk; "
         "ca-cert.pem, server-cert.pem, server-key.pem for x509",
+        json_schema_extra=LOCAL_PATH,
     )
     shared: int = Field(default=16, ge=1, le=1024, description="clients served at once")
 
@@ -364,6 +389,10 @@ class Export(_Model):
     engine: str | None = Field(
         default=None, description="the engine that runs its server (machine:THINAIR_HOME)"
     )
+    warning: str | None = Field(
+        default=None,
+        description="set when the export is plain (no TLS) on an address beyond loopback",
+    )
 
 
 class HostCreate(_Model):
@@ -372,6 +401,7 @@ class HostCreate(_Model):
         min_length=1,
         max_length=1024,
         description="qemu+ssh://, qemu+tls://, qemu+tcp:// or qemu:///system",
+        json_schema_extra={"x-thinair-local": "libvirt"},
     )
 
 
@@ -390,3 +420,19 @@ class Host(_Model):
     reachable: bool = True
     error: str | None = Field(default=None, description="why libvirt there cannot be reached")
     vms: int = Field(default=0, description="VMs defined there")
+
+
+class AuditEntry(_Model):
+    id: int
+    at: datetime
+    token: str | None = Field(
+        description="the name of the token that asked; None if none was valid"
+    )
+    client: str | None = Field(description="the client's address")
+    method: str
+    path: str
+    action: str = Field(description="what was asked: create_vm, start_vm, revoke_token, ...")
+    target: str | None = Field(description="what it was asked of: a name, id or image")
+    status: int = Field(description="the HTTP status of the answer")
+    outcome: Literal["ok", "refused", "failed"]
+    message: str | None = Field(description="why, when refused or failed")

@@ -36,7 +36,10 @@ def test_vm_on_another_host_boots_from_an_export_here(
     b = c.hosts.get("b")
     assert b.reachable and b.hypervisor == "QEMU" and b.vms == 0
     c.storage_domains.add("shared", str(storage_dir))  # the same path on both hosts
-    export = c.exports.create(image=str(guest_image), format="raw", listen=second_host.here)
+    export = c.exports.create(
+        image=str(guest_image), format="raw", listen=second_host.here, tls="none"
+    )
+    assert export.warning and "anyone on the network" in export.warning
     assert export.url.startswith(f"nbd://{second_host.here}:")
 
     vm = c.vms.create("so-xhost", [f"{export.url},format=raw"], memory_mib=128, host="b")

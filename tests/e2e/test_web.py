@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,3 +258,110 @@ def test_whole_flow_in_a_browser(
     expect(page.get_by_label("API token")).to_be_focused()
     assert page.evaluate("sessionStorage.getItem('thinair-token')") is None
     assert console_errors == [] and server_errors == []
+
+
+# A boot sector that writes MESSAGE to COM1 and halts: a real guest whose
+# serial console prints markup, booted by SeaBIOS in a second. (cli; cld;
+# ds=0; si=message; dx=0x3f8; loop: lodsb; test al,al; jz halt; out dx,al;
+# jmp loop; halt: hlt; jmp halt)
+BOOT_CODE = bytes.fromhex("fafc31c08ed8be177cbaf803ac84c07403eeebf8f4ebfd")
+HOSTILE = (
+    "I19-BEGIN <script>window.__pwned = 'script'</script>"
+    "<img src=x onerror=\"window.__pwned = 'img'\"><b id=i19-bold>bold</b> I19-END\r\n"
+)
+
+
+def markup_guest(path: Path) -> None:
+    sector = BOOT_CODE + HOSTILE.encode() + b"\0"
+    assert len(sector) <= 510
+    with open(path, "wb") as f:
+        f.write(sector.ljust(510, b"\0") + b"\x55\xaa")
+        f.truncate(2**20)
+
+
+def test_markup_stays_text(
+    engine: Engine, storage_dir: Path, workdir: Path, chromium: BrowserContext
+) -> None:
+    """A guest that prints HTML and script on its serial console, and an error
+    message carrying markup (the engine echoes a bad URL): the page shows both
+    as text (in the audit view too), builds no element from them and runs no
+    script. The engine's Content-Security-Policy stops an inline handler even
+    if one got in. A plain export beyond loopback shows its warning; a token
+    that is not admin sees no audit view, and once revoked is signed out."""
+    c = engine.client()
+    image = workdir / "markup.raw"
+    markup_guest(image)
+    c.storage_domains.add("sd", str(storage_dir))
+    c.vms.create("i19-markup", [f"{image},format=raw"], memory_mib=32)
+    c.vms.start("i19-markup")
+    deadline = time.monotonic() + 60
+    while "I19-END" not in c.vms.console("i19-markup").text:
+        assert time.monotonic() < deadline, c.vms.console("i19-markup").text[-2000:]
+        time.sleep(0.25)
+
+    page = chromium.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    csp_reports: list[str] = []
+    page.on(
+        "console", lambda m: csp_reports.append(m.text) if "Content Security" in m.text else None
+    )
+    response = page.goto(f"http://127.0.0.1:{engine.port}/ui/")
+    assert response is not None
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    page.get_by_label("API token").fill((engine.home / "token").read_text().strip())
+    page.get_by_label("API token").press("Enter")
+    row = page.locator("article", has_text="i19-markup")
+    row.get_by_role("button", name="Console").click()
+    pre = page.locator("#console-text")
+    expect(pre).to_contain_text("I19-END")
+    assert "<script>window.__pwned = 'script'</script>" in pre.inner_text()
+    assert pre.evaluate("el => el.children.length") == 0  # text only, no element
+    assert page.locator("#i19-bold").count() == 0
+    page.keyboard.press("Escape")
+
+    # An error message with markup in it, as the engine echoes a bad URL back.
+    new_vm(page, "i19-bad", "nbd://host/<img src=x onerror=\"window.__pwned='err'\">")
+    page.locator("#vm-dialog").get_by_role("button", name="Create").click()
+    form_error = page.locator("#vm-form-error")
+    expect(form_error).to_contain_text("<img src=x onerror=")
+    assert form_error.evaluate("el => el.children.length") == 0
+    shot = browser.Shots(page, browser.screenshot_dir("web-markup"))
+    shot("markup-as-text")
+    page.keyboard.press("Escape")
+
+    # A plain export beyond loopback: the page says what it means.
+    plain = c.exports.create(str(image), format="raw", listen="0.0.0.0", tls="none")
+    # The admin's audit view lists that refusal, its markup as text too.
+    page.reload()
+    expect(page.locator(f"#export-{plain.name}-warning")).to_contain_text("anyone on the network")
+    audit = page.locator("#audit")
+    expect(audit).to_contain_text("create_vm")
+    expect(audit).to_contain_text("<img src=x onerror=")
+    assert audit.locator("img").count() == 0
+    shot("audit")
+
+    # Defence in depth: markup that did reach the DOM runs no inline handler.
+    page.evaluate(
+        """() => { const d = document.createElement('div');
+                   d.innerHTML = '<img src=x onerror="window.__pwned = 1">';
+                   document.body.append(d); }"""
+    )
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__pwned") is None
+    assert csp_reports, "the browser did not report the blocked inline handler"
+    assert errors == []
+    # Another (not admin) token sees no audit view; revoked, the page is signed
+    # out within seconds (its event stream closes, the engine refuses it again).
+    other = c.tokens.create("i19-ui")
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("API token").fill(other.token)
+    page.get_by_label("API token").press("Enter")
+    expect(page.locator("#vms")).to_contain_text("i19-markup")
+    expect(page.locator("#audit-section")).to_be_hidden()
+    c.tokens.revoke("i19-ui")
+    expect(page.locator("#sign-in-view")).to_be_visible(timeout=10_000)
+    c.exports.remove(plain.id)
+    c.vms.stop("i19-markup", force=True)
+    c.vms.remove("i19-markup")

@@ -35,6 +35,7 @@ TABLES = {
     "exports",
     "hosts",
     "installation",
+    "audit_log",
 }
 
 

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -25,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import thinair
 from thinair import models, web
-from thinair.api import auth
+from thinair.api import auth, security
 from thinair.config import Settings
 from thinair.db.models import ApiToken
 from thinair.engine import convert, exports, imports, reconcile, storage, vms
@@ -85,6 +84,7 @@ def authenticated(
     token = auth.verify(ctx, cred.credentials)
     if token is None:
         raise AuthError("invalid or revoked token")
+    request.state.token_name = token.name  # for the audit trail
     if token.read_only and request.method not in ("GET", "HEAD", "OPTIONS"):
         raise Forbidden(f"token {token.name!r} is read-only")
     return token
@@ -159,6 +159,7 @@ def rollback_vm(ctx: Ctx, ref: str) -> Response:
 @router.get("/vms/{ref}/console", response_model=models.Console)
 async def vm_console(
     ctx: Ctx,
+    token: Annotated[ApiToken, Depends(authenticated)],
     ref: str,
     offset: Annotated[int, Query(ge=0)] = 0,
     wait: Annotated[
@@ -168,9 +169,14 @@ async def vm_console(
     """The serial console from `offset` on; with `wait`, once there is something
     past `offset` (or the wait ran out)."""
     path = await run_in_threadpool(vms.console_path, ctx, ref)
-    deadline = time.monotonic() + wait
-    while wait and _console_size(path) == offset and time.monotonic() < deadline:
-        await asyncio.sleep(CONSOLE_POLL)
+    if wait:
+        with security.CONSOLE_WAITS.hold(token.id):
+
+            def grown() -> bool:
+                return _console_size(path) != offset
+
+            if not await security.wait_while_live(ctx, token.id, grown, wait, CONSOLE_POLL):
+                raise AuthError("token revoked")
     return await run_in_threadpool(vms.console, ctx, ref, offset)
 
 
@@ -201,32 +207,32 @@ async def events(
     event, `hello`, says the stream is open: read the state then. Each event has
     an id: reconnecting with `Last-Event-ID` replays what was missed (or sends
     `resync`). A token revoked while its stream is open ends the stream, with
-    an `unauthorized` event."""
-    sub = ctx.events.subscribe(asyncio.get_running_loop(), last_event_id)
-
-    def revoked() -> bool:
-        with ctx.db.session() as s:
-            row = s.get(ApiToken, token.id)
-            return row is None or row.revoked_at is not None
+    an `unauthorized` event. A token has at most a few streams open (429 past
+    that)."""
+    security.EVENT_STREAMS.check(token.id)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        try:
-            yield ServerSentEvent(event="hello", data="{}")
-            while True:
-                try:
-                    event = await asyncio.wait_for(sub.get(), EVENTS_RECHECK)
-                except TimeoutError:
-                    event = None
-                if await run_in_threadpool(revoked):
-                    message = f"token {token.name!r} was revoked"
-                    data = json.dumps({"code": "unauthorized", "message": message})
-                    yield ServerSentEvent(event="unauthorized", data=data)
-                    return
-                if event is not None:
-                    data = json.dumps(event.data)
-                    yield ServerSentEvent(event=event.kind, data=data, id=event.id or None)
-        finally:
-            ctx.events.unsubscribe(sub)
+        # Held here, not in the handler: a generator that never starts never
+        # runs its finally, and the count would leak.
+        with security.EVENT_STREAMS.hold(token.id):
+            sub = ctx.events.subscribe(asyncio.get_running_loop(), last_event_id)
+            try:
+                yield ServerSentEvent(event="hello", data="{}")
+                while True:
+                    try:
+                        event = await asyncio.wait_for(sub.get(), EVENTS_RECHECK)
+                    except TimeoutError:
+                        event = None
+                    if not await run_in_threadpool(auth.is_live, ctx, token.id):
+                        message = f"token {token.name!r} was revoked"
+                        data = json.dumps({"code": "unauthorized", "message": message})
+                        yield ServerSentEvent(event="unauthorized", data=data)
+                        return
+                    if event is not None:
+                        data = json.dumps(event.data)
+                        yield ServerSentEvent(event=event.kind, data=data, id=event.id or None)
+            finally:
+                ctx.events.unsubscribe(sub)
 
     return EventSourceResponse(stream(), ping=EVENTS_PING)
 
@@ -368,9 +374,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     # they import this module: include them late
-    from thinair.api import console, hosts, metrics, tokens
+    from thinair.api import audit, console, hosts, metrics, tokens
 
+    app.add_middleware(audit.AuditTrail)
+    security.install(app)
     app.include_router(router)
+    app.include_router(audit.router)
     app.include_router(tokens.router)
     app.include_router(hosts.router)
     app.include_router(metrics.router)  # GET /metrics, for Prometheus
@@ -414,7 +423,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette's own refusals (unknown route, wrong method, a body that is not
         # JSON) in the API's one error shape.
-        codes = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed"}
+        codes = {
+            400: "invalid_input",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "too_large",
+            429: "too_many",
+        }
         return JSONResponse(
             status_code=exc.status_code,
             content={"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)},

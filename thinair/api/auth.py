@@ -13,7 +13,7 @@ from sqlalchemy import select
 from thinair import models
 from thinair.db.models import ApiToken, aware, utcnow
 from thinair.engine.context import EngineContext
-from thinair.errors import Conflict, NotFound
+from thinair.errors import Conflict, InvalidInput, NotFound
 
 ADMIN = "admin"
 
@@ -29,6 +29,13 @@ def admin_name(ctx: EngineContext) -> str:
     if not ctx.db.locks.shared:
         return ADMIN
     return f"{ADMIN}-{hashlib.sha256(ctx.engine_name.encode()).hexdigest()[:12]}"
+
+
+def is_admin(name: str) -> bool:
+    """An engine's own admin token (the one in THINAIR_HOME/token): "admin", or
+    "admin-HASH" where engines share a database. No other token may take
+    such a name (see create)."""
+    return name == ADMIN or name.startswith(f"{ADMIN}-")
 
 
 def ensure_admin_token(ctx: EngineContext) -> None:
@@ -62,6 +69,13 @@ def verify(ctx: EngineContext, token: str) -> ApiToken | None:
         return row
 
 
+def is_live(ctx: EngineContext, token_id: str) -> bool:
+    """Is the token still there and not revoked (for requests that stay open)?"""
+    with ctx.db.session() as s:
+        row = s.get(ApiToken, token_id)
+        return row is not None and row.revoked_at is None
+
+
 def _model(row: ApiToken) -> models.Token:
     return models.Token(
         id=row.id,
@@ -73,6 +87,8 @@ def _model(row: ApiToken) -> models.Token:
 
 
 def create(ctx: EngineContext, req: models.TokenCreate) -> models.TokenCreated:
+    if is_admin(req.name):
+        raise InvalidInput(f"token names {ADMIN!r} and {ADMIN}-* are the engines' own")
     token = secrets.token_urlsafe(32)
     with ctx.db.session() as s:
         if s.scalar(select(ApiToken).where(ApiToken.name == req.name)):

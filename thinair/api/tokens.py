@@ -1,12 +1,23 @@
-"""API token routes: create (the secret is shown once), list, revoke."""
+"""API token routes: create (the secret is shown once), list, revoke. Making
+and revoking tokens is for the engines' own admin tokens: another read-write
+token could otherwise mint itself new names or revoke the admin's."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
 from thinair import models
 from thinair.api import auth
-from thinair.api.app import ERRORS, Ctx, authenticated
+from thinair.api.app import ERRORS, Ctx, Forbidden, authenticated
+from thinair.db.models import ApiToken
+
+
+def admin_only(token: Annotated[ApiToken, Depends(authenticated)]) -> None:
+    if not auth.is_admin(token.name):
+        raise Forbidden(f"token {token.name!r} is not an admin token (THINAIR_HOME/token)")
+
 
 router = APIRouter(
     prefix="/api/v1/tokens",
@@ -21,11 +32,13 @@ def list_tokens(ctx: Ctx) -> list[models.Token]:
     return auth.list_all(ctx)
 
 
-@router.post("", response_model=models.TokenCreated, status_code=201)
+@router.post(
+    "", response_model=models.TokenCreated, status_code=201, dependencies=[Depends(admin_only)]
+)
 def create_token(ctx: Ctx, req: models.TokenCreate) -> models.TokenCreated:
     return auth.create(ctx, req)
 
 
-@router.delete("/{name}", response_model=models.Token)
+@router.delete("/{name}", response_model=models.Token, dependencies=[Depends(admin_only)])
 def revoke_token(ctx: Ctx, name: str) -> models.Token:
     return auth.revoke(ctx, name)

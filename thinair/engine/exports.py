@@ -19,6 +19,7 @@ The VM is held busy meanwhile: no stop, import or rollback until then.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ import threading
 import xml.etree.ElementTree as ET
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -184,6 +186,7 @@ def to_model(ctx: EngineContext, e: Export) -> models.Export:
         error=e.error,
         created_at=aware(e.created_at),
         engine=e.engine,
+        warning=exposure_warning(e),
         **_tls_files(ctx, e),
     )
 
@@ -214,18 +217,22 @@ def _check_image(ctx: EngineContext, req: models.ExportCreate) -> tuple[str, int
     """The image's format and virtual size; InvalidInput if it cannot be served."""
     assert req.image is not None
     _check_path(req.image, "image path")
+    storage.check_image_root(ctx, req.image)  # first: nothing outside is even looked at
     validate_format(req.format)
     if problem := local_image_problem(req.image):
         raise InvalidInput(problem)
-    storage.check_image_root(ctx, req.image)
     try:
-        info = qemu_img.info(req.image, fmt=req.format, timeout=60)
+        info = qemu_img.info(req.image, fmt=req.format, timeout=60, backing_chain=True)
     except CommandFailed as e:
         line = e.stderr.splitlines()[-1] if e.stderr else str(e)
         reason = line.split(": ", 2)[-1] if line.startswith("qemu-img:") else line
         raise InvalidInput(f"cannot serve {req.image}: {reason}") from None
     if info.virtual_size <= 0:
         raise InvalidInput(f"{req.image} is empty")
+    for name in info.files()[1:]:  # a backing file or extent: the server opens it too
+        if not name.startswith("/"):
+            raise InvalidInput(f"{req.image} names {name!r}, not a local path")
+        storage.check_image_root(ctx, name, "file")
     if req.protocol == "http" and os.geteuid() == 0:
         _check_readable_by_others(Path(req.image))
     return info.format, info.virtual_size
@@ -288,8 +295,37 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _check_socket_path(path: str) -> None:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _default_tls(req: models.ExportCreate, host: str) -> Literal["none", "psk", "x509"]:
+    """TLS unless asked otherwise wherever the network reaches the server."""
+    if req.tls is not None:
+        return req.tls
+    if req.protocol == "nbd" and req.unix is None and not is_loopback(host):
+        return "psk"
+    return "none"
+
+
+def exposure_warning(e: Export) -> str | None:
+    """What a plain export beyond loopback means, for the CLI, the API and the UI."""
+    if e.tls != "none" or e.socket is not None or e.host is None or is_loopback(e.host):
+        return None
+    return (
+        f"plain {e.protocol.upper()} on {e.host}:{e.port}: anyone on the network who can "
+        "reach this port can read the whole disk; firewall it, or use --tls psk"
+    )
+
+
+def _check_socket_path(ctx: EngineContext, path: str) -> None:
     _check_path(path, "Unix socket path")
+    storage.check_image_root(ctx, path, "Unix socket")
     if len(path.encode()) > 107:
         raise InvalidInput(f"Unix socket path {path!r} is longer than 107 bytes")
     if not Path(path).parent.is_dir():
@@ -298,12 +334,13 @@ def _check_socket_path(path: str) -> None:
         raise Conflict(f"{path} exists already")
 
 
-def _check_tls_dir(req: models.ExportCreate) -> None:
+def _check_tls_dir(ctx: EngineContext, req: models.ExportCreate) -> None:
     if req.tls_dir is None:
         return
     if req.tls == "none":
         raise InvalidInput("--tls-dir needs --tls psk or --tls x509")
     _check_path(req.tls_dir, "TLS directory")
+    storage.check_image_root(ctx, req.tls_dir, "TLS directory")
     names = [gnutls.PSK_FILE] if req.tls == "psk" else gnutls.X509_SERVER_FILES
     for name in names:
         path = Path(req.tls_dir) / name
@@ -524,14 +561,15 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
         assert req.image is not None
         image = req.image
         fmt, size = _check_image(ctx, req)
-    _check_tls_dir(req)
     host, port = _parse_listen(req.listen)
+    req = req.model_copy(update={"tls": _default_tls(req, host)})
+    _check_tls_dir(ctx, req)
     if req.unix is not None:
         if req.listen:
             raise InvalidInput("give --listen or --unix, not both")
         if req.protocol == "http":
             raise InvalidInput("HTTP exports listen on TCP: use --listen, not --unix")
-        _check_socket_path(req.unix)
+        _check_socket_path(ctx, req.unix)
     if req.protocol == "http" and req.tls != "none":
         raise InvalidInput("HTTP exports are plain HTTP: use --tls none, or NBD for TLS")
     with _lock:

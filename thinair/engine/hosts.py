@@ -10,6 +10,8 @@ mounted at the same path on the engine's machine too.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 import libvirt
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -24,6 +26,32 @@ from thinair.errors import BackendError, Conflict, InvalidInput
 # libvirt URIs a host may have: QEMU's drivers, local or through libvirt's remote
 # transports; `test:` is libvirt's test driver (no hypervisor), for trying things out.
 SCHEMES = ("qemu:", "qemu+ssh:", "qemu+tls:", "qemu+tcp:", "qemu+libssh2:", "qemu+libssh:", "test:")
+
+
+# libvirt URI parameters a host may carry. Others are refused: `command=` and
+# `netcat=` run programs, `socket=` connects to any local socket. A
+# test:///FILE URI has libvirt parse FILE (and quote its first line back in an
+# error): FILE is checked against the image roots like any other local file.
+URI_PARAMS = frozenset(
+    {"no_verify", "no_tty", "keyfile", "known_hosts", "known_hosts_verify", "sshauth"}
+    | {"pkipath", "mode", "proxy", "tls_priority", "name"}
+)
+
+
+def check_uri(ctx: EngineContext, uri: str) -> None:
+    parts = urlsplit(uri)
+    if parts.scheme == "test" and uri != "test:///default":
+        if parts.netloc or parts.query:
+            raise InvalidInput(f"{uri!r}: the test driver takes test:///default or test:///FILE")
+        from thinair.engine import storage  # storage imports this module
+
+        storage.check_image_root(ctx, parts.path, "test driver file")
+    for key in parse_qs(parts.query, keep_blank_values=True):
+        if key not in URI_PARAMS:
+            raise InvalidInput(
+                f"{uri!r}: parameter {key!r} is not allowed in a host URI "
+                f"(allowed: {', '.join(sorted(URI_PARAMS))})"
+            )
 
 
 def find(s: Session, ref: str) -> Host:
@@ -95,6 +123,7 @@ def add(ctx: EngineContext, req: models.HostCreate) -> models.Host:
             f"{where!r} is not a libvirt URI thinair drives: use qemu+ssh://, qemu+tls://, "
             "qemu+tcp:// or qemu:///system"
         )
+    check_uri(ctx, where)
     with ctx.db.session() as s:
         if s.scalar(select(Host).where(Host.name == req.name)):
             raise Conflict(f"host {req.name!r} exists already")

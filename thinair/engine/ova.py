@@ -24,7 +24,7 @@ import nbd
 from thinair.engine import bridges, storage
 from thinair.engine.context import EngineContext
 from thinair.errors import ExternalDiskError, InvalidInput
-from thinair.external import parse_url, tar_url
+from thinair.external import tar_url
 
 OVF_LIMIT = 4 * 2**20  # bytes of OVF read at most
 _UNITS = {"byte": 1, "kilobytes": 2**10, "megabytes": 2**20, "gigabytes": 2**30}
@@ -222,9 +222,10 @@ def _read_ovf(
 
 def read(ctx: EngineContext, source: str) -> Appliance:
     """Read an OVA's index and OVF; check that every disk it names is in it."""
-    if source.startswith("/"):
-        parse_url(source)
-    elif parse_url(source).scheme not in ("http", "https"):
+    ext = storage.check_location(ctx, source, "OVA")
+    if ext.is_local:
+        source = ext.url
+    elif ext.scheme not in ("http", "https"):
         raise InvalidInput(f"an OVA is a local path or an http(s) URL, not {source!r}")
     with _open(ctx, source) as f:
         try:

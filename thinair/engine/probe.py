@@ -46,15 +46,28 @@ def local_image_problem(path: str) -> str | None:
     return None
 
 
-def check_files(ext: ExternalURL, info: qemu_img.ImageInfo) -> None:
+def check_files(
+    ext: ExternalURL, info: qemu_img.ImageInfo, confine: Callable[[str], None] | None = None
+) -> None:
     """Refuse a remote image that makes QEMU open anything but the server's own
     files: a qcow2 backing file, a VMDK extent or a data file is resolved by QEMU
     on this host, so a remote image naming `/etc/shadow` (or another server)
     would have QEMU read it. Relative names resolve against the URL: a qcow2
     chain or a VMDK descriptor with its extents beside it on one HTTP server is
     fine. An NBD export or a tar member is one image, so anything else named is
-    refused (QEMU would resolve it on this host, not in the export or tar)."""
+    refused (QEMU would resolve it on this host, not in the export or tar).
+    A local image's own files (its backing chain, extents, data file) go through
+    `confine`, the image roots' check: a qcow2 under the roots naming
+    /etc/shadow as its backing file is refused like /etc/shadow itself."""
     if ext.is_local:
+        for name in info.files():
+            if not name.startswith("/"):
+                raise ExternalDiskError(
+                    f"{ext.url} names {name!r} (a backing file or extent) that is not a "
+                    "local path; flatten it with qemu-img convert"
+                )
+            if confine is not None:
+                confine(name)
         return
     top = info.chain[0]["filename"]
     parts = urlsplit(ext.url)
@@ -76,10 +89,13 @@ def probe(
     spec: DiskSpec,
     timeout: float,
     bridge: Callable[[str], AbstractContextManager[str]] | None = None,
+    confine: Callable[[str], None] | None = None,
 ) -> Probed:
     """Check that the external disk can be read, and learn its format and size.
     QEMU's tools cannot read NBD over TLS or a tar member themselves: for those,
-    `bridge(url)` yields a URL they can read. Raises ExternalDiskError with a one-line reason."""
+    `bridge(url)` yields a URL they can read. `confine(path)` refuses a local
+    file outside the image roots (see check_files). Raises ExternalDiskError
+    with a one-line reason."""
     ext = parse_url(spec.url)
     read_only: bool | None = None
     if ext.is_local and (problem := local_image_problem(ext.url)):
@@ -112,7 +128,7 @@ def probe(
         raise ExternalDiskError(f"cannot read {ext.url}: {reason}") from None
     if info.virtual_size <= 0:
         raise ExternalDiskError(f"{ext.url} is empty")
-    check_files(ext, info)
+    check_files(ext, info, confine)
     return Probed(
         url=ext.url, format=info.format, virtual_size=info.virtual_size, read_only=read_only
     )

@@ -16,6 +16,7 @@ from thinair.db.models import Disk, StorageDomain
 from thinair.engine import hosts
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, InvalidInput, StorageError
+from thinair.external import ExternalURL, inside, parse_url
 
 
 def _unreachable_parent(path: Path) -> Path | None:
@@ -33,6 +34,9 @@ def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDo
     if not path.is_absolute():
         raise InvalidInput(f"storage domain path must be absolute, not {req.path!r}")
     path = Path(os.path.normpath(path))
+    # A storage domain widens where the engine reads from, so it must lie under
+    # THINAIR_IMAGE_ROOTS itself: else a domain at / would let any path in.
+    check_image_root(ctx, str(path), "storage domain path", domains=False)
     if not path.is_dir():
         raise InvalidInput(f"{path} is not an existing directory")
     if not os.access(path, os.W_OK | os.X_OK) or path.parts[1:2] in (("proc",), ("sys",)):
@@ -59,19 +63,50 @@ def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDo
         return to_model(sd)
 
 
-def check_image_root(ctx: EngineContext, path: str, what: str = "image") -> None:
+def image_roots(ctx: EngineContext, domains: bool = True) -> list[Path]:
+    """Where the engine reads local files from: THINAIR_IMAGE_ROOTS (and
+    THINAIR_HOME/images), and the storage domains unless `domains` is False."""
+    roots = [Path(os.path.realpath(r)) for r in ctx.settings.image_root_paths]
+    if domains:
+        with ctx.db.session() as s:
+            roots += [Path(os.path.realpath(p)) for p in s.scalars(select(StorageDomain.path))]
+    return roots
+
+
+def check_image_root(
+    ctx: EngineContext, path: str, what: str = "image", domains: bool = True
+) -> None:
     """Refuse a local path outside the image roots and the storage domains. The
-    path is resolved first, so neither ".." nor a symlink gets out."""
-    real = Path(os.path.realpath(path))
-    with ctx.db.session() as s:
-        domains = [Path(p) for p in s.scalars(select(StorageDomain.path))]
-    roots = [Path(os.path.realpath(r)) for r in ctx.settings.image_root_paths] + domains
-    if not any(real == root or root in real.parents for root in roots):
+    path is resolved first, so neither ".." nor a symlink gets out. Nothing in
+    THINAIR_HOME is let in but its images/ and exports/ (the engine's own
+    exports' keys). The answer
+    for a path outside is the same whether it exists or not, and nothing there
+    is opened, so the refusal tells nothing about the host's files."""
+    home = Path(os.path.realpath(ctx.settings.home))
+    if inside(path, [home]) and not inside(path, [home / "images", home / "exports"]):
+        # Its token, database and keys, should THINAIR_IMAGE_ROOTS cover it.
+        raise InvalidInput(
+            f"{what} {path} is in THINAIR_HOME ({home}), which holds the engine's own "
+            "token, database and keys; only its images/ and exports/ may be named"
+        )
+    roots = image_roots(ctx, domains)
+    if not inside(path, roots):
         shown = ", ".join(str(r) for r in roots)
         raise InvalidInput(
             f"{what} {path} is outside the directories the engine serves from ({shown}); "
             "move it there or add its directory to THINAIR_IMAGE_ROOTS"
         )
+
+
+def check_location(ctx: EngineContext, text: str, what: str = "disk image") -> ExternalURL:
+    """The one check for every URL or path a client names (VM disks, probe,
+    OVA, backups): its syntax, then every local file it makes the engine open
+    (the image, the tar holding it, a TLS key or certificate directory, a Unix
+    socket) against the image roots."""
+    ext = parse_url(text)
+    for path in ext.local_files:
+        check_image_root(ctx, path, what if path == ext.url else "file")
+    return ext
 
 
 def to_model(sd: StorageDomain) -> models.StorageDomain:

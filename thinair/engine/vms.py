@@ -27,7 +27,7 @@ from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
-from thinair.external import DiskSpec, parse_url, validate_format
+from thinair.external import DiskSpec, validate_format
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,15 @@ def _resolve_storage(s: Session, ref: str | None) -> StorageDomain:
 def probe_disk(ctx: EngineContext, req: models.ProbeRequest) -> models.ProbeResult:
     """Ask an external disk's server what it holds, creating nothing (the check
     `create` does, on its own: for a form that checks a URL as it is typed)."""
+    storage.check_location(ctx, req.url)
     validate_format(req.format)
     spec = DiskSpec(url=req.url, format=req.format, check_readonly=req.check_readonly)
-    p = probe(spec, ctx.settings.probe_timeout, lambda url: bridges.temporary(ctx, url))
+    p = probe(
+        spec,
+        ctx.settings.probe_timeout,
+        lambda url: bridges.temporary(ctx, url),
+        lambda path: storage.check_image_root(ctx, path, "file"),
+    )
     return models.ProbeResult(
         url=p.url, format=p.format, virtual_size=p.virtual_size, read_only=p.read_only
     )
@@ -232,8 +238,7 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     for spec in specs:  # cheap checks first
         if spec is None:
             continue
-        for path in parse_url(spec.url).local_files:
-            storage.check_image_root(ctx, path, "disk image" if path == spec.url else "file")
+        storage.check_location(ctx, spec.url)
         validate_format(spec.format)
     with ctx.db.session() as s:
         if s.scalar(select(Vm).where(Vm.name == req.name)):
@@ -248,7 +253,12 @@ def create(ctx: EngineContext, req: models.VmCreate) -> models.Vm:
     if host_virt.lookup(req.name) is not None:
         raise Conflict(f"libvirt already has a domain named {req.name!r} (not thinair's)")
     probed: list[Probed | None] = [
-        probe(spec, ctx.settings.probe_timeout, lambda url: bridges.temporary(ctx, url))
+        probe(
+            spec,
+            ctx.settings.probe_timeout,
+            lambda url: bridges.temporary(ctx, url),
+            lambda path: storage.check_image_root(ctx, path, "file"),
+        )
         if spec
         else None
         for spec in specs

@@ -5,7 +5,7 @@
 const API = "/api/v1";
 const TOKEN_KEY = "thinair-token";
 const ACTIVE = new Set(["pending", "running"]);
-const state = { sds: [], vms: [], exports: [], jobs: [], hosts: [], watching: new Set(), signedIn: false };
+const state = { sds: [], vms: [], exports: [], jobs: [], hosts: [], audit: null, watching: new Set(), signedIn: false };
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -177,9 +177,11 @@ function refresh() {
   }
   refreshing = (async () => {
     try {
-      [state.sds, state.vms, state.exports, state.jobs, state.hosts] = await Promise.all([
+      [state.sds, state.vms, state.exports, state.jobs, state.hosts, state.audit] = await Promise.all([
         api("GET", "/storage_domains"), api("GET", "/vms"), api("GET", "/exports"),
         api("GET", "/jobs"), api("GET", "/hosts"),
+        // The audit log is for admin tokens: another token gets 403, and no view.
+        api("GET", "/audit?limit=30").catch((e) => { if (e.status === 403) return null; throw e; }),
       ]);
       render();
     } catch (e) {
@@ -280,6 +282,19 @@ function render() {
   renderHosts();
   renderExposeVms();
   renderJobView();
+  renderAudit();
+}
+
+function renderAudit() {
+  $("#audit-section").hidden = state.audit === null;
+  if (state.audit === null) return;
+  const rows = state.audit.map((a) => h("tr", { id: `audit-${a.id}` },
+    cell("Time", new Date(a.at).toLocaleString()), cell("Token", a.token || "-"),
+    cell("Client", a.client || "-"), cell("Action", a.action), cell("Target", a.target || "-"),
+    cell("Outcome", badge(a.outcome, a.outcome === "ok" ? "running" : "failed"),
+      a.message ? h("div", { class: "hint" }, a.message) : null)));
+  replace($("#audit"), table(["Time", "Token", "Client", "Action", "Target", "Outcome"], rows,
+    "Nothing recorded yet."));
 }
 
 function where(vm, disk, job) {
@@ -474,7 +489,8 @@ function renderExports() {
     cell("Name", x.name), cell("Image", h("code", {}, x.image), h("div", { class: "hint" },
       `${x.format}, ${bytes(x.virtual_size)}`)),
     cell("URL", urlBox(x.url, `export-${x.name}`)),
-    cell("State", badge(x.state), x.clients !== null ? h("div", { class: "hint" }, `${x.clients} clients`) : null),
+    cell("State", badge(x.state), x.clients !== null ? h("div", { class: "hint" }, `${x.clients} clients`) : null,
+      x.warning ? h("div", { class: "error", id: `export-${x.name}-warning`, role: "note" }, x.warning) : null),
     cell("", h("button", { type: "button", class: "secondary", id: `export-${x.name}-remove`,
       onclick: (e) => act(e.target, () => api("DELETE", `/exports/${x.id}`)) }, "Unexpose"))));
   replace($("#exports"), table(["Name", "Image", "URL", "State", ""], rows, "No exports."));
