@@ -273,6 +273,27 @@ def _running(ctx: EngineContext, name: str) -> bool:
     return ctx.vm_virt(name).state(name) in ACTIVE_STATES
 
 
+def _gone(ctx: EngineContext, name: str, wait: float = 5.0) -> bool:
+    """Whether the VM's QEMU is gone, giving libvirt `wait` seconds to notice a
+    QEMU that died just now (its calls fail before its state says so)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if not _running(ctx, name):
+                return True
+        except BackendError:
+            return False  # libvirt itself is away: nothing to tell
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+STOPPED = (
+    "the VM stopped while {target} was being copied; start it and run the import "
+    "again: it resumes from what was copied"
+)
+
+
 # -- bulk: the copier, then the guest's writes -----------------------------------
 
 
@@ -297,9 +318,14 @@ def _bulk(
             _verify(ctx, job, name, target, source, state)
     if state.phase == "switching" or _running(ctx, name):
         # (switching: the copy is the disk already, whether QEMU still runs or not)
-        _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=True)
-    else:
-        _offline_merge(ctx, job, target, overlay, disk_id, state, progress)
+        try:
+            _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=True)
+            return
+        except BackendError:
+            if state.phase in import_state.COMMITTED or not _gone(ctx, name):
+                raise
+            log.info("%s stopped before its switch-over: merging %s offline", name, target)
+    _offline_merge(ctx, job, target, overlay, disk_id, state, progress)
 
 
 @contextlib.contextmanager
@@ -447,8 +473,10 @@ def _live_copy(
             )
         _wait_ready(ctx, job, name, target, state.dest, progress)
         job.check_cancel()
-    except BaseException:
+    except BaseException as e:
         _abandon_mirror(ctx, name, target, state.dest, delete=not shallow)
+        if isinstance(e, BackendError) and _gone(ctx, name):
+            raise BackendError(STOPPED.format(target=target)) from e
         raise
     _switch(ctx, job, name, target, disk_id, state)
 
@@ -563,10 +591,7 @@ def _wait_job(
             info = _block_job_info(ctx, name, target)
         except BackendError as e:
             if not _running(ctx, name):
-                raise BackendError(
-                    f"the VM stopped while {target} was being copied; start it and run "
-                    "the import again: it resumes from what was copied"
-                ) from e
+                raise BackendError(STOPPED.format(target=target)) from e
             raise
         if info is not None:
             progress.set_merge(target, *info)
@@ -579,10 +604,7 @@ def _wait_job(
             )
         if info is None and event is None:
             if not _running(ctx, name):
-                raise BackendError(
-                    f"the VM stopped while {target} was being copied; start it and run "
-                    "the import again: it resumes from what was copied"
-                )
+                raise BackendError(STOPPED.format(target=target))
             return ""  # the job ended with no event we saw (e.g. before a restart)
         if job.cancel_requested:
             raise JobCancelled()
