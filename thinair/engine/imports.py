@@ -153,7 +153,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 progress.add(disk.target, disk.virtual_size, _done(disk, job))
                 if disk.external_url:
                     sources.add(disk.external_url)
-        vms.ensure_bridges(ctx, job.vm_id)  # the copy reads through them
+        vms.ensure_bridges(ctx, job.vm_id)  # the VM reads through them until the switch
         for disk_id in job.params["disks"]:
             job.check_cancel()
             _import_disk(ctx, job, name, disk_id, progress)
