@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import Engine
 from tests.e2e.test_crash_points import _crash_then_restart
 from thinair.adapters import procfs, qemu_img, qemu_nbd
-from thinair.client import EngineUnreachable, ThinairAPIError
+from thinair.client import Client, EngineUnreachable, ThinairAPIError
 from thinair.engine.faults import QEMU_PROGRAMS, QEMU_VARIABLE, VARIABLE
 
 pytestmark = pytest.mark.libvirt
@@ -38,6 +38,15 @@ def _source(path: Path) -> Path:
             f.seek(i * 20 * MiB + MiB)
             f.write(os.urandom(8 * MiB))
     return path
+
+
+def _domains(c: Client, workdir: Path) -> tuple[Path, Path]:
+    """Storage domains tmp (the temporary disks) and final (the import's target)."""
+    paths = workdir / "tmp", workdir / "final"
+    for path in paths:
+        path.mkdir(mode=0o755)
+        c.storage_domains.add(path.name, str(path))
+    return paths
 
 
 def _kill_qemu(name: str) -> None:
@@ -73,11 +82,8 @@ def test_idle_vm_import_loses_nothing(
     engine = make_engine("qemu:///system", **env)
     source = _source(workdir / "src.raw")
     export = nbd_export(source)
-    tmp, final = workdir / "tmp", workdir / "final"
     c = engine.client()
-    for path in (tmp, final):
-        path.mkdir(mode=0o755)
-        c.storage_domains.add(path.name, str(path))
+    tmp, final = _domains(c, workdir)
     name = f"dur-{strategy}-{who}-{point or 'after'}"
     c.vms.create(name, disks=[f"{export.url},format=raw,storage=tmp"], memory_mib=64)
     c.vms.start(name)
@@ -119,11 +125,8 @@ def test_two_disks_then_a_local_disk_moved(
     a whole-disk mirror), and back while it is stopped (qemu-img convert)."""
     sources = [_source(workdir / f"src{i}.raw") for i in range(2)]
     exports = [nbd_export(s) for s in sources]
-    tmp, final = workdir / "tmp", workdir / "final"
     c = engine.client()
-    for path in (tmp, final):
-        path.mkdir(mode=0o755)
-        c.storage_domains.add(path.name, str(path))
+    tmp, final = _domains(c, workdir)
     disks = [f"{e.url},format=raw,storage=tmp" for e in exports]
     c.vms.create("dur-two", disks=disks, memory_mib=64)
     c.vms.start("dur-two")
@@ -170,11 +173,8 @@ def test_engine_and_qemu_both_die_during_the_switch(
     engine = make_engine("qemu:///system", **{VARIABLE: "import-switching"})
     source = _source(workdir / "src.raw")
     export = nbd_export(source)
-    tmp, final = workdir / "tmp", workdir / "final"
     c = engine.client()
-    for path in (tmp, final):
-        path.mkdir(mode=0o755)
-        c.storage_domains.add(path.name, str(path))
+    tmp, final = _domains(c, workdir)
     name = f"dur-both-{strategy}"
     c.vms.create(name, disks=[f"{export.url},format=raw,storage=tmp"], memory_mib=64)
     c.vms.start(name)
