@@ -23,13 +23,17 @@ class ExportInfo:
     read_only: bool
 
 
-def probe(url: str, timeout: float) -> ExportInfo:
-    # The handle and its socket are freed when it goes out of scope: libnbd 1.14's
-    # bindings have no close().
+def connect(url: str, timeout: float, allocation_map: bool = False) -> nbd.NBD:
+    """A handle connected to `url` within `timeout` seconds (NBDProbeError with
+    the cause otherwise), asking for the allocation map if `allocation_map`.
+    The handle and its socket are freed when it goes out of scope: libnbd 1.14's
+    bindings have no close()."""
     h = nbd.NBD()
     # The one local file an NBD URL may name is the TLS key (or certificate
     # directory) the user gave for it.
     h.set_uri_allow_local_file("tls-psk-file=" in url or "tls-certificates=" in url)
+    if allocation_map:
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     deadline = time.monotonic() + timeout
     try:
         h.aio_connect_uri(url)
@@ -43,9 +47,6 @@ def probe(url: str, timeout: float) -> ExportInfo:
                     "time, such as qemu-nbd without --shared, may be busy)"
                 )
             h.poll(int(min(remaining, 0.5) * 1000))
-        info = ExportInfo(size=h.get_size(), read_only=bool(h.is_read_only()))
-        h.shutdown()
-        return info
     except nbd.Error as e:
         # "nbd_aio_connect_uri: connect: HOST: could not connect ...": drop the
         # function and phase names a user has no use for.
@@ -53,3 +54,14 @@ def probe(url: str, timeout: float) -> ExportInfo:
         for prefix in ("nbd_aio_connect_uri: ", "nbd_poll: ", "connect: ", "handshake: "):
             message = message.removeprefix(prefix)
         raise NBDProbeError(message) from None
+    return h
+
+
+def probe(url: str, timeout: float) -> ExportInfo:
+    h = connect(url, timeout)
+    try:
+        info = ExportInfo(size=h.get_size(), read_only=bool(h.is_read_only()))
+        h.shutdown()
+    except nbd.Error as e:
+        raise NBDProbeError(e.string or str(e)) from None
+    return info

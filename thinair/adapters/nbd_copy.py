@@ -34,6 +34,8 @@ from typing import Any, BinaryIO
 import nbd
 import xxhash
 
+from thinair.adapters import nbd_client
+
 log = logging.getLogger(__name__)
 
 # Two connections: on these 2-core machines four made the copy 30% slower than
@@ -100,23 +102,10 @@ class Checkpoint:
 
 
 def _connect(url: str, timeout: float, meta: bool = True) -> nbd.NBD:
-    h = nbd.NBD()
-    h.set_uri_allow_local_file("tls-psk-file=" in url or "tls-certificates=" in url)
-    if meta:
-        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    deadline = time.monotonic() + timeout
     try:
-        h.aio_connect_uri(url)
-        while not h.aio_is_ready():
-            if h.aio_is_dead() or h.aio_is_closed():
-                raise CopyError(f"{url}: connection closed by the server")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise CopyError(f"{url}: no answer in {timeout:g} s")
-            h.poll(int(min(remaining, 0.5) * 1000))
-    except nbd.Error as e:
-        raise CopyError(f"{url}: {e.string or e}") from None
-    return h
+        return nbd_client.connect(url, timeout, allocation_map=meta)
+    except nbd_client.NBDProbeError as e:
+        raise CopyError(f"{url}: {e}") from None
 
 
 def data_extents(h: nbd.NBD, start: int, size: int) -> Iterator[Extent]:

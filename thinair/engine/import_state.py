@@ -33,8 +33,7 @@ from pathlib import Path
 from thinair.adapters.nbd_copy import Checkpoint
 from thinair.engine.context import EngineContext
 
-PHASES = ("copy", "verified", "mirror", "switching", "merging")
-COMMITTED = ("switching", "merging")
+COMMITTED = ("switching", "merging")  # the phases with no going back
 
 
 @dataclass
