@@ -684,6 +684,10 @@ def _switch(
     after a crash finishes from the "switching" record."""
     job.update(step=f"switch {target}")
     virt_ = ctx.vm_virt(name)
+    # Written back while the guest runs, so that the sync in the pause has only
+    # the last moments' writes to flush (a whole-disk mirror leaves the whole
+    # copy dirty in the page cache).
+    _sync(state.dest)
     virt_.suspend(name)
     try:
         _sync(state.dest)
