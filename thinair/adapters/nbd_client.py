@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import nbd
 
+from thinair.adapters.errors import AdapterError
 
-class NBDProbeError(Exception):
+
+class NBDProbeError(AdapterError):
     pass
 
 
@@ -53,7 +55,7 @@ def connect(url: str, timeout: float, allocation_map: bool = False) -> nbd.NBD:
         message = e.string or str(e)
         for prefix in ("nbd_aio_connect_uri: ", "nbd_poll: ", "connect: ", "handshake: "):
             message = message.removeprefix(prefix)
-        raise NBDProbeError(message) from None
+        raise NBDProbeError(message, "nbd_connect_uri", e.string or str(e)) from e
     return h
 
 
@@ -63,5 +65,5 @@ def probe(url: str, timeout: float) -> ExportInfo:
         info = ExportInfo(size=h.get_size(), read_only=bool(h.is_read_only()))
         h.shutdown()
     except nbd.Error as e:
-        raise NBDProbeError(e.string or str(e)) from None
+        raise NBDProbeError(e.string or str(e)) from e
     return info

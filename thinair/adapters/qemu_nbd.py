@@ -18,19 +18,20 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import IO
+
+from thinair.adapters._process import StartFailed, start_detached
+from thinair.adapters.errors import AdapterError
+from thinair.adapters.nbd_address import NbdAddress, free_port
+
+__all__ = ["Server", "ServerError", "free_port"]
 
 log = logging.getLogger(__name__)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class ServerError(Exception):
+class ServerError(AdapterError):
     pass
 
 
@@ -67,10 +68,14 @@ class Server:
         self._stderr: IO[bytes] | None = None
 
     @property
-    def url(self) -> str:
+    def address(self) -> NbdAddress:
         if self.unix_socket:
-            return f"nbd+unix:///{self.export_name}?socket={self.unix_socket}"
-        return f"nbd://{self.host}:{self.port}/{self.export_name}"
+            return NbdAddress.unix(self.unix_socket, self.export_name)
+        return NbdAddress.tcp(self.host, self.port, self.export_name)
+
+    @property
+    def url(self) -> str:
+        return self.address.url()
 
     def _answers(self) -> bool:
         try:
@@ -113,33 +118,16 @@ class Server:
         later, go to `log_file`. Raises ServerError with qemu-nbd's words."""
         argv = self.argv()
         argv[-1:-1] = ["--fork", f"--pid-file={pid_file}"]
-        with open(log_file, "ab") as log_f:
-            start = log_f.tell()
-            try:
-                done = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log_f,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                raise ServerError(f"qemu-nbd did not start in {timeout:g} s") from None
-        if done.returncode != 0:
-            with open(log_file, "rb") as log_f:
-                log_f.seek(start)
-                said = log_f.read().decode(errors="replace").strip()
-            # "qemu-nbd: Failed to blah: reason": the last line is the cause.
-            last = said.splitlines()[-1] if said else "(no output)"
-            raise ServerError(last.removeprefix("qemu-nbd: "))
-        with open(pid_file) as f:
-            return int(f.read().strip())
+        try:
+            return start_detached(argv, Path(pid_file), Path(log_file), timeout=timeout)
+        except StartFailed as e:
+            raise ServerError(e.reason, argv, e.detail) from e
 
     def start(self, timeout: float = 10.0) -> None:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+        argv = self.argv()
         self._proc = subprocess.Popen(
-            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -147,12 +135,12 @@ class Server:
                 err = self._read_stderr()
                 rc = self._proc.returncode
                 self._proc = None
-                raise ServerError(f"qemu-nbd exited with {rc}: {err or '(no output)'}")
+                raise ServerError(f"qemu-nbd exited with {rc}: {err or '(no output)'}", argv, err)
             if self._answers():
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"qemu-nbd did not listen at {self.url}")
+                raise ServerError(f"qemu-nbd did not listen at {self.url}", argv)
             time.sleep(0.05)
 
     def _read_stderr(self) -> str:

@@ -474,7 +474,7 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
             raise Conflict(f"VM {name!r} is running already")
         if state == "paused":
             # QEMU pauses a guest whose write met a full disk: go on once there is space.
-            ctx.virt.resume(name)
+            host_virt.resume(name)
             return get(ctx, vm_id)
         if state == "missing":
             raise BackendError(
