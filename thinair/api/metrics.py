@@ -38,7 +38,7 @@ import thinair
 from thinair import models
 from thinair.adapters import nbd_client, qemu_img
 from thinair.adapters._process import CommandFailed
-from thinair.api.app import ERRORS, Ctx, authenticated
+from thinair.api.deps import ERRORS, Ctx, authenticated
 from thinair.engine import exports, vms
 from thinair.engine.context import EngineContext
 from thinair.external import parse_url
