@@ -25,8 +25,8 @@ from thinair.api import audit, auth, console, hosts, metrics, security, tokens
 from thinair.api.deps import ERRORS, AuthError, Ctx, authenticated, install_error_handlers
 from thinair.config import Settings
 from thinair.db.models import ApiToken
-from thinair.engine import convert, exports, imports, reconcile, storage, vms
-from thinair.engine.context import EngineContext
+from thinair.engine import exports, imports, reconcile, storage, vms
+from thinair.engine.build import build
 from thinair.engine.jobs import JobRunner
 from thinair.engine.outages import OutageWatcher
 from thinair.errors import NotFound
@@ -214,7 +214,6 @@ def remove_export(ctx: Ctx, ref: str) -> Response:
 
 
 def get_jobs(ctx: Ctx) -> JobRunner:
-    assert ctx.jobs is not None
     return ctx.jobs
 
 
@@ -283,14 +282,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx = EngineContext(settings)
+        ctx = build(settings)
         ctx.migrate()
         auth.ensure_admin_token(ctx)
         reconcile.reconcile(ctx)
-        runner = JobRunner(ctx)
-        imports.register(runner)
-        convert.register(runner)
-        ctx.jobs = runner
+        runner = ctx.jobs
         runner.resume_all()
         runner.start_polling()
         ctx.outages = OutageWatcher(ctx)

@@ -281,7 +281,6 @@ class EngineCollector(Collector):
 
 
 def _collect(ctx: EngineContext, lag: LoopLag, probe: SourceProbe) -> bytes:
-    assert ctx.jobs is not None
     vm_list = vms.list_all(ctx)
     external = {
         (vm.name, d.target): d.external_disk.url
