@@ -21,8 +21,7 @@ from thinair import models
 from thinair.adapters import qemu_img, qemu_nbd
 from thinair.client import Client, ThinairAPIError
 from thinair.engine import imports
-from thinair.engine.context import EngineContext
-from thinair.engine.jobs import JobRunner
+from thinair.engine.build import build
 
 pytestmark = pytest.mark.guest
 
@@ -197,10 +196,8 @@ def test_import_looks_the_vm_host_up_once(
     wait_console(c, "a16-once", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
     engine.stop()  # the VM runs on; this process takes the engine's place
 
-    ctx = EngineContext(engine.settings)
-    runner = JobRunner(ctx)
-    ctx.jobs = runner
-    imports.register(runner)
+    ctx = build(engine.settings)
+    runner = ctx.jobs
     lookups: list[str] = []
 
     def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
