@@ -403,8 +403,8 @@ def _bulk_copy(
             should_stop=lambda: job.cancel_requested,
             window=ctx.settings.reconnect_window,
         )
-    except nbd_copy.CopyStopped:
-        raise JobCancelled() from None
+    except nbd_copy.CopyStopped as e:
+        raise JobCancelled() from e
     except nbd_copy.CopyMismatch as e:
         where = nbd_copy.first_difference(source, state.dest, e.offset, e.length)
         _mismatch(ctx, target, state, where)
@@ -549,8 +549,8 @@ def _mirror(
             should_stop=lambda: job.cancel_requested,
         )
         same = qemu_img.compare(volume, state.dest, volume_format, state.dest_format)
-    except qemu_img.Stopped:
-        raise JobCancelled() from None
+    except qemu_img.Stopped as e:
+        raise JobCancelled() from e
     except CommandFailed as e:
         raise BackendError(f"copying {target} failed: {e.stderr}") from e
     if not same:

@@ -77,14 +77,14 @@ def _open(ctx: EngineContext, source: str) -> Iterator[IO[bytes]]:
             with open(source, "rb") as f:
                 yield f
         except OSError as e:
-            raise ExternalDiskError(f"cannot read {source}: {e.strerror}") from None
+            raise ExternalDiskError(f"cannot read {source}: {e.strerror}") from e
         return
     with bridges.temporary(ctx, source) as url:
         handle = nbd.NBD()
         try:
             handle.connect_uri(url)
         except nbd.Error as e:
-            raise ExternalDiskError(f"cannot read {source}: {e}") from None
+            raise ExternalDiskError(f"cannot read {source}: {e}") from e
         try:
             yield io.BufferedReader(_NBDFile(handle), buffer_size=64 * 1024)
         finally:
@@ -133,7 +133,7 @@ def parse_ovf(text: bytes, members: set[str]) -> tuple[str, int | None, int | No
     try:
         root = ET.fromstring(text)
     except ET.ParseError as e:
-        raise InvalidInput(f"the OVF is not valid XML: {e}") from None
+        raise InvalidInput(f"the OVF is not valid XML: {e}") from e
     files = {}
     for f in _all(root, "File"):
         href, compression = _attr(f, "href") or "", _attr(f, "compression")
@@ -236,7 +236,7 @@ def read(ctx: EngineContext, source: str) -> Appliance:
             raise InvalidInput(
                 f"{source} is not a plain tar ({e}); an OVA is an uncompressed tar: "
                 "compressed ones are not supported"
-            ) from None
+            ) from e
     return Appliance(
         name=name,
         memory_mib=memory,

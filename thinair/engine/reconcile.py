@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 
-import libvirt
 from sqlalchemy import select
 
 from thinair.db.models import LOCAL_HOST_ID, Disk, Host, Vm
@@ -62,7 +61,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
         host_virt = ctx.virt_at(uri)
         try:
             owned = host_virt.owned_domains(ctx.engine_id)
-        except (BackendError, libvirt.libvirtError):
+        except BackendError:  # that host is down: its orphans wait for the next start
             continue
         for vm_id, name in owned.items():
             if vm_id not in records:

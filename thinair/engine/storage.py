@@ -165,7 +165,7 @@ def check_space(ctx: EngineContext, sd: StorageDomain, needed: int = 0) -> None:
     except OSError as e:
         raise StorageError(
             f"storage domain {sd.name!r} at {sd.path} is not available: {e}"
-        ) from None
+        ) from e
     if not os.access(sd.path, os.W_OK):
         raise StorageError(f"storage domain {sd.name!r} at {sd.path} is not writable")
     wanted = needed + ctx.settings.min_free_mib * 1024 * 1024
