@@ -163,9 +163,7 @@ def check_space(ctx: EngineContext, sd: StorageDomain, needed: int = 0) -> None:
     try:
         free = shutil.disk_usage(sd.path).free
     except OSError as e:
-        raise StorageError(
-            f"storage domain {sd.name!r} at {sd.path} is not available: {e}"
-        ) from e
+        raise StorageError(f"storage domain {sd.name!r} at {sd.path} is not available: {e}") from e
     if not os.access(sd.path, os.W_OK):
         raise StorageError(f"storage domain {sd.name!r} at {sd.path} is not writable")
     wanted = needed + ctx.settings.min_free_mib * 1024 * 1024
