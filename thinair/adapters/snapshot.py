@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from thinair.adapters import qemu_img
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.adapters.virt import JOB_COMPLETED, JOB_FAILED, JOB_READY, Virt
 from thinair.errors import BackendError
 

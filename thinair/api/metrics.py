@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from thinair import models
 from thinair.adapters import nbd_client, qemu_img
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.api.deps import ERRORS, Ctx, authenticated
 from thinair.engine import exports, vms
 from thinair.engine.context import EngineContext

@@ -95,11 +95,11 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
     except v2v.ConversionFailed as e:
         machines.destroy(ctx, vm_id, keep_conversion_log=True)
         if e.returncode is None:
-            raise JobCancelled() from None
+            raise JobCancelled() from e
         raise BackendError(
             f"virt-v2v could not convert {name} (exit {e.returncode}); the VM was not "
             f"created. It said:\n{e.summary}\nIts log: {path}"
-        ) from None
+        ) from e
     except JobCancelled:
         machines.destroy(ctx, vm_id, keep_conversion_log=True)
         raise

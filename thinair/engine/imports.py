@@ -50,7 +50,7 @@ from typing import Any
 
 from thinair import models
 from thinair.adapters import nbd_client, nbd_copy, qemu_img, qemu_nbd, virt
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.adapters.virt import Virt
 from thinair.db.models import LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, exports, import_state, machines, storage

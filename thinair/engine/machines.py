@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from thinair.adapters import qemu_img, qemu_io, v2v, virt
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.db import refs
 from thinair.db.models import LOCAL_HOST_ID, Disk, Vm
 from thinair.engine import bridges, import_state
@@ -56,7 +56,7 @@ def create_overlay(ctx: EngineContext, disk: Disk) -> None:
     try:
         qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
     except CommandFailed as e:
-        raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+        raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from e
     _mark_holes(ctx, disk, backing, backing_fmt)
 
 

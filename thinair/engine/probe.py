@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from thinair.adapters import nbd_client, qemu_img
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.errors import ExternalDiskError
 from thinair.external import DiskSpec, ExternalURL, parse_url
 

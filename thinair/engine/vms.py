@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from thinair import models
 from thinair.adapters import qemu_img, virt
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.db import refs
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
 from thinair.engine import bridges, convert, hosts, import_state, machines, ova, storage
@@ -352,7 +352,7 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
                 try:
                     qemu_img.create(disk.volume_path, "qcow2", disk.virtual_size)
                 except CommandFailed as e:
-                    raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+                    raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from e
                 continue
             machines.create_overlay(ctx, disk)
         crash_point("create-overlays")

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from thinair import models
 from thinair.adapters import procfs
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.db import refs
 from thinair.db.models import Disk, Export, aware, new_id
 from thinair.engine.context import EngineContext
@@ -232,7 +232,7 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
             log.info("export of %s failed, undoing: %s", image, err)
             destroy(ctx, record.id)
             if isinstance(err, CommandFailed):
-                raise BackendError(f"cannot make TLS credentials: {err}") from None
+                raise BackendError(f"cannot make TLS credentials: {err}") from err
             raise
     log.info("exported %s as %s (pid %d)", image, record.name, pid)
     return get(ctx, record.id)

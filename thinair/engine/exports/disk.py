@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import xml.etree.ElementTree as ET
 from contextlib import ExitStack
 
 from thinair import models
@@ -33,18 +32,19 @@ def vm_disk(
         if disk is None:
             raise NotFound(f"VM {vm.name!r} has no disk {target!r}")
         vm_id, name, phase = vm.id, vm.name, vm.phase
+        host_virt = machines.virt_of(ctx, vm)
         volume, fmt, size = disk.volume_path, disk.volume_format, disk.virtual_size
         # The guest's writes go to a new overlay beside the volume meanwhile.
         storage.check_space(ctx, disk.storage_domain)
     if phase != "ready":
         raise Conflict(f"VM {name!r} is {phase}")
     hold.enter_context(ctx.vm_busy(vm_id, f"an export of its disk {target}"))
-    if ctx.vm_virt(name).state(name) not in ("running", "paused"):
+    if host_virt.state(name) not in ("running", "paused"):
         raise Conflict(
             f"VM {name!r} is not running: nothing writes to {target}, expose its volume "
             f"{volume} itself"
         )
-    if ctx.vm_virt(name).disk_chain(name, target)[0] != volume:
+    if host_virt.disk(name, target).top != volume:
         raise Conflict(f"VM {name!r} {target} is not on its volume {volume} now")
     return vm_id, volume, fmt, size
 
@@ -54,8 +54,8 @@ def freeze(ctx: EngineContext, e: Export) -> None:
     with ctx.db.session() as s:
         vm = s.get(Vm, e.vm_id)
         assert vm is not None
-        name = vm.name
-    snapshot.freeze(ctx.vm_virt(name), name, e.disk, e.snapshot_path)
+        name, host_virt = vm.name, machines.virt_of(ctx, vm)
+    snapshot.freeze(host_virt, name, e.disk, e.snapshot_path)
     log.info(
         "froze %s %s at %s; the guest writes to %s now", name, e.disk, e.image, e.snapshot_path
     )
@@ -69,27 +69,21 @@ def merge_back(ctx: EngineContext, e: Export) -> None:
         return
     with ctx.db.session() as s:
         vm = s.get(Vm, e.vm_id)
-        name = vm.name if vm is not None else None
-    if name is not None and ctx.vm_virt(name).state(name) != "missing":
-        chain = ctx.vm_virt(name).disk_chain(name, e.disk)
-        if chain and chain[0] == e.snapshot_path:
-            if ctx.vm_virt(name).state(name) in ("running", "paused"):
-                snapshot.merge_back(ctx.vm_virt(name), name, e.disk, e.image)
+        if vm is None:
+            name, host_virt = None, None
+        else:
+            name, host_virt = vm.name, machines.virt_of(ctx, vm)
+    if name is not None and host_virt is not None and host_virt.state(name) != "missing":
+        if host_virt.disk(name, e.disk).top == e.snapshot_path:
+            if host_virt.state(name) in ("running", "paused"):
+                snapshot.merge_back(host_virt, name, e.disk, e.image)
             else:
                 snapshot.merge_back_offline(e.snapshot_path)
-        if _configured_top(ctx, name, e.disk) != e.image:
+        defined = {d.target: d.top for d in host_virt.disks(name, inactive=True)}
+        if defined.get(e.disk) != e.image:
             # The definition for the next boot still names the overlay.
             assert e.vm_id is not None
             machines.redefine(ctx, e.vm_id)
         log.info("merged %s %s back into %s", name, e.disk, e.image)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(e.snapshot_path)
-
-
-def _configured_top(ctx: EngineContext, name: str, target: str) -> str | None:
-    root_el = ET.fromstring(ctx.vm_virt(name).xml(name, inactive=True))
-    for disk in root_el.iterfind("devices/disk"):
-        tgt, src = disk.find("target"), disk.find("source")
-        if tgt is not None and tgt.get("dev") == target and src is not None:
-            return src.get("file")
-    return None

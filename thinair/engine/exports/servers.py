@@ -106,8 +106,8 @@ def start(ctx: EngineContext, e: Export) -> int:
         tool = "nginx" if e.protocol == "http" else "qemu-nbd"
         message = f"{tool} cannot serve {e.image}: {err}"
         if "in use" in str(err) or "lock" in str(err):
-            raise Conflict(message) from None
-        raise BackendError(message) from None
+            raise Conflict(message) from err
+        raise BackendError(message) from err
 
 
 def _lstat_mode(path: str) -> int:

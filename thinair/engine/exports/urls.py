@@ -15,8 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from thinair import models
-from thinair.adapters import gnutls, qemu_img
-from thinair.adapters._process import CommandFailed
+from thinair.adapters import gnutls, nbd_address, qemu_img
+from thinair.adapters.errors import CommandFailed
+from thinair.adapters.nbd_address import NbdAddress
 from thinair.db.models import Export
 from thinair.engine import storage
 from thinair.engine.context import EngineContext
@@ -40,10 +41,14 @@ def export_dir(ctx: EngineContext, export_id: str) -> Path:
     return root(ctx) / export_id
 
 
+def _public_host(host: str) -> str:
+    """The name clients reach a server at: for one listening everywhere, the
+    host's name (getfqdn() may say "localhost")."""
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+
 def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        # Listening everywhere: the host's name (getfqdn() may say "localhost").
-        host = socket.gethostname()
+    host = _public_host(host)
     return f"[{host}]" if ":" in host else host
 
 
@@ -79,19 +84,22 @@ def url(ctx: EngineContext, e: Export) -> str:
     if e.protocol == "http":
         return f"http://{_url_host(e.host or DEFAULT_HOST)}:{e.port}/{e.name}"
     files = tls_files(ctx, e)
-    scheme = "nbds" if e.tls != "none" else "nbd"
-    user = f"{files['tls_username']}@" if files["tls_username"] else ""
-    query: list[str] = []
+    query = [
+        (key, value)
+        for key, value in (
+            ("tls-psk-file", files["psk_file"]),
+            ("tls-certificates", files["tls_certificates"]),
+        )
+        if value
+    ]
+    return address(e).url(tls=e.tls != "none", user=files["tls_username"], query=query)
+
+
+def address(e: Export) -> NbdAddress:
+    """Where an NBD export's server listens, as its clients reach it."""
     if e.socket:
-        address = f"{scheme}+unix://{user}/{e.name}"
-        query.append(f"socket={e.socket}")
-    else:
-        address = f"{scheme}://{user}{_url_host(e.host or DEFAULT_HOST)}:{e.port}/{e.name}"
-    if files["psk_file"]:
-        query.append(f"tls-psk-file={files['psk_file']}")
-    if files["tls_certificates"]:
-        query.append(f"tls-certificates={files['tls_certificates']}")
-    return address + ("?" + "&".join(query) if query else "")
+        return NbdAddress.unix(e.socket, e.name)
+    return NbdAddress.tcp(_public_host(e.host or DEFAULT_HOST), e.port or 0, e.name)
 
 
 def _check_path(path: str, what: str) -> None:
@@ -116,7 +124,7 @@ def check_image(ctx: EngineContext, req: models.ExportCreate) -> tuple[str, int]
     except CommandFailed as e:
         line = e.stderr.splitlines()[-1] if e.stderr else str(e)
         reason = line.split(": ", 2)[-1] if line.startswith("qemu-img:") else line
-        raise InvalidInput(f"cannot serve {req.image}: {reason}") from None
+        raise InvalidInput(f"cannot serve {req.image}: {reason}") from e
     if info.virtual_size <= 0:
         raise InvalidInput(f"{req.image} is empty")
     for name in info.files()[1:]:  # a backing file or extent: the server opens it too
@@ -151,8 +159,8 @@ def parse_listen(text: str | None) -> tuple[str, int | None]:
     host = host or DEFAULT_HOST
     try:
         port = int(port_text) if port_text else None
-    except ValueError:
-        raise InvalidInput(f"bad port in --listen {text!r}") from None
+    except ValueError as e:
+        raise InvalidInput(f"bad port in --listen {text!r}") from e
     if port is not None and not 0 < port < 65536:
         raise InvalidInput(f"bad port {port} in --listen {text!r}")
     if not re.fullmatch(r"[A-Za-z0-9.:-]+", host):
@@ -168,21 +176,18 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except socket.gaierror as e:
-            raise InvalidInput(f"cannot listen on {host}: {e.strerror}") from None
+            raise InvalidInput(f"cannot listen on {host}: {e.strerror}") from e
         except OSError as e:
             if e.errno == 98:  # EADDRINUSE
-                raise Conflict(f"port {port} on {host} is in use") from None
-            raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror}") from None
+                raise Conflict(f"port {port} on {host} is in use") from e
+            raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror}") from e
 
 
 def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError as e:
-            raise InvalidInput(f"cannot listen on {host}: {e.strerror}") from None
-        return int(s.getsockname()[1])
+    try:
+        return nbd_address.free_port(host)
+    except OSError as e:
+        raise InvalidInput(f"cannot listen on {host}: {e.strerror}") from e
 
 
 def is_loopback(host: str) -> bool:
@@ -238,7 +243,7 @@ def check_tls_dir(ctx: EngineContext, req: models.ExportCreate) -> None:
             with open(path, "rb") as f:
                 head = f.read(4096)
         except OSError as e:
-            raise InvalidInput(f"TLS file {path} is unreadable: {e.strerror}") from None
+            raise InvalidInput(f"TLS file {path} is unreadable: {e.strerror}") from e
         if name == gnutls.PSK_FILE and not re.match(rb"[^:\s]+:[0-9a-fA-F]+$", head, re.M):
             raise InvalidInput(f"{path} is not a psktool key file (identity:hexkey lines)")
         if name.endswith(".pem") and b"-----BEGIN " not in head:
