@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import TypeAdapter
 from sqlalchemy import select
@@ -97,11 +98,19 @@ def list_all(
     ctx: EngineContext, limit: int | None = None, after: str | None = None
 ) -> list[models.Vm]:
     """The VMs by name; with `limit`, at most that many, from the first whose
-    name sorts after `after` (a page: the next one starts after its last name).
+    name sorts after `after` (a page: the next one starts after its last name)."""
+    return _VMS.validate_python(list_rows(ctx, limit, after))
+
+
+def list_rows(
+    ctx: EngineContext, limit: int | None = None, after: str | None = None
+) -> list[dict[str, Any]]:
+    """What list_all gives, as the dicts of models.Vm's JSON (for the API, which
+    serializes them with no model in between).
 
     Read as plain columns in two queries (the VMs with their host's name, their
     disks with their storage domain's name), not as ORM objects: a listing of
-    thousands is then a few milliseconds of SQL, not a few hundred of loading."""
+    thousands is then a few milliseconds of SQL, not a hundred of loading."""
     vm_query = (
         select(
             Vm.id,
@@ -143,7 +152,7 @@ def list_all(
         rows = s.execute(vm_query).all()
         if limit is not None or after is not None:
             disk_query = disk_query.where(Disk.vm_id.in_(page.scalar_subquery()))
-        disks: dict[str, list[dict[str, object]]] = {}
+        disks: dict[str, list[dict[str, Any]]] = {}
         for vm_id, *d in s.execute(disk_query):
             disks.setdefault(vm_id, []).append(
                 {
@@ -155,7 +164,7 @@ def list_all(
                     "volume_format": d[4],
                     "virtual_size": d[5],
                     "location": "external" if d[6] else "local",
-                    "external_disk": {"url": d[6], "format": d[7]} if d[6] else None,
+                    "external_disk": {"url": d[6], "format": d[7], "tls": "none"} if d[6] else None,
                     "blank": d[8],
                 }
             )
@@ -183,10 +192,10 @@ def list_all(
                 "pause_reason": (
                     _pause_reason(ctx, vm_id, name, host_id) if state == "paused" else None
                 ),
-                "created_at": created,
+                "created_at": models.utc(created),
             }
         )
-    return _VMS.validate_python(out)
+    return out
 
 
 def _states(ctx: EngineContext, vms: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
