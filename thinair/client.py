@@ -262,8 +262,9 @@ def disk_from_option(option: str | models.DiskCreate) -> dict[str, Any]:
     }
 
 
-# VMs read per request when listing them all.
-PAGE_SIZE = 500
+# VMs read per request when listing them all (GET /vms?limit=, as GET /audit's
+# default).
+PAGE_SIZE = 100
 
 
 class Vms:

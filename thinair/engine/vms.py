@@ -88,9 +88,11 @@ def _pause_reason(ctx: EngineContext, vm_id: str, name: str, host_id: str | None
     return reason
 
 
-# A page of at most this many VMs of one host asks libvirt for each one's state;
-# a larger one asks for every domain's state on the host in one call.
-STATES_ONE_BY_ONE = 50
+# A page (a listing with a limit) of at most this many VMs of one host asks
+# libvirt for each one's state; a whole listing, or a larger page, asks for every
+# domain's state on the host in one call (which, with thousands of domains, costs
+# more than a page's worth of lookups).
+STATES_ONE_BY_ONE = 200
 _VMS = TypeAdapter(list[models.Vm])
 
 
@@ -168,7 +170,11 @@ def list_rows(
                     "blank": d[8],
                 }
             )
-    states = _states(ctx, [(r[6], r[1]) for r in rows if r[2] not in ("creating", "converting")])
+    states = _states(
+        ctx,
+        [(r[6], r[1]) for r in rows if r[2] not in ("creating", "converting")],
+        one_by_one=limit is not None,
+    )
     out = []
     for vm_id, name, phase, memory_mib, cpus, domain_type, host_id, last, created, host in rows:
         if phase in ("creating", "converting"):
@@ -198,9 +204,12 @@ def list_rows(
     return out
 
 
-def _states(ctx: EngineContext, vms: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+def _states(
+    ctx: EngineContext, vms: list[tuple[str, str]], one_by_one: bool
+) -> dict[str, dict[str, str]]:
     """The libvirt states of these (host id, name) VMs, by host and name; {} for
-    a host libvirt does not answer for."""
+    a host libvirt does not answer for. `one_by_one`: for a page, looked up one
+    VM at a time while there are few."""
     by_host: dict[str, list[str]] = {}
     for host_id, name in vms:
         by_host.setdefault(host_id, []).append(name)
@@ -208,7 +217,7 @@ def _states(ctx: EngineContext, vms: list[tuple[str, str]]) -> dict[str, dict[st
     for host_id, names in by_host.items():
         host_virt = ctx.host_virt(host_id)
         try:
-            if len(names) <= STATES_ONE_BY_ONE:
+            if one_by_one and len(names) <= STATES_ONE_BY_ONE:
                 states[host_id] = {name: host_virt.state(name) for name in names}
             else:
                 states[host_id] = host_virt.states()
