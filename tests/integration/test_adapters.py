@@ -394,3 +394,19 @@ def test_nbd_probe_error_keeps_its_cause() -> None:
     with pytest.raises(nbd_client.NBDProbeError) as e:
         nbd_client.probe(NbdAddress.tcp("127.0.0.1", free_port()).url(), timeout=2)
     assert isinstance(e.value, AdapterError) and isinstance(e.value.__cause__, nbd.Error)
+
+
+def test_qemu_nbd_tls_argv_names_a_directory_never_a_key() -> None:
+    psk = qemu_nbd.Server("/i.raw", unix_socket="/s", tls=qemu_nbd.Tls("psk", "/k", "NORMAL"))
+    x509 = qemu_nbd.Server("/i.raw", port=1, tls=qemu_nbd.Tls("x509", "/c", "NORMAL"))
+    assert psk.argv()[-5:] == [
+        "--object",
+        "tls-creds-psk,id=tls0,endpoint=server,dir=/k,priority=NORMAL",
+        "--tls-creds=tls0",
+        "--read-only",
+        "/i.raw",
+    ]
+    assert "tls-creds-x509,id=tls0,endpoint=server,dir=/c,priority=NORMAL,verify-peer=on" in (
+        x509.argv()
+    )
+    assert not any("tls" in a for a in qemu_nbd.Server("/i.raw", port=1).argv())

@@ -17,22 +17,43 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Literal
 
 from thinair.adapters._process import StartFailed, start_detached
 from thinair.adapters.errors import AdapterError
 from thinair.adapters.nbd_address import NbdAddress, free_port
 
-__all__ = ["Server", "ServerError", "free_port"]
+__all__ = ["Server", "ServerError", "Tls", "free_port"]
 
 log = logging.getLogger(__name__)
 
 
 class ServerError(AdapterError):
     pass
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS for the server: QEMU reads the keys from `directory` (no key on the
+    command line). `kind` psk (keys.psk) or x509 (ca-cert.pem, server-cert.pem,
+    server-key.pem); with x509, `verify_peer` makes clients show a certificate
+    of the CA."""
+
+    kind: Literal["psk", "x509"]
+    directory: str
+    priority: str | None = None  # a GnuTLS priority string
+    verify_peer: bool = True
+
+    def object_spec(self, obj_id: str = "tls0") -> str:
+        spec = f"tls-creds-{self.kind},id={obj_id},endpoint=server,dir={self.directory}"
+        if self.priority:
+            spec += f",priority={self.priority}"
+        if self.kind == "x509" and self.verify_peer:
+            spec += ",verify-peer=on"
+        return spec
 
 
 class Server:
@@ -48,8 +69,7 @@ class Server:
         cache: str = "none",
         aio: str = "native",
         unix_socket: str | None = None,
-        objects: Sequence[str] = (),
-        tls_creds: str | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.image = image
         self.fmt = fmt
@@ -61,9 +81,7 @@ class Server:
         self.cache = cache
         self.aio = aio
         self.unix_socket = unix_socket
-        # --object definitions (such as TLS credentials: a directory, never a key).
-        self.objects = list(objects)
-        self.tls_creds = tls_creds
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
 
@@ -103,10 +121,8 @@ class Server:
             argv.append(f"--socket={self.unix_socket}")
         else:
             argv += [f"--bind={self.host}", f"--port={self.port}"]
-        for spec in self.objects:
-            argv += ["--object", spec]
-        if self.tls_creds:
-            argv.append(f"--tls-creds={self.tls_creds}")
+        if self.tls is not None:
+            argv += ["--object", self.tls.object_spec("tls0"), "--tls-creds=tls0"]
         if self.read_only:
             argv.append("--read-only")
         argv.append(self.image)

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import stat
+from typing import Literal
 
 from thinair.adapters import gnutls, nginx, procfs, qemu_nbd
 from thinair.db.models import Export
@@ -77,17 +78,12 @@ def start(ctx: EngineContext, e: Export) -> int:
                 nginx.config(e.image, e.name, host, e.port or 0, directory)
             )
             return nginx.start(directory)
-        objects: list[str] = []
-        creds = None
+        tls = None
         if e.tls != "none":
+            # Clients of an x509 export must show a certificate of our CA.
+            kind: Literal["psk", "x509"] = "psk" if e.tls == "psk" else "x509"
             tls_dir = e.tls_dir or str(directory / "tls")
-            kind = "tls-creds-psk" if e.tls == "psk" else "tls-creds-x509"
-            # QEMU reads the keys from the directory: no key on the command line.
-            spec = f"{kind},id=tls0,endpoint=server,dir={tls_dir},priority={TLS_PRIORITY}"
-            if e.tls == "x509":
-                spec += ",verify-peer=on"  # clients must show a certificate of our CA
-            objects.append(spec)
-            creds = "tls0"
+            tls = qemu_nbd.Tls(kind, tls_dir, priority=TLS_PRIORITY, verify_peer=True)
         server = qemu_nbd.Server(
             e.image,
             fmt=e.format,
@@ -98,8 +94,7 @@ def start(ctx: EngineContext, e: Export) -> int:
             cache=CACHE,
             aio=AIO,
             unix_socket=e.socket,
-            objects=objects,
-            tls_creds=creds,
+            tls=tls,
         )
         return server.start_detached(str(directory / "server.pid"), str(directory / "server.log"))
     except (qemu_nbd.ServerError, nginx.ServerError) as err:
