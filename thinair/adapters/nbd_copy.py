@@ -35,6 +35,7 @@ import nbd
 import xxhash
 
 from thinair.adapters import nbd_client
+from thinair.adapters.errors import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _sync_range(fd: int, offset: int, length: int, flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class CopyError(Exception):
+class CopyError(AdapterError):
     pass
 
 
@@ -105,7 +106,7 @@ def _connect(url: str, timeout: float, meta: bool = True) -> nbd.NBD:
     try:
         return nbd_client.connect(url, timeout, allocation_map=meta)
     except nbd_client.NBDProbeError as e:
-        raise CopyError(f"{url}: {e}") from None
+        raise CopyError(f"{url}: {e}") from e
 
 
 def data_extents(h: nbd.NBD, start: int, size: int) -> Iterator[Extent]:
@@ -306,7 +307,7 @@ def _worker(
                 return _connect(url, CONNECT_TIMEOUT, meta=False)
             except CopyError as e:
                 if time.monotonic() - failing_since > window:
-                    raise CopyError(f"{last_error or e} (for {window:g} s)") from None
+                    raise CopyError(f"{last_error or e} (for {window:g} s)") from e
                 time.sleep(1)
 
     try:
