@@ -24,6 +24,7 @@ from thinair.config import Settings
 from thinair.db.models import LOCAL_HOST_ID, Host, Job, Vm
 from thinair.db.session import Database
 from thinair.engine.context import EngineContext
+from thinair.engine.jobs import JobRunner
 
 TABLES = {
     "alembic_version",
@@ -250,3 +251,20 @@ def test_two_engines_on_one_libvirt(
     with db.session() as s:
         assert s.scalars(select(Vm)).all() == []
     db.dispose()
+
+
+def test_a_long_step_fits(pg_url: str, workdir: Path) -> None:
+    """convert writes `virt-v2v: STEP` with virt-v2v's own step names, longer than
+    32 characters: PostgreSQL (unlike SQLite) refuses a string over a column's length."""
+    ctx = EngineContext(Settings(home=workdir / "h", db=pg_url, libvirt_uri="test:///default"))
+    ctx.migrate()
+    with ctx.db.session() as s:
+        job = Job(kind="convert", vm_id=None, params={}, progress={})
+        s.add(job)
+        s.flush()
+        job_id = job.id
+    step = "virt-v2v: Inspecting the source virtual machine"
+    JobRunner(ctx).update(job_id, step=step)
+    with ctx.db.session() as s:
+        assert s.get_one(Job, job_id).step == step
+    ctx.close()
