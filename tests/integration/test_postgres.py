@@ -49,7 +49,7 @@ def test_migrations(pg_url: str) -> None:
     with db.session() as s:
         assert s.get_one(Host, LOCAL_HOST_ID).name == "local"
     with db.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
     db.dispose()
 
 

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from thinair.config import Settings
 from thinair.engine.context import EngineContext
+from thinair.engine.job_params import JobParams
 from thinair.engine.jobs import JobHandle, JobRunner
+
+
+class CountParams(JobParams):
+    seconds: float = 0.1
 
 
 def _write(log: Path, line: str) -> None:
@@ -32,15 +37,15 @@ def main() -> None:
     ctx = EngineContext(Settings(home=home, db=url, libvirt_uri="test:///default"))
     ctx.migrate()
 
-    def count(_ctx: EngineContext, job: JobHandle) -> None:
+    def count(_ctx: EngineContext, job: JobHandle[CountParams]) -> None:
         _write(log, f"start {job.id} {os.getpid()}")
-        time.sleep(float(job.params.get("seconds", 0.1)))
+        time.sleep(job.params.seconds)
         while hold.exists():
             time.sleep(0.05)
         _write(log, f"end {job.id} {os.getpid()}")
 
     runner = JobRunner(ctx, poll_interval=0.2)
-    runner.flows["count"] = count
+    runner.register("count", count, CountParams)
     ctx.jobs = runner
     ready = Path(f"{home}.ready")
     ready.write_text("")

@@ -56,3 +56,37 @@ def test_disks_from_before_blank_disks(tmp_path: Path) -> None:
     with db.engine.connect() as conn:
         assert "blank" not in [c["name"] for c in sa.inspect(conn).get_columns("disks")]
     db.dispose()
+
+
+def test_jobs_from_before_the_cancel_column(tmp_path: Path) -> None:
+    """0007: a cancel asked for in the params moves to its own column, and a step
+    may be longer than 32 characters; the downgrade puts both back as they were."""
+    db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    _run(db, "upgrade", "0006")
+    with db.engine.begin() as conn:
+        for job_id, params in (("asked", '{"disks": ["d"], "cancel": true}'), ("not", "{}")):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, kind, state, step, params, progress, created_at, "
+                    "updated_at) VALUES (:id, 'import', 'running', 'copy', :params, '{}', "
+                    "'2026-01-01', '2026-01-01')"
+                ),
+                {"id": job_id, "params": params},
+            )
+    db.upgrade()
+    long_step = "virt-v2v: Inspecting the source virtual machine"
+    with db.engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT id, params, cancel_requested FROM jobs ORDER BY id"))
+        assert [tuple(r) for r in rows] == [("asked", '{"disks": ["d"]}', 1), ("not", "{}", 0)]
+        conn.execute(sa.text("UPDATE jobs SET step = :step"), {"step": long_step})
+    _run(db, "downgrade", "0006")
+    with db.engine.connect() as conn:
+        columns = {c["name"]: c for c in sa.inspect(conn).get_columns("jobs")}
+        assert "cancel_requested" not in columns
+        assert columns["step"]["type"].length == 32
+        rows = conn.execute(sa.text("SELECT id, params, step FROM jobs ORDER BY id"))
+        assert [tuple(r) for r in rows] == [
+            ("asked", '{"disks": ["d"], "cancel": true}', long_step[:32]),
+            ("not", "{}", long_step[:32]),
+        ]
+    db.dispose()

@@ -21,6 +21,7 @@ from thinair.db.models import Job, Vm
 from thinair.engine import vms
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
+from thinair.engine.job_params import ConvertParams
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, InvalidInput
 
@@ -43,10 +44,10 @@ def check_available(ctx: EngineContext) -> None:
 
 def submit(ctx: EngineContext, vm_id: str) -> None:
     assert ctx.jobs is not None
-    ctx.jobs.submit(KIND, vm_id, {})
+    ctx.jobs.submit(KIND, vm_id, ConvertParams())
 
 
-def run(ctx: EngineContext, job: JobHandle) -> None:
+def run(ctx: EngineContext, job: JobHandle[ConvertParams]) -> None:
     assert job.vm_id is not None
     vm_id = job.vm_id
     with ctx.db.session() as s:
@@ -60,7 +61,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
         with ctx.vm_busy(vm_id, "conversion"):
             with ctx.db.session() as s:
                 vm = vms.find(s, vm_id)
-                if job.params.get("began"):
+                if job.params.began:
                     # An engine died mid-conversion: start again from the source.
                     job.update(step="new temporary disks")
                     v2v.stop_leftover(path)
@@ -68,7 +69,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                         vms.create_overlay(ctx, disk)
                 disks = [v2v.Disk(d.volume_path, d.volume_format) for d in vm.disks]
                 memory_mib, cpus = vm.memory_mib, vm.cpus
-            job.update(step="converting", params={**job.params, "began": True, "log": str(path)})
+            job.update(step="converting", params={"began": True, "log": str(path)})
             last_check = 0.0
 
             def should_stop() -> bool:
@@ -135,4 +136,4 @@ def orphans(ctx: EngineContext) -> list[str]:
 
 
 def register(runner: JobRunner) -> None:
-    runner.flows[KIND] = run
+    runner.register(KIND, run, ConvertParams)

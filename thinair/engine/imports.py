@@ -56,6 +56,7 @@ from thinair.engine import bridges, exports, import_state, storage, vms
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.import_state import DiskImport
+from thinair.engine.job_params import ImportParams, Strategy
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput, StorageError
 from thinair.external import parse_url
@@ -104,19 +105,18 @@ def start(
                 )
         plan = {d.id: _method(d, req.strategy) for d in chosen}
         storage.check_space(ctx, target_sd, sum(_needed_bytes(d) for d in chosen))
-        params: dict[str, Any] = {
-            "to": target_sd.id,
-            "bandwidth": int(req.bandwidth_mib * 2**20) if req.bandwidth_mib else None,
-            "strategies": plan,
-            "verify": req.verify,
-            "disks": [d.id for d in chosen],
-            "old": {},
-        }
+        params = ImportParams(
+            to=target_sd.id,
+            bandwidth=int(req.bandwidth_mib * 2**20) if req.bandwidth_mib else None,
+            strategies=plan,
+            verify=req.verify,
+            disks=[d.id for d in chosen],
+        )
         vm_id = vm.id
     return runner.submit("import", vm_id, params)
 
 
-def _method(disk: Disk, asked: str | None) -> str:
+def _method(disk: Disk, asked: str | None) -> Strategy:
     """bulk for an external disk unless mirror is asked for; mirror for a local one."""
     if disk.external_url is None or asked == "mirror":
         return "mirror"
@@ -135,7 +135,7 @@ def _needed_bytes(disk: Disk) -> int:
 # -- running -------------------------------------------------------------------
 
 
-def run(ctx: EngineContext, job: JobHandle) -> None:
+def run(ctx: EngineContext, job: JobHandle[ImportParams]) -> None:
     assert job.vm_id is not None
     with ctx.vm_busy(job.vm_id, "import"):
         with ctx.db.session() as s:
@@ -146,7 +146,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
         progress = _Progress(job)
         sources: set[str] = set()  # what the disks read from before the import
         with ctx.db.session() as s:
-            for disk_id in job.params["disks"]:
+            for disk_id in job.params.disks:
                 disk = s.get(Disk, disk_id)
                 if disk is None:
                     raise Conflict("the disk was removed")
@@ -154,19 +154,19 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 if disk.external_url:
                     sources.add(disk.external_url)
         vms.ensure_bridges(ctx, job.vm_id)  # the VM reads through them until the switch
-        for disk_id in job.params["disks"]:
+        for disk_id in job.params.disks:
             job.check_cancel()
             _import_disk(ctx, job, name, disk_id, progress)
         exports.release(ctx, sources)  # one of thinair's own exports, if nothing else reads it
         job.update(step="done", progress=progress.snapshot(final=True))
 
 
-def _done(disk: Disk, job: JobHandle) -> bool:
-    return disk.external_url is None and disk.storage_domain_id == job.params["to"]
+def _done(disk: Disk, job: JobHandle[ImportParams]) -> bool:
+    return disk.external_url is None and disk.storage_domain_id == job.params.to
 
 
 def _import_disk(
-    ctx: EngineContext, job: JobHandle, name: str, disk_id: str, progress: _Progress
+    ctx: EngineContext, job: JobHandle[ImportParams], name: str, disk_id: str, progress: _Progress
 ) -> None:
     with ctx.db.session() as s:
         disk = s.get(Disk, disk_id)
@@ -175,9 +175,9 @@ def _import_disk(
             _cleanup(ctx, job, disk_id)
             return
         target, source = disk.target, disk.external_url
-        sd = s.get(StorageDomain, job.params["to"])
+        sd = s.get(StorageDomain, job.params.to)
         assert sd is not None
-        method = job.params["strategies"][disk_id]
+        method = job.params.strategies[disk_id]
         if method == "stream":  # a job submitted before stream was retired
             method = "bulk"
         state = _state(ctx, disk, sd, method)
@@ -191,7 +191,7 @@ def _import_disk(
             import_state.discard(ctx, disk_id)  # the partial copy goes
         raise
     except BackendError as e:
-        if full := _storage_problem(ctx, job.params["to"]):
+        if full := _storage_problem(ctx, job.params.to):
             if _phase(ctx, disk_id) not in import_state.COMMITTED:
                 import_state.discard(ctx, disk_id)
             raise StorageError(
@@ -392,7 +392,7 @@ def _bulk_copy(
             state.dest,
             str(import_state.digests_path(ctx, state.disk_id)),
             start=state.checkpoint,
-            bandwidth=job.params["bandwidth"],
+            bandwidth=job.params.bandwidth,
             on_progress=on_progress,
             on_checkpoint=on_checkpoint,
             should_stop=lambda: job.cancel_requested,
@@ -421,7 +421,7 @@ def _verify(
 ) -> None:
     """The copier checked the copy against what it read; with verify=full it is
     also compared with the source, read again."""
-    if job.params.get("verify") == "full":
+    if job.params.verify == "full":
         job.update(step=f"verify {target}")
         where = qemu_img.first_difference(state.dest, source, "raw", "raw")
         if where is not None:
@@ -467,7 +467,7 @@ def _live_copy(
                 target,
                 state.dest,
                 state.dest_format,
-                bandwidth=job.params["bandwidth"],
+                bandwidth=job.params.bandwidth,
                 shallow=shallow,
                 reuse_external=shallow,
             )
@@ -536,7 +536,7 @@ def _mirror(
             state.dest,
             volume_format,
             state.dest_format,
-            bandwidth=job.params["bandwidth"],
+            bandwidth=job.params.bandwidth,
             on_progress=lambda f: progress.set_fraction(target, f),
             should_stop=lambda: job.cancel_requested,
         )
@@ -753,7 +753,9 @@ def _finish_switch(
     _commit(ctx, job, disk_id, state)
 
 
-def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, state: DiskImport) -> None:
+def _commit(
+    ctx: EngineContext, job: JobHandle[ImportParams], disk_id: str, state: DiskImport
+) -> None:
     """Record the disk as local on the state's volume, remembering the old volume
     for cleanup, and give libvirt's persistent definition the new path."""
     new_path = state.dest
@@ -761,9 +763,7 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, state: DiskImport)
         disk = s.get(Disk, disk_id)
         assert disk is not None
         if disk.volume_path != new_path:
-            job.update(
-                params={**job.params, "old": {**job.params["old"], disk_id: disk.volume_path}}
-            )
+            job.update(params={"old": {**job.params.old, disk_id: disk.volume_path}})
             disk.volume_path = new_path
         disk.volume_format = state.dest_format
         disk.storage_domain_id = state.to
@@ -779,9 +779,9 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, state: DiskImport)
     ctx.events.vm_changed(vm_id, vm_name)
 
 
-def _cleanup(ctx: EngineContext, job: JobHandle, disk_id: str) -> None:
+def _cleanup(ctx: EngineContext, job: JobHandle[ImportParams], disk_id: str) -> None:
     """The disk is local on the target: delete the temporary disk and the record."""
-    old = job.params["old"].get(disk_id)
+    old = job.params.old.get(disk_id)
     if old:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old)
@@ -855,4 +855,4 @@ class _Progress:
 
 
 def register(runner: JobRunner) -> None:
-    runner.flows["import"] = run
+    runner.register("import", run, ImportParams)

@@ -1,0 +1,122 @@
+"""The states' table and guard (thinair/states.py)."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from thinair import models, states
+from thinair.api.app import create_app
+from thinair.config import Settings
+from thinair.errors import BackendError, Conflict
+from thinair.states import (
+    TRANSITIONS,
+    ExportPhase,
+    InvalidTransition,
+    JobState,
+    VmPhase,
+    move,
+    require_phase,
+)
+
+
+@dataclass
+class _Record:
+    name: str
+    phase: str
+
+
+def test_values_are_the_stored_strings() -> None:
+    assert [p.value for p in VmPhase] == ["creating", "converting", "ready", "removing"]
+    assert [p.value for p in ExportPhase] == ["creating", "ready", "removing"]
+    assert [s.value for s in JobState] == [
+        "pending",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+    ]
+    assert VmPhase.READY == "ready" and f"{VmPhase.READY}" == "ready"
+
+
+def test_the_table_covers_every_state() -> None:
+    for kind, moves in TRANSITIONS.items():
+        assert set(moves) == set(kind), kind
+        for targets in moves.values():
+            assert all(isinstance(t, kind) for t in targets)
+
+
+@pytest.mark.parametrize(
+    ("current", "new"),
+    [
+        ("creating", VmPhase.READY),
+        ("creating", VmPhase.CONVERTING),
+        ("converting", VmPhase.READY),
+        ("ready", VmPhase.REMOVING),
+        ("removing", VmPhase.REMOVING),
+        ("creating", ExportPhase.READY),
+        ("pending", JobState.RUNNING),
+        ("running", JobState.RUNNING),
+        ("running", JobState.CANCELLED),
+    ],
+)
+def test_allowed_moves(current: str, new: states.S) -> None:
+    assert move(current, new) is new
+
+
+@pytest.mark.parametrize(
+    ("current", "new"),
+    [
+        ("ready", VmPhase.CREATING),
+        ("removing", VmPhase.READY),
+        ("ready", VmPhase.CONVERTING),
+        ("removing", ExportPhase.READY),
+        ("succeeded", JobState.RUNNING),
+        ("pending", JobState.SUCCEEDED),
+        ("bogus", VmPhase.READY),
+    ],
+)
+def test_a_bad_move_is_a_bug(current: str, new: states.S) -> None:
+    with pytest.raises(InvalidTransition, match=f"{current!r} cannot become {new.value!r}"):
+        move(current, new)
+
+
+def test_require_phase() -> None:
+    require_phase(_Record("web1", "ready"), VmPhase.READY)
+    require_phase(_Record("web1", "converting"), VmPhase.READY, VmPhase.CONVERTING)
+    with pytest.raises(Conflict) as e:
+        require_phase(_Record("web1", "creating"), VmPhase.READY)
+    assert e.value.message == "VM 'web1' is creating"  # what users have always seen
+    with pytest.raises(BackendError, match="^gone$"):
+        require_phase(None, VmPhase.CONVERTING, error=BackendError, message="gone")
+
+
+def test_states_is_at_the_bottom() -> None:
+    """It imports nothing of thinair but the errors, so every layer may use it."""
+    tree = ast.parse(Path(states.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert {m for m in imported if m.startswith("thinair")} == {"thinair.errors"}
+
+
+def test_the_openapi_document_carries_the_enums(tmp_path: Path) -> None:
+    """The API's schema names each state's values, so a generated client (and
+    the SDK, which shares thinair/models.py) gets them as enums."""
+    doc = create_app(Settings(home=tmp_path, libvirt_uri="test:///default")).openapi()
+    schemas = doc["components"]["schemas"]
+
+    def values(model: str, field: str) -> list[str]:
+        prop = schemas[model]["properties"][field]
+        ref = prop.get("$ref") or next(p["$ref"] for p in prop.get("allOf", []))
+        return list(schemas[ref.rsplit("/", 1)[1]]["enum"])
+
+    assert values("Vm", "phase") == [p.value for p in VmPhase]
+    assert values("Vm", "state") == [s.value for s in states.VmState]
+    assert values("Export", "phase") == [p.value for p in ExportPhase]
+    assert values("Job", "state") == [s.value for s in JobState]
+    assert schemas["Job"]["properties"]["cancel_requested"]["type"] == "boolean"
+    assert models.Vm.model_fields["phase"].annotation is VmPhase  # the SDK's
