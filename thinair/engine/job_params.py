@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 # How a disk is copied; stream is a job submitted before it was retired.
 Strategy = Literal["bulk", "mirror", "stream"]
 

@@ -51,10 +51,9 @@ def downgrade() -> None:
         conn.execute(
             jobs.update().where(jobs.c.id == job_id).values(params={**params, "cancel": True})
         )
+    cut = STEP_LENGTH
     conn.execute(
-        sa.text(
-            f"UPDATE jobs SET step = substr(step, 1, {STEP_LENGTH}) WHERE length(step) > {STEP_LENGTH}"
-        )
+        sa.text(f"UPDATE jobs SET step = substr(step, 1, {cut}) WHERE length(step) > {cut}")
     )
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("cancel_requested")
