@@ -24,7 +24,6 @@ from thinair.config import Settings
 from thinair.db.models import LOCAL_HOST_ID, Host, Job, Vm
 from thinair.db.session import Database
 from thinair.engine.context import EngineContext
-from thinair.engine.jobs import JobRunner
 
 TABLES = {
     "alembic_version",
@@ -264,7 +263,7 @@ def test_a_long_step_fits(pg_url: str, workdir: Path) -> None:
         s.flush()
         job_id = job.id
     step = "virt-v2v: Inspecting the source virtual machine"
-    JobRunner(ctx).update(job_id, step=step)
+    ctx.jobs.update(job_id, step=step)
     with ctx.db.session() as s:
         assert s.get_one(Job, job_id).step == step
     ctx.close()

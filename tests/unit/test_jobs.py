@@ -20,9 +20,7 @@ KIND = "s16-pivot"
 def runner(tmp_path: Path) -> Iterator[JobRunner]:
     ctx = EngineContext(Settings(home=tmp_path, db=None, libvirt_uri="test:///default"))
     ctx.migrate()
-    runner = JobRunner(ctx)
-    ctx.jobs = runner
-    yield runner
+    yield ctx.jobs
     ctx.db.dispose()
 
 

@@ -13,82 +13,25 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import make_url
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import thinair
 from thinair import models, web
-from thinair.api import auth, security
+from thinair.api import audit, auth, console, hosts, metrics, security, tokens
+from thinair.api.deps import ERRORS, AuthError, Ctx, authenticated, install_error_handlers
 from thinair.config import Settings
 from thinair.db.models import ApiToken
-from thinair.engine import convert, exports, imports, reconcile, storage, vms
-from thinair.engine.context import EngineContext
+from thinair.engine import exports, imports, reconcile, storage, vms
+from thinair.engine.build import build
 from thinair.engine.jobs import JobRunner
 from thinair.engine.outages import OutageWatcher
-from thinair.errors import (
-    BackendError,
-    Conflict,
-    ExternalDiskError,
-    InvalidInput,
-    NotFound,
-    StorageError,
-    ThinairError,
-)
+from thinair.errors import NotFound
 
 log = logging.getLogger(__name__)
-
-STATUS = {
-    InvalidInput: 400,
-    NotFound: 404,
-    Conflict: 409,
-    ExternalDiskError: 422,
-    StorageError: 507,
-    BackendError: 502,
-}
-ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": models.Error} for status in (400, 401, 403, 404, 409, 422, 502, 507)
-}
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-class AuthError(ThinairError):
-    code = "unauthorized"
-
-
-class Forbidden(ThinairError):
-    code = "forbidden"
-
-
-def get_ctx(request: Request) -> EngineContext:
-    ctx: EngineContext = request.app.state.ctx
-    return ctx
-
-
-Ctx = Annotated[EngineContext, Depends(get_ctx)]
-
-
-def authenticated(
-    request: Request,
-    ctx: Ctx,
-    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiToken:
-    if cred is None or cred.scheme.lower() != "bearer":
-        raise AuthError("missing bearer token (Authorization: Bearer TOKEN)")
-    token = auth.verify(ctx, cred.credentials)
-    if token is None:
-        raise AuthError("invalid or revoked token")
-    request.state.token_name = token.name  # for the audit trail
-    if token.read_only and request.method not in ("GET", "HEAD", "OPTIONS"):
-        raise Forbidden(f"token {token.name!r} is read-only")
-    return token
-
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(authenticated)], responses=ERRORS)
 
@@ -271,7 +214,6 @@ def remove_export(ctx: Ctx, ref: str) -> Response:
 
 
 def get_jobs(ctx: Ctx) -> JobRunner:
-    assert ctx.jobs is not None
     return ctx.jobs
 
 
@@ -340,14 +282,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx = EngineContext(settings)
+        ctx = build(settings)
         ctx.migrate()
         auth.ensure_admin_token(ctx)
         reconcile.reconcile(ctx)
-        runner = JobRunner(ctx)
-        imports.register(runner)
-        convert.register(runner)
-        ctx.jobs = runner
+        runner = ctx.jobs
         runner.resume_all()
         runner.start_polling()
         ctx.outages = OutageWatcher(ctx)
@@ -373,9 +312,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    # they import this module: include them late
-    from thinair.api import audit, console, hosts, metrics, tokens
-
     app.add_middleware(audit.AuditTrail)
     security.install(app)
     app.include_router(router)
@@ -398,53 +334,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status="ok", version=thinair.__version__, libvirt_uri=settings.libvirt_uri
         )
 
-    @app.exception_handler(ThinairError)
-    async def thinair_error(_request: Request, exc: ThinairError) -> JSONResponse:
-        status = 500
-        if isinstance(exc, AuthError):
-            status = 401
-        elif isinstance(exc, Forbidden):
-            status = 403
-        else:
-            for cls, code in STATUS.items():
-                if isinstance(exc, cls):
-                    status = code
-        return JSONResponse(status_code=status, content={"code": exc.code, "message": exc.message})
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error", exc_info=exc)
-        return JSONResponse(
-            status_code=500,
-            content={"code": "internal", "message": f"internal error: {type(exc).__name__}: {exc}"},
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Starlette's own refusals (unknown route, wrong method, a body that is not
-        # JSON) in the API's one error shape.
-        codes = {
-            400: "invalid_input",
-            404: "not_found",
-            405: "method_not_allowed",
-            413: "too_large",
-            429: "too_many",
-        }
-        return JSONResponse(
-            status_code=exc.status_code,
-            content={"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)},
-            headers=exc.headers,
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse(
-            status_code=422,
-            content={"code": "invalid_input", "message": "; ".join(problems) or "invalid request"},
-        )
+    install_error_handlers(app)
 
     return app

@@ -38,7 +38,7 @@ import thinair
 from thinair import models
 from thinair.adapters import nbd_client, qemu_img
 from thinair.adapters._process import CommandFailed
-from thinair.api.app import ERRORS, Ctx, authenticated
+from thinair.api.deps import ERRORS, Ctx, authenticated
 from thinair.engine import exports, vms
 from thinair.engine.context import EngineContext
 from thinair.external import parse_url
@@ -281,7 +281,6 @@ class EngineCollector(Collector):
 
 
 def _collect(ctx: EngineContext, lag: LoopLag, probe: SourceProbe) -> bytes:
-    assert ctx.jobs is not None
     vm_list = vms.list_all(ctx)
     external = {
         (vm.name, d.target): d.external_disk.url

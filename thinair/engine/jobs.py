@@ -24,17 +24,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy import select
 
 from thinair import models
 from thinair.db import refs
 from thinair.db.models import Job, aware, new_id, utcnow
-from thinair.engine.context import EngineContext
 from thinair.engine.job_params import JobParams
 from thinair.errors import Conflict, NotFound, ThinairError
 from thinair.states import JOB_ACTIVE, JobState, move
+
+if TYPE_CHECKING:
+    from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class JobHandle(Generic[P]):
             raise JobCancelled()
 
 
-Flow = Callable[[EngineContext, JobHandle[Any]], None]
+Flow = Callable[["EngineContext", JobHandle[Any]], None]
 
 
 def _key(job_id: str) -> str:

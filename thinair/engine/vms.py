@@ -572,8 +572,7 @@ def rollback(ctx: EngineContext, ref: str) -> None:
 def _cancel_jobs(ctx: EngineContext, vm_id: str) -> None:
     """An import in progress is cancelled (the VM goes back to its temporary
     disks) before the VM is rolled back or removed."""
-    if ctx.jobs is not None:
-        ctx.jobs.cancel_and_wait(vm_id)
+    ctx.jobs.cancel_and_wait(vm_id)
 
 
 def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) -> None:
