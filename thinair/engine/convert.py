@@ -24,6 +24,7 @@ from thinair.engine.faults import crash_point
 from thinair.engine.job_params import ConvertParams
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, InvalidInput
+from thinair.states import JOB_ACTIVE, VmPhase, move, require_phase
 
 KIND = "convert"
 
@@ -49,8 +50,13 @@ def run(ctx: EngineContext, job: JobHandle[ConvertParams]) -> None:
     vm_id = job.vm_id
     with ctx.db.session() as s:
         vm = s.get(Vm, vm_id)
-        if vm is None or vm.phase != "converting":
-            raise BackendError("the VM to convert is gone (rolled back or removed)")
+        require_phase(
+            vm,
+            VmPhase.CONVERTING,
+            error=BackendError,
+            message="the VM to convert is gone (rolled back or removed)",
+        )
+        assert vm is not None
         name = vm.name
     began = time.monotonic()
     path = log_path(ctx, name)
@@ -96,7 +102,8 @@ def run(ctx: EngineContext, job: JobHandle[ConvertParams]) -> None:
                 should_stop=should_stop,
             )
             with ctx.db.session() as s:
-                vms.find(s, vm_id).phase = "ready"
+                vm = vms.find(s, vm_id)
+                vm.phase = move(vm.phase, VmPhase.READY)
         job.update(step="converted", progress={"elapsed": round(time.monotonic() - began, 1)})
     except v2v.ConversionFailed as e:
         vms._destroy(ctx, vm_id, keep_conversion_log=True)
@@ -123,12 +130,8 @@ def orphans(ctx: EngineContext) -> list[str]:
     """VMs left converting with no job to convert them (the engine died between
     the create and the job's submission)."""
     with ctx.db.session() as s:
-        converting = set(s.scalars(select(Vm.id).where(Vm.phase == "converting")))
-        jobs = set(
-            s.scalars(
-                select(Job.vm_id).where(Job.kind == KIND, Job.state.in_(("pending", "running")))
-            )
-        )
+        converting = set(s.scalars(select(Vm.id).where(Vm.phase == VmPhase.CONVERTING)))
+        jobs = set(s.scalars(select(Job.vm_id).where(Job.kind == KIND, Job.state.in_(JOB_ACTIVE))))
     return sorted(converting - jobs)
 
 

@@ -60,13 +60,14 @@ from thinair.engine.job_params import ImportParams, Strategy
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput, StorageError
 from thinair.external import parse_url
+from thinair.states import DOMAIN_LIVE, VmPhase, require_phase
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5
 # Seconds an import waits for a restarting libvirtd before it gives up.
 LIBVIRT_RESTART_WAIT = 120.0
-ACTIVE_STATES = ("running", "paused")
+ACTIVE_STATES = DOMAIN_LIVE
 
 
 # -- starting ------------------------------------------------------------------
@@ -84,8 +85,7 @@ def start(
     copied to the target domain."""
     with ctx.db.session() as s:
         vm = vms.find(s, ref)
-        if vm.phase != "ready":
-            raise Conflict(f"VM {vm.name!r} is {vm.phase}")
+        require_phase(vm, VmPhase.READY)
         target_sd = storage.find(s, req.to)
         disks = [d for d in vm.disks if only_disk in (None, d.id, d.target)]
         if only_disk is not None and not disks:
