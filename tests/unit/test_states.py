@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import StatementError
 
 from thinair import models, states
 from thinair.api.app import create_app
 from thinair.config import Settings
+from thinair.db.models import Vm
+from thinair.db.session import Database
 from thinair.errors import BackendError, Conflict
 from thinair.states import (
     TRANSITIONS,
@@ -120,3 +123,20 @@ def test_the_openapi_document_carries_the_enums(tmp_path: Path) -> None:
     assert values("Job", "state") == [s.value for s in JobState]
     assert schemas["Job"]["properties"]["cancel_requested"]["type"] == "boolean"
     assert models.Vm.model_fields["phase"].annotation is VmPhase  # the SDK's
+
+
+def test_the_columns_hold_the_enums(tmp_path: Path) -> None:
+    """A read gives the enum; a write of a value it does not have fails."""
+    db = Database(f"sqlite:///{tmp_path / 'db'}")
+    db.upgrade()
+    with db.session() as s:
+        s.add(Vm(id="vm", name="st1", memory_mib=64, cpus=1, domain_type="qemu", console_log=""))
+    with db.session() as s:
+        vm = s.get_one(Vm, "vm")
+        assert vm.phase is VmPhase.CREATING
+        vm.phase = move(vm.phase, VmPhase.READY)
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT phase FROM vms").scalar() == "ready"
+    with pytest.raises(StatementError, match="'bogus' is not a valid VmPhase"), db.session() as s:
+        s.get_one(Vm, "vm").phase = "bogus"  # type: ignore[assignment]
+    db.dispose()
