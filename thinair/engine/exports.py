@@ -40,7 +40,7 @@ from thinair.adapters import gnutls, nginx, procfs, qemu_img, qemu_nbd, snapshot
 from thinair.adapters._process import CommandFailed
 from thinair.db import refs
 from thinair.db.models import Disk, Export, Vm, aware, new_id
-from thinair.engine import storage, vms
+from thinair.engine import machines, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import local_image_problem
@@ -476,7 +476,7 @@ def _merge_back(ctx: EngineContext, e: Export) -> None:
         if _configured_top(ctx, name, e.disk) != e.image:
             # The definition for the next boot still names the overlay.
             assert e.vm_id is not None
-            vms.redefine(ctx, e.vm_id)
+            machines.redefine(ctx, e.vm_id)
         log.info("merged %s %s back into %s", name, e.disk, e.image)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(e.snapshot_path)
@@ -516,7 +516,7 @@ def _vm_disk(
     assert req.vm is not None
     target = req.disk or "vda"
     with ctx.db.session() as s:
-        vm = vms.find(s, req.vm)
+        vm = machines.find(s, req.vm)
         disk = next((d for d in vm.disks if d.target == target), None)
         if disk is None:
             raise NotFound(f"VM {vm.name!r} has no disk {target!r}")

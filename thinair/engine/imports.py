@@ -52,7 +52,7 @@ from thinair import models
 from thinair.adapters import nbd_client, nbd_copy, qemu_img, qemu_nbd, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db.models import LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, exports, import_state, storage, vms
+from thinair.engine import bridges, exports, import_state, machines, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.import_state import DiskImport
@@ -84,7 +84,7 @@ def start(
     one disk, as `disk move` does: an external one is imported, a local one
     copied to the target domain."""
     with ctx.db.session() as s:
-        vm = vms.find(s, ref)
+        vm = machines.find(s, ref)
         require_phase(vm, VmPhase.READY)
         target_sd = storage.find(s, req.to)
         disks = [d for d in vm.disks if only_disk in (None, d.id, d.target)]
@@ -153,7 +153,7 @@ def run(ctx: EngineContext, job: JobHandle[ImportParams]) -> None:
                 progress.add(disk.target, disk.virtual_size, _done(disk, job))
                 if disk.external_url:
                     sources.add(disk.external_url)
-        vms.ensure_bridges(ctx, job.vm_id)  # the VM reads through them until the switch
+        machines.ensure_bridges(ctx, job.vm_id)  # the VM reads through them until the switch
         for disk_id in job.params.disks:
             job.check_cancel()
             _import_disk(ctx, job, name, disk_id, progress)
@@ -772,7 +772,7 @@ def _commit(
         disk.external_read_only = None
         vm = disk.vm
         s.flush()
-        ctx.vm_virt(vm.name).define(virt.domain_xml(vms.domain_spec(ctx, vm)))
+        ctx.vm_virt(vm.name).define(virt.domain_xml(machines.domain_spec(ctx, vm)))
         vm_id, vm_name = vm.id, vm.name
     crash_point("import-committed", vm_name)
     bridges.stop(ctx, disk_id)  # QEMU reads nothing through it any more

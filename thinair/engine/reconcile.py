@@ -21,7 +21,7 @@ import libvirt
 from sqlalchemy import select
 
 from thinair.db.models import LOCAL_HOST_ID, Disk, Host, Vm
-from thinair.engine import bridges, convert, exports, hosts, import_state, vms
+from thinair.engine import bridges, convert, exports, hosts, import_state, machines
 from thinair.engine.context import EngineContext
 from thinair.errors import BackendError
 
@@ -42,10 +42,10 @@ def reconcile(ctx: EngineContext) -> list[str]:
                 vm = s.get(Vm, vm_id)
                 phase = vm.phase if vm is not None else "gone"
             if vm_id in unconverted:
-                vms._destroy(ctx, vm_id)
+                machines.destroy(ctx, vm_id)
                 actions.append(f"undid create of {name} (its conversion never began)")
             elif phase in ("creating", "removing"):
-                vms._destroy(ctx, vm_id)
+                machines.destroy(ctx, vm_id)
                 actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
             elif phase == "ready":
                 try:
@@ -54,7 +54,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
                     actions.append(f"could not check {name}: {e.message}")
                     continue
                 if lost:
-                    vms.redefine(ctx, vm_id)
+                    machines.redefine(ctx, vm_id)
                     actions.append(f"defined {name} again")
     with ctx.db.session() as s:
         uris = [hosts.uri(ctx, h) for h in s.scalars(select(Host))]

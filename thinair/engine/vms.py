@@ -7,7 +7,6 @@ finish or undo. A flow that fails half way undoes what it did.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -18,11 +17,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from thinair import models
-from thinair.adapters import qemu_img, qemu_io, v2v, virt
+from thinair.adapters import qemu_img, virt
 from thinair.adapters._process import CommandFailed
 from thinair.db import refs
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, convert, hosts, import_state, ova, storage
+from thinair.engine import bridges, convert, hosts, import_state, machines, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -35,11 +34,6 @@ CONSOLE_CHUNK = 256 * 1024
 
 
 # -- reading -----------------------------------------------------------------
-
-
-def find(s: Session, ref: str) -> Vm:
-    """By name, id or a unique prefix of its id."""
-    return refs.find(s, Vm, ref, "VM")
 
 
 def disk_model(disk: Disk) -> models.Disk:
@@ -64,13 +58,13 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
     if vm.phase in ("creating", "converting"):
         state = vm.phase
     elif state is None:
-        state = _virt(ctx, vm).state(vm.name)
+        state = machines.virt_of(ctx, vm).state(vm.name)
     pause_reason = None
     if state == "paused":
         pause_reason = ctx.outages.reason(vm.id) if ctx.outages else None
         if pause_reason is None:
             try:
-                why = _virt(ctx, vm).pause_reason(vm.name)
+                why = machines.virt_of(ctx, vm).pause_reason(vm.name)
             except BackendError:
                 why = None
             pause_reason = f"paused ({why})" if why else None
@@ -88,15 +82,6 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         pause_reason=pause_reason,
         created_at=vm.created_at,
     )
-
-
-def _virt(ctx: EngineContext, vm: Vm) -> virt.Virt:
-    """libvirt on the VM's host."""
-    return ctx.host_virt(vm.host_id)
-
-
-def _local(vm: Vm) -> bool:
-    return vm.host_id in (None, LOCAL_HOST_ID)
 
 
 def list_all(ctx: EngineContext) -> list[models.Vm]:
@@ -122,7 +107,7 @@ def list_all(ctx: EngineContext) -> list[models.Vm]:
                 ctx,
                 vm,
                 states[vm.host_id].get(
-                    vm.name, "missing" if states[vm.host_id] or _local(vm) else "unknown"
+                    vm.name, "missing" if states[vm.host_id] or machines.is_local(vm) else "unknown"
                 ),
             )
             for vm in vms
@@ -131,7 +116,7 @@ def list_all(ctx: EngineContext) -> list[models.Vm]:
 
 def get(ctx: EngineContext, ref: str) -> models.Vm:
     with ctx.db.session() as s:
-        return to_model(ctx, find(s, ref))
+        return to_model(ctx, machines.find(s, ref))
 
 
 def get_disk(ctx: EngineContext, ref: str) -> models.Disk:
@@ -142,7 +127,7 @@ def get_disk(ctx: EngineContext, ref: str) -> models.Disk:
 
 def console_path(ctx: EngineContext, ref: str) -> str:
     with ctx.db.session() as s:
-        return find(s, ref).console_log
+        return machines.find(s, ref).console_log
 
 
 def console(ctx: EngineContext, ref: str, offset: int) -> models.Console:
@@ -150,7 +135,7 @@ def console(ctx: EngineContext, ref: str, offset: int) -> models.Console:
     if offset < 0:
         raise InvalidInput("offset must be >= 0")
     with ctx.db.session() as s:
-        path = find(s, ref).console_log
+        path = machines.find(s, ref).console_log
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -319,7 +304,7 @@ def _create(
     try:
         _materialize(ctx, vm_id)
         with ctx.db.session() as s:
-            vm = find(s, vm_id)
+            vm = machines.find(s, vm_id)
             # A VM to convert is not ready before virt-v2v has run over its overlays.
             vm.phase = "converting" if req.convert else "ready"
             created = to_model(ctx, vm)
@@ -327,7 +312,7 @@ def _create(
         return created
     except BaseException:
         log.exception("creating VM %s failed; undoing", req.name)
-        _destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
+        machines.destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
         raise
 
 
@@ -361,7 +346,7 @@ def _gib(n: int) -> str:
 
 def _materialize(ctx: EngineContext, vm_id: str) -> None:
     with ctx.db.session() as s:
-        vm = find(s, vm_id)
+        vm = machines.find(s, vm_id)
         for disk in vm.disks:
             if disk.blank:
                 try:
@@ -369,85 +354,17 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
                 except CommandFailed as e:
                     raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
                 continue
-            create_overlay(ctx, disk)
+            machines.create_overlay(ctx, disk)
         crash_point("create-overlays")
-        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
+        machines.virt_of(ctx, vm).define(virt.domain_xml(machines.domain_spec(ctx, vm)))
     crash_point("create-defined")
-
-
-def create_overlay(ctx: EngineContext, disk: Disk) -> None:
-    """The disk's temporary disk, new (over an old one, if any) on its external disk."""
-    assert disk.external_url and disk.external_format
-    url, fmt = disk.external_url, disk.external_format
-    backing, backing_fmt = url, fmt
-    # A bridge is a process on this machine: only VMs here read through one.
-    if _local(disk.vm) and bridges.bridged(url, fmt):
-        bridges.ensure(ctx, disk.id, url, fmt)
-        backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
-    try:
-        qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
-    except CommandFailed as e:
-        raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
-    _mark_holes(ctx, disk, backing, backing_fmt)
-
-
-def _mark_holes(ctx: EngineContext, disk: Disk, source: str, fmt: str) -> None:
-    """Mark the external disk's holes as zero clusters in the new overlay.
-
-    The external disk is read-only and never changes, so a hole there reads as
-    zeros for good. Recorded in the overlay before any guest runs on it, they
-    cost no network reads: not for the guest, and not for an import, which
-    otherwise pulls every hole over the wire (QEMU's stream copies them).
-    An optimization only: if the map cannot be read, the overlay is still right.
-    """
-    assert disk.external_url and disk.external_format
-    cluster = 64 * 1024
-    try:
-        holes = qemu_img.zero_ranges(source, fmt, timeout=ctx.settings.probe_timeout)
-        aligned = []
-        for offset, length in holes:
-            start = -(-offset // cluster) * cluster  # whole clusters only
-            end = (offset + length) // cluster * cluster
-            if end > start:
-                aligned.append((start, end - start))
-        if aligned:
-            qemu_io.write_zeroes(disk.volume_path, aligned)
-    except CommandFailed as e:
-        log.warning(
-            "could not map the holes of %s (%s); reads of them will go to the source",
-            disk.external_url,
-            e,
-        )
-
-
-def domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
-    return virt.DomainSpec(
-        name=vm.name,
-        uuid=vm.id,
-        vm_id=vm.id,
-        engine_id=ctx.engine_id,
-        memory_mib=vm.memory_mib,
-        cpus=vm.cpus,
-        domain_type=vm.domain_type,
-        console_log=vm.console_log,
-        disks=[
-            virt.DiskDevice(
-                d.target,
-                d.volume_path,
-                d.volume_format,
-                external=d.external_url is not None,
-                copy_on_read=d.external_url is not None and ctx.settings.copy_on_read,
-            )
-            for d in vm.disks
-        ],
-    )
 
 
 # -- start / stop ------------------------------------------------------------
 
 
 def _ready(s: Session, ref: str) -> Vm:
-    vm = find(s, ref)
+    vm = machines.find(s, ref)
     if vm.phase != "ready":
         raise Conflict(f"VM {vm.name!r} is {vm.phase}")
     return vm
@@ -468,7 +385,7 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
         if host is not None:
             _move(ctx, vm_id, host)
         with ctx.db.session() as s:
-            host_virt = _virt(ctx, find(s, vm_id))
+            host_virt = machines.virt_of(ctx, machines.find(s, vm_id))
         state = host_virt.state(name)
         if state == "running":
             raise Conflict(f"VM {name!r} is running already")
@@ -480,13 +397,13 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
             raise BackendError(
                 f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
             )
-        ensure_bridges(ctx, vm_id)
+        machines.ensure_bridges(ctx, vm_id)
         crash_point("start-bridges")
         began = time.monotonic()
         host_virt.start(name)
         took = time.monotonic() - began
         with ctx.db.session() as s:
-            vm = find(s, vm_id)
+            vm = machines.find(s, vm_id)
             vm.last_start_seconds = round(took, 3)
             started = to_model(ctx, vm)
         ctx.events.vm_changed(vm_id, name)
@@ -497,19 +414,20 @@ def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
     """Define a stopped VM on another host (that reaches its storage and has the
     memory), and undefine it where it was."""
     with ctx.db.session() as s:
-        vm = find(s, vm_id)
+        vm = machines.find(s, vm_id)
         target = hosts.choose(ctx, s, [d.storage_domain for d in vm.disks], vm.memory_mib, host_ref)
         if target.id == vm.host_id:
             return
+        local = machines.is_local(vm)
         if any(bridges.bridged(d.external_url) for d in vm.disks) and (
-            _local(vm) or target.id == LOCAL_HOST_ID
+            local or target.id == LOCAL_HOST_ID
         ):
             raise Conflict(
                 f"{vm.name} reads its external NBD disks "
-                f"{'through this machine' if _local(vm) else 'directly'}: it cannot move to "
+                f"{'through this machine' if local else 'directly'}: it cannot move to "
                 f"{target.name} before it is imported"
             )
-        old = _virt(ctx, vm)
+        old = machines.virt_of(ctx, vm)
         name = vm.name
         if old.state(name) not in ("stopped", "missing"):
             raise Conflict(f"VM {name!r} is running on {vm.host.name}: stop it first to move it")
@@ -519,7 +437,7 @@ def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
         vm.host_id = target.id
         vm.domain_type = ctx.domain_type_on(new)
         s.flush()
-        new.define(virt.domain_xml(domain_spec(ctx, vm)))
+        new.define(virt.domain_xml(machines.domain_spec(ctx, vm)))
     dom = old.lookup(name)
     if dom is not None and old.owner(dom) == (ctx.engine_id, vm_id):
         old.undefine(name)
@@ -529,7 +447,7 @@ def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
-        host_virt = _virt(ctx, vm)
+        host_virt = machines.virt_of(ctx, vm)
     with ctx.vm_busy(vm_id, "stop"):
         if host_virt.state(name) not in ("stopped", "missing"):
             host_virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
@@ -542,21 +460,21 @@ def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
 def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
     """Remove a VM and every volume thinair made for it (temporary or imported)."""
     with ctx.db.session() as s:
-        vm = find(s, ref)
+        vm = machines.find(s, ref)
         vm_id, name = vm.id, vm.name
-        host_virt = _virt(ctx, vm)
+        host_virt = machines.virt_of(ctx, vm)
     if not force and host_virt.state(name) not in ("stopped", "missing"):
         raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "remove"):
-        _destroy(ctx, vm_id)
+        machines.destroy(ctx, vm_id)
 
 
 def rollback(ctx: EngineContext, ref: str) -> None:
     """Stop the VM and discard its temporary disks and the blank disks made with
     it; the external disks were never written, so nothing else changes."""
     with ctx.db.session() as s:
-        vm = find(s, ref)
+        vm = machines.find(s, ref)
         vm_id, name = vm.id, vm.name
         imported = [d.target for d in vm.disks if not d.external_url and not d.blank]
     if imported:
@@ -566,64 +484,10 @@ def rollback(ctx: EngineContext, ref: str) -> None:
         )
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "rollback"):
-        _destroy(ctx, vm_id)
+        machines.destroy(ctx, vm_id)
 
 
 def _cancel_jobs(ctx: EngineContext, vm_id: str) -> None:
     """An import in progress is cancelled (the VM goes back to its temporary
     disks) before the VM is rolled back or removed."""
     ctx.jobs.cancel_and_wait(vm_id)
-
-
-def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) -> None:
-    """Mark the VM removing, then undefine its domain, delete its volumes and its
-    logs (console; virt-v2v's unless kept, as when a conversion failed), and last
-    its record. Idempotent: the reconciler calls it again for a VM left in phase
-    removing, creating or converting."""
-    with ctx.db.session() as s:
-        vm = s.get(Vm, vm_id)
-        if vm is None:
-            return
-        if vm.phase not in ("creating", "converting"):
-            vm.phase = "removing"
-        name = vm.name
-        paths = [d.volume_path for d in vm.disks] + [vm.console_log]
-        conversion_log = convert.log_path(ctx, name)
-        paths.append(str(v2v.xml_path(conversion_log)))
-        if not keep_conversion_log:
-            paths.append(str(conversion_log))
-        disk_urls = [(d.id, d.external_url) for d in vm.disks]
-        host_virt = _virt(ctx, vm)
-    dom = host_virt.lookup(name)
-    if dom is not None and host_virt.owner(dom) == (ctx.engine_id, vm_id):
-        host_virt.undefine(name)
-    crash_point("destroy-undefined")
-    for disk_id, url in disk_urls:
-        bridges.stop(ctx, disk_id, url)
-        import_state.discard(ctx, disk_id)  # a partial copy an import left
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            if path:
-                os.unlink(path)
-    with ctx.db.session() as s:
-        vm = s.get(Vm, vm_id)
-        if vm is not None:
-            s.delete(vm)
-    ctx.events.vm_changed(vm_id, name)
-
-
-def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:
-    """(Re)start the bridges the VM's external NBD disks are read through."""
-    with ctx.db.session() as s:
-        vm = find(s, vm_id)
-        wanted = [(d.id, d.external_url, d.external_format) for d in vm.disks] if _local(vm) else []
-    for disk_id, url, fmt in wanted:
-        if url and bridges.bridged(url, fmt):
-            bridges.ensure(ctx, disk_id, url, fmt)
-
-
-def redefine(ctx: EngineContext, vm_id: str) -> None:
-    """Define a ready VM's domain again from its record (libvirt lost it)."""
-    with ctx.db.session() as s:
-        vm = find(s, vm_id)
-        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
