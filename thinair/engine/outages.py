@@ -33,6 +33,7 @@ from thinair.engine.context import EngineContext
 from thinair.engine.probe import probe
 from thinair.errors import BackendError, ThinairError
 from thinair.external import DiskSpec
+from thinair.states import VmPhase
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class OutageWatcher:
             vms = list(
                 s.scalars(
                     select(Vm)
-                    .where(Vm.phase == "ready")
+                    .where(Vm.phase == VmPhase.READY)
                     .options(selectinload(Vm.disks).selectinload(Disk.storage_domain))
                 )
             )

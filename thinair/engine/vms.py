@@ -27,6 +27,7 @@ from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
 from thinair.external import DiskSpec, validate_format
+from thinair.states import DOMAIN_DOWN, DomainState, VmPhase, VmState, move, require_phase
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,12 @@ def disk_model(disk: Disk) -> models.Disk:
 
 
 def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
-    if vm.phase in ("creating", "converting"):
+    if vm.phase in (VmPhase.CREATING, VmPhase.CONVERTING):
         state = vm.phase
     elif state is None:
         state = machines.virt_of(ctx, vm).state(vm.name)
     pause_reason = None
-    if state == "paused":
+    if state == DomainState.PAUSED:
         pause_reason = ctx.outages.reason(vm.id) if ctx.outages else None
         if pause_reason is None:
             try:
@@ -71,7 +72,7 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
     return models.Vm(
         id=vm.id,
         name=vm.name,
-        state=state,
+        state=VmState(state),
         phase=vm.phase,
         memory_mib=vm.memory_mib,
         cpus=vm.cpus,
@@ -96,7 +97,7 @@ def list_all(ctx: EngineContext) -> list[models.Vm]:
                 )
             )
         )
-        states: dict[str, dict[str, str]] = {}  # one libvirt call per host
+        states: dict[str, dict[str, DomainState]] = {}  # one libvirt call per host
         for host_id in {vm.host_id for vm in vms}:
             try:
                 states[host_id] = ctx.host_virt(host_id).states()
@@ -107,7 +108,10 @@ def list_all(ctx: EngineContext) -> list[models.Vm]:
                 ctx,
                 vm,
                 states[vm.host_id].get(
-                    vm.name, "missing" if states[vm.host_id] or machines.is_local(vm) else "unknown"
+                    vm.name,
+                    DomainState.MISSING
+                    if states[vm.host_id] or machines.is_local(vm)
+                    else DomainState.UNKNOWN,
                 ),
             )
             for vm in vms
@@ -273,7 +277,7 @@ def _create(
             name=req.name,
             memory_mib=req.memory_mib,
             cpus=req.cpus,
-            phase="creating",
+            phase=VmPhase.CREATING,
             domain_type=ctx.domain_type_on(ctx.host_virt(host_id)),
             console_log="",
             host_id=host_id,
@@ -306,7 +310,7 @@ def _create(
         with ctx.db.session() as s:
             vm = machines.find(s, vm_id)
             # A VM to convert is not ready before virt-v2v has run over its overlays.
-            vm.phase = "converting" if req.convert else "ready"
+            vm.phase = move(vm.phase, VmPhase.CONVERTING if req.convert else VmPhase.READY)
             created = to_model(ctx, vm)
         ctx.events.vm_changed(created.id, created.name)
         return created
@@ -365,8 +369,7 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
 
 def _ready(s: Session, ref: str) -> Vm:
     vm = machines.find(s, ref)
-    if vm.phase != "ready":
-        raise Conflict(f"VM {vm.name!r} is {vm.phase}")
+    require_phase(vm, VmPhase.READY)
     return vm
 
 
@@ -387,13 +390,13 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
         with ctx.db.session() as s:
             host_virt = machines.virt_of(ctx, machines.find(s, vm_id))
         state = host_virt.state(name)
-        if state == "running":
+        if state == DomainState.RUNNING:
             raise Conflict(f"VM {name!r} is running already")
-        if state == "paused":
+        if state == DomainState.PAUSED:
             # QEMU pauses a guest whose write met a full disk: go on once there is space.
             ctx.virt.resume(name)
             return get(ctx, vm_id)
-        if state == "missing":
+        if state == DomainState.MISSING:
             raise BackendError(
                 f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
             )
@@ -429,7 +432,7 @@ def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
             )
         old = machines.virt_of(ctx, vm)
         name = vm.name
-        if old.state(name) not in ("stopped", "missing"):
+        if old.state(name) not in DOMAIN_DOWN:
             raise Conflict(f"VM {name!r} is running on {vm.host.name}: stop it first to move it")
         new = ctx.host_virt(target.id)
         if new.lookup(name) is not None:
@@ -449,7 +452,7 @@ def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
         vm_id, name = vm.id, vm.name
         host_virt = machines.virt_of(ctx, vm)
     with ctx.vm_busy(vm_id, "stop"):
-        if host_virt.state(name) not in ("stopped", "missing"):
+        if host_virt.state(name) not in DOMAIN_DOWN:
             host_virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
     return get(ctx, vm_id)
 
@@ -463,7 +466,7 @@ def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
         vm = machines.find(s, ref)
         vm_id, name = vm.id, vm.name
         host_virt = machines.virt_of(ctx, vm)
-    if not force and host_virt.state(name) not in ("stopped", "missing"):
+    if not force and host_virt.state(name) not in DOMAIN_DOWN:
         raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "remove"):
