@@ -9,6 +9,7 @@ its objects are in (``thinair.VmPhase.READY``, ``thinair.JobState.CANCELLED``, .
 
 from thinair.client import Client, Job, ThinairAPIError, Vm
 from thinair.states import DomainState, ExportPhase, JobState, VmPhase, VmState
+from thinair.version import __version__
 
 __all__ = [
     "Client",
@@ -20,5 +21,5 @@ __all__ = [
     "Vm",
     "VmPhase",
     "VmState",
+    "__version__",
 ]
-__version__ = "0.1.0"

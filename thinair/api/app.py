@@ -19,7 +19,6 @@ from sqlalchemy.engine import make_url
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-import thinair
 from thinair import models, web
 from thinair.api import audit, auth, console, hosts, metrics, security, tokens
 from thinair.api.deps import ERRORS, AuthError, Ctx, authenticated, install_error_handlers
@@ -30,6 +29,7 @@ from thinair.engine.build import build
 from thinair.engine.jobs import JobRunner
 from thinair.engine.outages import OutageWatcher
 from thinair.errors import NotFound
+from thinair.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="thinair",
-        version=thinair.__version__,
+        version=__version__,
         description="Run virtual machines out of thin air.",
         openapi_url="/api/v1/openapi.json",
         docs_url="/api/v1/docs",
@@ -330,9 +330,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERRORS,
     )
     def health() -> models.Health:
-        return models.Health(
-            status="ok", version=thinair.__version__, libvirt_uri=settings.libvirt_uri
-        )
+        return models.Health(status="ok", version=__version__, libvirt_uri=settings.libvirt_uri)
 
     install_error_handlers(app)
 

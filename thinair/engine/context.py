@@ -39,6 +39,11 @@ class EngineContext:
         self._busy: dict[str, str] = {}
         self._busy_lock = threading.Lock()
         self._engine_id: str | None = None
+        # Exports (engine/exports): one create or remove at a time, since names and
+        # ports are chosen under it; and the VMs held busy by exports of their
+        # disks, by export id.
+        self.exports_lock = threading.Lock()
+        self.exports_held: dict[str, ExitStack] = {}
         self.jobs = JobRunner(self, poll_interval)  # runs nothing until started
         self.outages: OutageWatcher | None = None  # set by the service that watches
 

@@ -20,6 +20,7 @@ from thinair import models
 from thinair.adapters.virt import Virt
 from thinair.db import refs
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Host, StorageDomain, Vm
+from thinair.engine import storage
 from thinair.engine.context import EngineContext
 from thinair.errors import BackendError, Conflict, InvalidInput
 
@@ -43,8 +44,6 @@ def check_uri(ctx: EngineContext, uri: str) -> None:
     if parts.scheme == "test" and uri != "test:///default":
         if parts.netloc or parts.query:
             raise InvalidInput(f"{uri!r}: the test driver takes test:///default or test:///FILE")
-        from thinair.engine import storage  # storage imports this module
-
         storage.check_image_root(ctx, parts.path, "test driver file")
     for key in parse_qs(parts.query, keep_blank_values=True):
         if key not in URI_PARAMS:
