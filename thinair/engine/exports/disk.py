@@ -16,6 +16,7 @@ from thinair.db.models import Export, Vm
 from thinair.engine import machines, storage
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, NotFound
+from thinair.states import DOMAIN_LIVE, DomainState, VmPhase, require_phase
 
 log = logging.getLogger("thinair.engine.exports")
 
@@ -32,14 +33,13 @@ def vm_disk(
         disk = next((d for d in vm.disks if d.target == target), None)
         if disk is None:
             raise NotFound(f"VM {vm.name!r} has no disk {target!r}")
-        vm_id, name, phase = vm.id, vm.name, vm.phase
+        vm_id, name = vm.id, vm.name
         volume, fmt, size = disk.volume_path, disk.volume_format, disk.virtual_size
         # The guest's writes go to a new overlay beside the volume meanwhile.
         storage.check_space(ctx, disk.storage_domain)
-    if phase != "ready":
-        raise Conflict(f"VM {name!r} is {phase}")
+        require_phase(vm, VmPhase.READY)
     hold.enter_context(ctx.vm_busy(vm_id, f"an export of its disk {target}"))
-    if ctx.vm_virt(name).state(name) not in ("running", "paused"):
+    if ctx.vm_virt(name).state(name) not in DOMAIN_LIVE:
         raise Conflict(
             f"VM {name!r} is not running: nothing writes to {target}, expose its volume "
             f"{volume} itself"
@@ -70,10 +70,10 @@ def merge_back(ctx: EngineContext, e: Export) -> None:
     with ctx.db.session() as s:
         vm = s.get(Vm, e.vm_id)
         name = vm.name if vm is not None else None
-    if name is not None and ctx.vm_virt(name).state(name) != "missing":
+    if name is not None and ctx.vm_virt(name).state(name) != DomainState.MISSING:
         chain = ctx.vm_virt(name).disk_chain(name, e.disk)
         if chain and chain[0] == e.snapshot_path:
-            if ctx.vm_virt(name).state(name) in ("running", "paused"):
+            if ctx.vm_virt(name).state(name) in DOMAIN_LIVE:
                 snapshot.merge_back(ctx.vm_virt(name), name, e.disk, e.image)
             else:
                 snapshot.merge_back_offline(e.snapshot_path)
