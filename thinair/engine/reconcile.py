@@ -9,8 +9,8 @@
   with the record, so it could not run anyway).
 Only domains carrying this installation's id are touched, and only VMs no flow
 holds (another engine on the same database may be creating or removing one).
-Exports are reconciled too (see engine/exports.py): live servers adopted, dead
-ones started again, servers without a record stopped.
+Exports are reconciled too (see engine/exports/reconcile.py): live servers
+adopted, dead ones started again, servers without a record stopped.
 """
 
 from __future__ import annotations
