@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.exc import StatementError
 
+from tests.conftest import Engine
 from thinair import models, states
 from thinair.api.app import create_app
+from thinair.client import ThinairAPIError
 from thinair.config import Settings
 from thinair.db.models import Vm
 from thinair.db.session import Database
@@ -140,3 +143,27 @@ def test_the_columns_hold_the_enums(tmp_path: Path) -> None:
     with pytest.raises(StatementError, match="'bogus' is not a valid VmPhase"), db.session() as s:
         s.get_one(Vm, "vm").phase = "bogus"  # type: ignore[assignment]
     db.dispose()
+
+
+def test_every_flow_guards_with_the_same_words(
+    test_engine: Engine, storage_dir: Path, raw_image: Path
+) -> None:
+    """A VM that is not ready (here, converting) is refused by start, stop,
+    import and the export of its disk, each with the message users always saw."""
+    c = test_engine.client()
+    c.storage_domains.add("sd", str(storage_dir))
+    c.vms.create("st-guard", disks=[str(raw_image)], memory_mib=64)
+    db = Database(test_engine.settings.db_url)
+    with db.session() as s:
+        s.execute(update(Vm).where(Vm.name == "st-guard").values(phase=VmPhase.CONVERTING))
+    db.dispose()
+    assert c.vms.get("st-guard").phase is VmPhase.CONVERTING  # the SDK's enum
+    for action in (
+        lambda: c.vms.start("st-guard"),
+        lambda: c.vms.stop("st-guard"),
+        lambda: c.vms.import_("st-guard", to="sd"),
+        lambda: c.exports.create(vm="st-guard"),
+    ):
+        with pytest.raises(ThinairAPIError) as e:
+            action()
+        assert (e.value.code, e.value.message) == ("conflict", "VM 'st-guard' is converting")
