@@ -24,6 +24,7 @@ from thinair.config import Settings
 from thinair.db.models import LOCAL_HOST_ID, Host, Job, Vm
 from thinair.db.session import Database
 from thinair.engine.context import EngineContext
+from thinair.states import JobState
 
 TABLES = {
     "alembic_version",
@@ -160,7 +161,7 @@ def _add_jobs(db: Database, count: int, seconds: float) -> list[str]:
         return [j.id for j in jobs]
 
 
-def _wait_all_ended(db: Database, ids: list[str], timeout: float = 120) -> dict[str, str]:
+def _wait_all_ended(db: Database, ids: list[str], timeout: float = 120) -> dict[str, JobState]:
     deadline = time.monotonic() + timeout
     while True:
         with db.session() as s:

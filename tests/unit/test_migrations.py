@@ -83,7 +83,8 @@ def test_jobs_from_before_the_cancel_column(tmp_path: Path) -> None:
     with db.engine.connect() as conn:
         columns = {c["name"]: c for c in sa.inspect(conn).get_columns("jobs")}
         assert "cancel_requested" not in columns
-        assert columns["step"]["type"].length == 32
+        step_type = columns["step"]["type"]
+        assert isinstance(step_type, sa.String) and step_type.length == 32
         rows = conn.execute(sa.text("SELECT id, params, step FROM jobs ORDER BY id"))
         assert [tuple(r) for r in rows] == [
             ("asked", '{"disks": ["d"], "cancel": true}', long_step[:32]),
