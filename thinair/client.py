@@ -283,7 +283,7 @@ class Vms:
             if vms:
                 params["after"] = vms[-1].name
             page = [self._vm(x) for x in self._c.request("GET", "/vms", params=params)]
-            if vms and page and page[0].name <= vms[-1].name:
+            if vms and page and page[0].id == vms[0].id:
                 break  # an engine that does not page sent them all again
             vms += page
             if len(page) != page_size:  # the last page (or an engine that sends all)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -317,6 +318,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx.outages = OutageWatcher(ctx)
         ctx.outages.start()
         app.state.ctx = ctx
+        # What start-up made lives as long as the engine: out of the collector's
+        # way, a full collection walks only what requests make (a listing of
+        # 1,000 VMs had a 50 ms pause of it now and then).
+        gc.freeze()
         log.info(
             "engine ready at %s (libvirt %s, database %s)",
             settings.listen,
