@@ -29,7 +29,7 @@ from thinair.client import Client, ThinairAPIError
 from thinair.config import Settings
 from thinair.errors import InvalidInput, ThinairError
 from thinair.external import is_blank_option
-from thinair.states import JOB_ACTIVE
+from thinair.states import JOB_ACTIVE, VmState
 
 # Plain click help (rich_markup_mode=None): no boxes, no <bool> tags, "[default: 512]"
 # kept (Rich markup ate it), paragraphs re-wrapped to the terminal's width.
@@ -604,7 +604,7 @@ def _rollback_question(client: Client, name: str) -> str:
     job = _active_jobs(client).get(vm.id)
     lines = [
         f"Roll back {vm.name}: "
-        + ("stop it, " if vm.state == "running" else "")
+        + ("stop it, " if vm.state == VmState.RUNNING else "")
         + (f"cancel its {job.kind}, " if job else "")
         + "undefine its domain and delete:"
     ]
@@ -687,7 +687,7 @@ def _attach_console(client: Client, name: str) -> None:
     import shutil
 
     vm = client.vms.get(name)
-    if vm.state != "running":
+    if vm.state != VmState.RUNNING:
         raise InvalidInput(f"{vm.name} is {vm.state}: start it first (`thinair vm start {name}`)")
     uri = client.hosts.get(vm.host).libvirt_uri
     virsh = shutil.which("virsh")
