@@ -134,7 +134,7 @@ class JobRunner:
     def __init__(self, ctx: EngineContext, poll_interval: float = 5.0) -> None:
         self.ctx = ctx
         self.flows: dict[str, Flow] = {}
-        self.params: dict[str, type[JobParams]] = {}  # each flow's parameters' model
+        self.param_models: dict[str, type[JobParams]] = {}  # each flow's params
         self._threads: dict[str, threading.Thread] = {}
         self._changed = threading.Condition()
         # One check-then-insert at a time, so two requests at the same instant
@@ -150,11 +150,11 @@ class JobRunner:
         self, kind: str, flow: Callable[[EngineContext, JobHandle[P]], None], params: type[P]
     ) -> None:
         self.flows[kind] = flow
-        self.params[kind] = params
+        self.param_models[kind] = params
 
     def submit(self, kind: str, vm_id: str | None, params: JobParams) -> models.Job:
-        if not isinstance(params, self.params[kind]):
-            raise TypeError(f"a {kind} job takes {self.params[kind].__name__}")
+        if not isinstance(params, self.param_models[kind]):
+            raise TypeError(f"a {kind} job takes {self.param_models[kind].__name__}")
         job_id = new_id()
         if not self.ctx.db.locks.try_lock(_key(job_id)):  # pragma: no cover - a fresh uuid
             raise Conflict(f"job {job_id} is taken")
@@ -245,7 +245,7 @@ class JobRunner:
         self._notify(job_id)
         state, error = JobState.SUCCEEDED, None
         try:
-            handle = JobHandle(self, job_id, vm_id, self.params[kind].model_validate(stored))
+            handle = JobHandle(self, job_id, vm_id, self.param_models[kind].model_validate(stored))
             flow(self.ctx, handle)
         except JobCancelled:
             state = JobState.CANCELLED
@@ -278,14 +278,16 @@ class JobRunner:
     ) -> JobParams | None:
         """Write a step, progress, or some of the params' keys (merged into the
         stored ones, checked against the flow's model). Returns the params as
-        they are now, if any were given and the job is still there."""
+        they are now, if any were given and the job is still there. The running
+        flow is the params' only writer; a cancel goes to its own column, which
+        this UPDATE does not name, so neither can erase the other."""
         merged = None
         with self.ctx.db.session() as s:
             job = s.get(Job, job_id)
             if job is None:
                 return None
             if params is not None:
-                merged = self.params[job.kind].model_validate({**job.params, **params})
+                merged = self.param_models[job.kind].model_validate({**job.params, **params})
                 job.params = merged.model_dump(mode="json")
             if progress is not None:
                 job.progress = progress
