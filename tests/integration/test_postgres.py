@@ -19,6 +19,7 @@ from sqlalchemy import inspect, select
 
 from tests.conftest import ROOT, Engine
 from tests.unit import test_api
+from tests.unit.test_migrations import check_cancel_column
 from thinair.client import ThinairAPIError
 from thinair.config import Settings
 from thinair.db.models import LOCAL_HOST_ID, Host, Job, Vm
@@ -51,6 +52,10 @@ def test_migrations(pg_url: str) -> None:
     with db.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
     db.dispose()
+
+
+def test_migration_of_the_cancel_column(pg_url: str) -> None:
+    check_cancel_column(Database(pg_url))
 
 
 def test_engines_share_the_installation_id(pg_url: str, workdir: Path) -> None:
