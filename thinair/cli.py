@@ -29,6 +29,7 @@ from thinair.client import Client, ThinairAPIError
 from thinair.config import Settings
 from thinair.errors import InvalidInput, ThinairError
 from thinair.external import is_blank_option
+from thinair.states import JOB_ACTIVE, VmState
 
 # Plain click help (rich_markup_mode=None): no boxes, no <bool> tags, "[default: 512]"
 # kept (Rich markup ate it), paragraphs re-wrapped to the terminal's width.
@@ -408,8 +409,7 @@ def _where(d: Any, job: Any = None) -> str:
 
 
 def _active_jobs(client: Client) -> dict[str, Any]:
-    active = ("pending", "running")
-    return {j.vm_id: j for j in client.jobs.list() if j.vm_id and j.state in active}
+    return {j.vm_id: j for j in client.jobs.list() if j.vm_id and j.state in JOB_ACTIVE}
 
 
 def _render_vm(vm: Any, job: Any = None) -> None:
@@ -604,7 +604,7 @@ def _rollback_question(client: Client, name: str) -> str:
     job = _active_jobs(client).get(vm.id)
     lines = [
         f"Roll back {vm.name}: "
-        + ("stop it, " if vm.state == "running" else "")
+        + ("stop it, " if vm.state == VmState.RUNNING else "")
         + (f"cancel its {job.kind}, " if job else "")
         + "undefine its domain and delete:"
     ]
@@ -687,7 +687,7 @@ def _attach_console(client: Client, name: str) -> None:
     import shutil
 
     vm = client.vms.get(name)
-    if vm.state != "running":
+    if vm.state != VmState.RUNNING:
         raise InvalidInput(f"{vm.name} is {vm.state}: start it first (`thinair vm start {name}`)")
     uri = client.hosts.get(vm.host).libvirt_uri
     virsh = shutil.which("virsh")
@@ -990,9 +990,7 @@ def quick_import(
 
 
 def _took(j: Any) -> float:
-    end = j.finished_at or (
-        datetime.now(UTC) if j.state in ("pending", "running") else j.updated_at
-    )
+    end = j.finished_at or (datetime.now(UTC) if j.state in JOB_ACTIVE else j.updated_at)
     return float((end - j.created_at).total_seconds())
 
 

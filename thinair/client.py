@@ -24,6 +24,7 @@ from thinair import models
 from thinair.config import Settings
 from thinair.errors import ThinairError
 from thinair.external import is_blank_option, parse_blank_option, parse_disk_option
+from thinair.states import JOB_ACTIVE
 
 
 class ThinairAPIError(Exception):
@@ -463,7 +464,7 @@ class Jobs:
         while True:
             if progress is not None:
                 progress(job)
-            if job.state not in ("pending", "running"):
+            if job.state not in JOB_ACTIVE:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise ThinairAPIError(0, "timeout", f"job {job_id} still {job.state}")

@@ -15,6 +15,8 @@ from pydantic import (
     model_validator,
 )
 
+from thinair.states import ExportPhase, JobState, VmPhase, VmState
+
 # Names appear in paths, libvirt domain names and XML: keep them plain.
 Name = Annotated[
     str,
@@ -206,8 +208,11 @@ class VmStart(_Model):
 class Vm(_Model):
     id: str
     name: str
-    state: str = Field(description="from libvirt: running, stopped, paused, ... or missing")
-    phase: str = Field(description="creating, converting, ready or removing")
+    state: VmState = Field(
+        description="its domain's, from libvirt (running, stopped, paused, ..., missing, or "
+        "unknown when its host does not answer); creating or converting before it has one"
+    )
+    phase: VmPhase = Field(description="creating, converting, ready or removing")
     memory_mib: int
     cpus: int
     domain_type: str
@@ -266,9 +271,12 @@ class Job(_Model):
     id: str
     kind: str
     vm_id: str | None
-    state: str
+    state: JobState
     step: str
-    params: dict[str, Any]
+    params: dict[str, Any] = Field(description="the flow's parameters")
+    cancel_requested: bool = Field(
+        default=False, description="a cancel was asked for; the flow stops at its next step"
+    )
     progress: dict[str, Any]
     error: str | None
     created_at: Timestamp
@@ -378,7 +386,7 @@ class Export(_Model):
     vm_id: str | None = Field(description="the VM whose disk this is a snapshot of")
     disk: str | None
     state: Literal["running", "stopped"] = Field(description="is its server process alive")
-    phase: str = Field(description="creating, ready or removing")
+    phase: ExportPhase = Field(description="creating, ready or removing")
     pid: int | None
     clients: int | None = Field(description="connections open now (from /proc/net)")
     bytes_read: int | None = Field(

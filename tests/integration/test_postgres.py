@@ -19,11 +19,13 @@ from sqlalchemy import inspect, select
 
 from tests.conftest import ROOT, Engine
 from tests.unit import test_api
+from tests.unit.test_migrations import check_cancel_column
 from thinair.client import ThinairAPIError
 from thinair.config import Settings
 from thinair.db.models import LOCAL_HOST_ID, Host, Job, Vm
 from thinair.db.session import Database
 from thinair.engine.context import EngineContext
+from thinair.states import JobState
 
 TABLES = {
     "alembic_version",
@@ -48,8 +50,12 @@ def test_migrations(pg_url: str) -> None:
     with db.session() as s:
         assert s.get_one(Host, LOCAL_HOST_ID).name == "local"
     with db.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
     db.dispose()
+
+
+def test_migration_of_the_cancel_column(pg_url: str) -> None:
+    check_cancel_column(Database(pg_url))
 
 
 def test_engines_share_the_installation_id(pg_url: str, workdir: Path) -> None:
@@ -160,7 +166,7 @@ def _add_jobs(db: Database, count: int, seconds: float) -> list[str]:
         return [j.id for j in jobs]
 
 
-def _wait_all_ended(db: Database, ids: list[str], timeout: float = 120) -> dict[str, str]:
+def _wait_all_ended(db: Database, ids: list[str], timeout: float = 120) -> dict[str, JobState]:
     deadline = time.monotonic() + timeout
     while True:
         with db.session() as s:
@@ -250,3 +256,20 @@ def test_two_engines_on_one_libvirt(
     with db.session() as s:
         assert s.scalars(select(Vm)).all() == []
     db.dispose()
+
+
+def test_a_long_step_fits(pg_url: str, workdir: Path) -> None:
+    """convert writes `virt-v2v: STEP` with virt-v2v's own step names, longer than
+    32 characters: PostgreSQL (unlike SQLite) refuses a string over a column's length."""
+    ctx = EngineContext(Settings(home=workdir / "h", db=pg_url, libvirt_uri="test:///default"))
+    ctx.migrate()
+    with ctx.db.session() as s:
+        job = Job(kind="convert", vm_id=None, params={}, progress={})
+        s.add(job)
+        s.flush()
+        job_id = job.id
+    step = "virt-v2v: Inspecting the source virtual machine"
+    ctx.jobs.update(job_id, step=step)
+    with ctx.db.session() as s:
+        assert s.get_one(Job, job_id).step == step
+    ctx.close()

@@ -16,7 +16,12 @@ from pathlib import Path
 from thinair.config import Settings
 from thinair.engine.build import build
 from thinair.engine.context import EngineContext
+from thinair.engine.job_params import JobParams
 from thinair.engine.jobs import JobHandle
+
+
+class CountParams(JobParams):
+    seconds: float = 0.1
 
 
 def _write(log: Path, line: str) -> None:
@@ -33,15 +38,15 @@ def main() -> None:
     ctx = build(Settings(home=home, db=url, libvirt_uri="test:///default"), poll_interval=0.2)
     ctx.migrate()
 
-    def count(_ctx: EngineContext, job: JobHandle) -> None:
+    def count(_ctx: EngineContext, job: JobHandle[CountParams]) -> None:
         _write(log, f"start {job.id} {os.getpid()}")
-        time.sleep(float(job.params.get("seconds", 0.1)))
+        time.sleep(job.params.seconds)
         while hold.exists():
             time.sleep(0.05)
         _write(log, f"end {job.id} {os.getpid()}")
 
     runner = ctx.jobs
-    runner.flows["count"] = count
+    runner.register("count", count, CountParams)
     ready = Path(f"{home}.ready")
     ready.write_text("")
     go = Path(f"{log}.go")

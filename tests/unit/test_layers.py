@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "thinair.version",
             "thinair.errors",
             "thinair.config",
-            "thinair.states",  # typed states (issue 16): may not exist yet
+            "thinair.states",
             "thinair.models",
             "thinair.external",
         ),
@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "thinair.engine",
             "thinair.engine.context",
             "thinair.engine.jobs",
+            "thinair.engine.job_params",
             "thinair.engine.events",
             "thinair.engine.faults",
             "thinair.engine.import_state",

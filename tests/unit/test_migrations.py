@@ -4,6 +4,7 @@ blank (they all came from external disks)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -55,4 +56,52 @@ def test_disks_from_before_blank_disks(tmp_path: Path) -> None:
     _run(db, "downgrade", "0002")
     with db.engine.connect() as conn:
         assert "blank" not in [c["name"] for c in sa.inspect(conn).get_columns("disks")]
+    db.dispose()
+
+
+def test_jobs_from_before_the_cancel_column(tmp_path: Path) -> None:
+    check_cancel_column(Database(f"sqlite:///{tmp_path / 'jobs.db'}"))
+
+
+def _jobs(conn: sa.Connection, columns: str) -> list[tuple[object, ...]]:
+    """The jobs' rows, JSON read as JSON (SQLite gives text, PostgreSQL values)."""
+    rows = conn.execute(sa.text(f"SELECT id, {columns} FROM jobs ORDER BY id"))
+    return [
+        tuple(json.loads(v) if isinstance(v, str) and v[:1] == "{" else v for v in r) for r in rows
+    ]
+
+
+def check_cancel_column(db: Database) -> None:
+    """0007: a cancel asked for in the params moves to its own column, and a step
+    may be longer than 32 characters; the downgrade puts both back as they were.
+    (Also run on PostgreSQL by tests/integration/test_postgres.py.)"""
+    _run(db, "upgrade", "0006")
+    with db.engine.begin() as conn:
+        for job_id, params in (("asked", '{"disks": ["d"], "cancel": true}'), ("not", "{}")):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, kind, state, step, params, progress, created_at, "
+                    "updated_at) VALUES (:id, 'import', 'running', 'copy', :params, '{}', "
+                    "'2026-01-01', '2026-01-01')"
+                ),
+                {"id": job_id, "params": params},
+            )
+    db.upgrade()
+    long_step = "virt-v2v: Inspecting the source virtual machine"
+    with db.engine.begin() as conn:
+        assert _jobs(conn, "params, cancel_requested") == [
+            ("asked", {"disks": ["d"]}, True),
+            ("not", {}, False),
+        ]
+        conn.execute(sa.text("UPDATE jobs SET step = :step"), {"step": long_step})
+    _run(db, "downgrade", "0006")
+    with db.engine.connect() as conn:
+        columns = {c["name"]: c for c in sa.inspect(conn).get_columns("jobs")}
+        assert "cancel_requested" not in columns
+        step_type = columns["step"]["type"]
+        assert isinstance(step_type, sa.String) and step_type.length == 32
+        assert _jobs(conn, "params, step") == [
+            ("asked", {"disks": ["d"], "cancel": True}, long_step[:32]),
+            ("not", {}, long_step[:32]),
+        ]
     db.dispose()

@@ -25,6 +25,7 @@ import libvirt
 
 from thinair.adapters.errors import AdapterError
 from thinair.errors import BackendError
+from thinair.states import DomainState
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,14 @@ _JOB_STATUS = {
 
 # Domain lifecycle events (LIFECYCLE) as the state the domain is in afterwards.
 _LIFECYCLE_STATE = {
-    libvirt.VIR_DOMAIN_EVENT_STARTED: "running",
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "paused",
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: "running",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
-    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "stopping",
-    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "suspended",
-    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "missing",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: DomainState.STOPPED,
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: DomainState.STOPPING,
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: DomainState.SUSPENDED,
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: DomainState.CRASHED,
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: DomainState.MISSING,
 }
 
 # Called with (domain UUID, domain name, state) from libvirt's event thread.
@@ -470,25 +471,28 @@ class Virt:
         with calling("virDomainDefineXML", "libvirt refused the domain"):
             self.conn.defineXML(xml)
 
-    def state(self, name: str) -> str:
+    def state(self, name: str) -> DomainState:
         dom = self.lookup(name)
         if dom is None:
-            return "missing"
+            return DomainState.MISSING
         with calling("virDomainGetState"):
             state = dom.state()[0]
-        return _STATES.get(state, "unknown")
+        return _STATES.get(state, DomainState.UNKNOWN)
 
-    def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, DomainState]:
         """Every domain's state by name, in one call (for listings)."""
         with calling("virConnectGetAllDomainStats"):
             try:
                 stats = self.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
             except libvirt.libvirtError:  # drivers without bulk stats (the test driver)
                 return {
-                    d.name(): _STATES.get(d.state()[0], "unknown")
+                    d.name(): _STATES.get(d.state()[0], DomainState.UNKNOWN)
                     for d in self.conn.listAllDomains()
                 }
-        return {dom.name(): _STATES.get(st.get("state.state", 0), "unknown") for dom, st in stats}
+        return {
+            dom.name(): _STATES.get(st.get("state.state", 0), DomainState.UNKNOWN)
+            for dom, st in stats
+        }
 
     def start(self, name: str) -> None:
         dom = self._get(name)
@@ -732,12 +736,12 @@ _PAUSE_REASONS = {
 }
 
 _STATES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "stopping",
-    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_NOSTATE: DomainState.UNKNOWN,
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.STOPPING,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.STOPPED,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.SUSPENDED,
 }

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, overload
+from enum import StrEnum
+from typing import Any, TypeVar, overload
 
 from sqlalchemy import (
     JSON,
@@ -20,7 +21,13 @@ from sqlalchemy import (
     false,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from thinair.states import ExportPhase, JobState, VmPhase
+
+E = TypeVar("E", bound=StrEnum)
 
 
 def new_id() -> str:
@@ -42,6 +49,24 @@ def aware(dt: datetime | None) -> datetime | None:
 
 class Base(DeclarativeBase):
     pass
+
+
+class Enumerated(TypeDecorator[E]):
+    """A StrEnum in a plain string column: the column holds the value (the string
+    it always held), a read gives the enum, and a write of anything else fails."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 # The host the engine runs next to, there from the start: its libvirt URI is the
@@ -96,9 +121,10 @@ class Vm(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     memory_mib: Mapped[int] = mapped_column(Integer)
     cpus: Mapped[int] = mapped_column(Integer)
-    # creating -> ready -> removing; a crash leaves the phase that tells the
-    # reconciler what to finish or undo.
-    phase: Mapped[str] = mapped_column(String(16), default="creating")
+    # creating -> ready -> removing, or creating -> converting (virt-v2v runs over
+    # its overlays in a convert job) -> ready -> removing; a crash leaves the phase
+    # that tells the reconciler what to finish or undo (states.TRANSITIONS).
+    phase: Mapped[VmPhase] = mapped_column(Enumerated(VmPhase, 16), default=VmPhase.CREATING)
     domain_type: Mapped[str] = mapped_column(String(8))
     console_log: Mapped[str] = mapped_column(Text)
     last_start_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -151,10 +177,15 @@ class Job(Base):
     vm_id: Mapped[str | None] = mapped_column(
         ForeignKey("vms.id", ondelete="SET NULL"), nullable=True
     )
-    # pending -> running -> succeeded | failed | cancelled
-    state: Mapped[str] = mapped_column(String(16), default="pending")
-    step: Mapped[str] = mapped_column(String(32), default="")
+    # pending -> running -> succeeded | failed | cancelled (states.TRANSITIONS)
+    state: Mapped[JobState] = mapped_column(Enumerated(JobState, 16), default=JobState.PENDING)
+    step: Mapped[str] = mapped_column(Text, default="")
+    # The flow's typed parameters (engine/job_params.py), as JSON; an update
+    # merges keys into them.
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Asked for by a user (or a rollback) while the job runs; the flow looks at it
+    # between steps. A column of its own: no update of the params can erase it.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -207,7 +238,9 @@ class Export(Base):
     disk: Mapped[str | None] = mapped_column(String(8), nullable=True)
     snapshot_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     # creating -> ready -> removing, as for VMs: what the reconciler finishes or undoes.
-    phase: Mapped[str] = mapped_column(String(16), default="creating")
+    phase: Mapped[ExportPhase] = mapped_column(
+        Enumerated(ExportPhase, 16), default=ExportPhase.CREATING
+    )
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Why the server could not be started again after an engine restart.
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

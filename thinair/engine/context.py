@@ -19,6 +19,7 @@ from thinair.db.session import Database
 from thinair.engine.events import EventHub
 from thinair.engine.jobs import JobRunner
 from thinair.errors import Conflict
+from thinair.states import DomainState
 
 if TYPE_CHECKING:
     from thinair.engine.outages import OutageWatcher
@@ -55,7 +56,7 @@ class EngineContext:
             if vm is None or vm.name != name:
                 return
         self.events.vm_changed(dom_uuid, name, state)
-        if state == "paused" and self.outages is not None:
+        if state == DomainState.PAUSED and self.outages is not None:
             self.outages.wake()  # an I/O error? it tells why, and resumes when it can
 
     def migrate(self) -> None:

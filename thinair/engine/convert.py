@@ -20,8 +20,10 @@ from thinair.db.models import Job, Vm
 from thinair.engine import machines
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
+from thinair.engine.job_params import ConvertParams
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, InvalidInput
+from thinair.states import JOB_ACTIVE, VmPhase, move, require_phase
 
 KIND = "convert"
 
@@ -35,16 +37,21 @@ def check_available(ctx: EngineContext) -> None:
 
 
 def submit(ctx: EngineContext, vm_id: str) -> None:
-    ctx.jobs.submit(KIND, vm_id, {})
+    ctx.jobs.submit(KIND, vm_id, ConvertParams())
 
 
-def run(ctx: EngineContext, job: JobHandle) -> None:
+def run(ctx: EngineContext, job: JobHandle[ConvertParams]) -> None:
     assert job.vm_id is not None
     vm_id = job.vm_id
     with ctx.db.session() as s:
         vm = s.get(Vm, vm_id)
-        if vm is None or vm.phase != "converting":
-            raise BackendError("the VM to convert is gone (rolled back or removed)")
+        require_phase(
+            vm,
+            VmPhase.CONVERTING,
+            error=BackendError,
+            message="the VM to convert is gone (rolled back or removed)",
+        )
+        assert vm is not None
         name = vm.name
     began = time.monotonic()
     path = machines.conversion_log(ctx, name)
@@ -52,7 +59,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
         with ctx.vm_busy(vm_id, "conversion"):
             with ctx.db.session() as s:
                 vm = machines.find(s, vm_id)
-                if job.params.get("began"):
+                if job.params.began:
                     # An engine died mid-conversion: start again from the source.
                     job.update(step="new temporary disks")
                     v2v.stop_leftover(path)
@@ -60,7 +67,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                         machines.create_overlay(ctx, disk)
                 disks = [v2v.Disk(d.volume_path, d.volume_format) for d in vm.disks]
                 memory_mib, cpus = vm.memory_mib, vm.cpus
-            job.update(step="converting", params={**job.params, "began": True, "log": str(path)})
+            job.update(step="converting", params={"began": True, "log": str(path)})
             last_check = 0.0
 
             def should_stop() -> bool:
@@ -90,7 +97,8 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 should_stop=should_stop,
             )
             with ctx.db.session() as s:
-                machines.find(s, vm_id).phase = "ready"
+                vm = machines.find(s, vm_id)
+                vm.phase = move(vm.phase, VmPhase.READY)
         job.update(step="converted", progress={"elapsed": round(time.monotonic() - began, 1)})
     except v2v.ConversionFailed as e:
         machines.destroy(ctx, vm_id, keep_conversion_log=True)
@@ -117,14 +125,10 @@ def orphans(ctx: EngineContext) -> list[str]:
     """VMs left converting with no job to convert them (the engine died between
     the create and the job's submission)."""
     with ctx.db.session() as s:
-        converting = set(s.scalars(select(Vm.id).where(Vm.phase == "converting")))
-        jobs = set(
-            s.scalars(
-                select(Job.vm_id).where(Job.kind == KIND, Job.state.in_(("pending", "running")))
-            )
-        )
+        converting = set(s.scalars(select(Vm.id).where(Vm.phase == VmPhase.CONVERTING)))
+        jobs = set(s.scalars(select(Job.vm_id).where(Job.kind == KIND, Job.state.in_(JOB_ACTIVE))))
     return sorted(converting - jobs)
 
 
 def register(runner: JobRunner) -> None:
-    runner.flows[KIND] = run
+    runner.register(KIND, run, ConvertParams)

@@ -57,16 +57,17 @@ from thinair.engine import bridges, exports, import_state, machines, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.import_state import DiskImport
+from thinair.engine.job_params import ImportParams, Strategy
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
 from thinair.errors import BackendError, Conflict, InvalidInput, StorageError
 from thinair.external import parse_url
+from thinair.states import DOMAIN_LIVE, DomainState, VmPhase, require_phase
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5
 # Seconds an import waits for a restarting libvirtd before it gives up.
 LIBVIRT_RESTART_WAIT = 120.0
-ACTIVE_STATES = ("running", "paused")
 
 
 # -- starting ------------------------------------------------------------------
@@ -84,8 +85,7 @@ def start(
     copied to the target domain."""
     with ctx.db.session() as s:
         vm = machines.find(s, ref)
-        if vm.phase != "ready":
-            raise Conflict(f"VM {vm.name!r} is {vm.phase}")
+        require_phase(vm, VmPhase.READY)
         target_sd = storage.find(s, req.to)
         disks = [d for d in vm.disks if only_disk in (None, d.id, d.target)]
         if only_disk is not None and not disks:
@@ -105,19 +105,18 @@ def start(
                 )
         plan = {d.id: _method(d, req.strategy) for d in chosen}
         storage.check_space(ctx, target_sd, sum(_needed_bytes(d) for d in chosen))
-        params: dict[str, Any] = {
-            "to": target_sd.id,
-            "bandwidth": int(req.bandwidth_mib * 2**20) if req.bandwidth_mib else None,
-            "strategies": plan,
-            "verify": req.verify,
-            "disks": [d.id for d in chosen],
-            "old": {},
-        }
+        params = ImportParams(
+            to=target_sd.id,
+            bandwidth=int(req.bandwidth_mib * 2**20) if req.bandwidth_mib else None,
+            strategies=plan,
+            verify=req.verify,
+            disks=[d.id for d in chosen],
+        )
         vm_id = vm.id
     return runner.submit("import", vm_id, params)
 
 
-def _method(disk: Disk, asked: str | None) -> str:
+def _method(disk: Disk, asked: str | None) -> Strategy:
     """bulk for an external disk unless mirror is asked for; mirror for a local one."""
     if disk.external_url is None or asked == "mirror":
         return "mirror"
@@ -136,7 +135,7 @@ def _needed_bytes(disk: Disk) -> int:
 # -- running -------------------------------------------------------------------
 
 
-def run(ctx: EngineContext, job: JobHandle) -> None:
+def run(ctx: EngineContext, job: JobHandle[ImportParams]) -> None:
     assert job.vm_id is not None
     with ctx.vm_busy(job.vm_id, "import"):
         with ctx.db.session() as s:
@@ -150,7 +149,7 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
         progress = _Progress(job)
         sources: set[str] = set()  # what the disks read from before the import
         with ctx.db.session() as s:
-            for disk_id in job.params["disks"]:
+            for disk_id in job.params.disks:
                 disk = s.get(Disk, disk_id)
                 if disk is None:
                     raise Conflict("the disk was removed")
@@ -158,19 +157,24 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 if disk.external_url:
                     sources.add(disk.external_url)
         machines.ensure_bridges(ctx, job.vm_id)  # the VM reads through them until the switch
-        for disk_id in job.params["disks"]:
+        for disk_id in job.params.disks:
             job.check_cancel()
             _import_disk(ctx, job, name, virt_, disk_id, progress)
         exports.release(ctx, sources)  # one of thinair's own exports, if nothing else reads it
         job.update(step="done", progress=progress.snapshot(final=True))
 
 
-def _done(disk: Disk, job: JobHandle) -> bool:
-    return disk.external_url is None and disk.storage_domain_id == job.params["to"]
+def _done(disk: Disk, job: JobHandle[ImportParams]) -> bool:
+    return disk.external_url is None and disk.storage_domain_id == job.params.to
 
 
 def _import_disk(
-    ctx: EngineContext, job: JobHandle, name: str, virt_: Virt, disk_id: str, progress: _Progress
+    ctx: EngineContext,
+    job: JobHandle[ImportParams],
+    name: str,
+    virt_: Virt,
+    disk_id: str,
+    progress: _Progress,
 ) -> None:
     with ctx.db.session() as s:
         disk = s.get(Disk, disk_id)
@@ -179,9 +183,9 @@ def _import_disk(
             _cleanup(ctx, job, disk_id)
             return
         target, source = disk.target, disk.external_url
-        sd = s.get(StorageDomain, job.params["to"])
+        sd = s.get(StorageDomain, job.params.to)
         assert sd is not None
-        method = job.params["strategies"][disk_id]
+        method = job.params.strategies[disk_id]
         if method == "stream":  # a job submitted before stream was retired
             method = "bulk"
         state = _state(ctx, disk, sd, method)
@@ -195,7 +199,7 @@ def _import_disk(
             import_state.discard(ctx, disk_id)  # the partial copy goes
         raise
     except BackendError as e:
-        if full := _storage_problem(ctx, job.params["to"]):
+        if full := _storage_problem(ctx, job.params.to):
             if _phase(ctx, disk_id) not in import_state.COMMITTED:
                 import_state.discard(ctx, disk_id)
             raise StorageError(
@@ -203,7 +207,7 @@ def _import_disk(
                 "VM runs on its temporary disk. Free some space and run the import again"
             ) from e
         try:
-            running = virt_.state(name) in ACTIVE_STATES
+            running = virt_.state(name) in DOMAIN_LIVE
         except BackendError:
             running = False
         if running and source and (problem := _source_problem(ctx, source)):
@@ -274,7 +278,7 @@ def _source_problem(ctx: EngineContext, url: str) -> str | None:
 
 
 def _running(virt_: Virt, name: str) -> bool:
-    return virt_.state(name) in ACTIVE_STATES
+    return virt_.state(name) in DOMAIN_LIVE
 
 
 def _gone(virt_: Virt, name: str, wait: float = 5.0) -> bool:
@@ -303,7 +307,7 @@ STOPPED = (
 
 def _bulk(
     ctx: EngineContext,
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     name: str,
     virt_: Virt,
     disk_id: str,
@@ -373,7 +377,7 @@ def _copy_source(
 
 def _bulk_copy(
     ctx: EngineContext,
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     name: str,
     target: str,
     source: str,
@@ -397,7 +401,7 @@ def _bulk_copy(
             state.dest,
             str(import_state.digests_path(ctx, state.disk_id)),
             start=state.checkpoint,
-            bandwidth=job.params["bandwidth"],
+            bandwidth=job.params.bandwidth,
             on_progress=on_progress,
             on_checkpoint=on_checkpoint,
             should_stop=lambda: job.cancel_requested,
@@ -422,11 +426,16 @@ def _mismatch(ctx: EngineContext, target: str, state: DiskImport, where: int) ->
 
 
 def _verify(
-    ctx: EngineContext, job: JobHandle, name: str, target: str, source: str, state: DiskImport
+    ctx: EngineContext,
+    job: JobHandle[ImportParams],
+    name: str,
+    target: str,
+    source: str,
+    state: DiskImport,
 ) -> None:
     """The copier checked the copy against what it read; with verify=full it is
     also compared with the source, read again."""
-    if job.params.get("verify") == "full":
+    if job.params.verify == "full":
         job.update(step=f"verify {target}")
         where = qemu_img.first_difference(state.dest, source, "raw", "raw")
         if where is not None:
@@ -438,7 +447,7 @@ def _verify(
 
 def _live_copy(
     ctx: EngineContext,
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     name: str,
     virt_: Virt,
     target: str,
@@ -472,7 +481,7 @@ def _live_copy(
                 target,
                 state.dest,
                 state.dest_format,
-                bandwidth=job.params["bandwidth"],
+                bandwidth=job.params.bandwidth,
                 shallow=shallow,
                 reuse_external=shallow,
             )
@@ -488,7 +497,7 @@ def _live_copy(
 
 def _offline_merge(
     ctx: EngineContext,
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     virt_: Virt,
     target: str,
     overlay: str,
@@ -518,7 +527,7 @@ def _offline_merge(
 
 def _mirror(
     ctx: EngineContext,
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     name: str,
     virt_: Virt,
     disk_id: str,
@@ -544,7 +553,7 @@ def _mirror(
             state.dest,
             volume_format,
             state.dest_format,
-            bandwidth=job.params["bandwidth"],
+            bandwidth=job.params.bandwidth,
             on_progress=lambda f: progress.set_fraction(target, f),
             should_stop=lambda: job.cancel_requested,
         )
@@ -565,7 +574,12 @@ def _mirror(
 
 
 def _wait_ready(
-    job: JobHandle, name: str, virt_: Virt, target: str, dest: str, progress: _Progress
+    job: JobHandle[ImportParams],
+    name: str,
+    virt_: Virt,
+    target: str,
+    dest: str,
+    progress: _Progress,
 ) -> None:
     if virt_.mirror_ready(name, target):
         return
@@ -576,7 +590,7 @@ def _wait_ready(
 
 
 def _wait_job(
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     name: str,
     virt_: Virt,
     target: str,
@@ -660,7 +674,7 @@ def _abandon_mirror(virt_: Virt, name: str, target: str, dest: str, delete: bool
     disk. A bulk copy stays (it is still a copy of the source; the next merge
     writes every cluster of the temporary disk again)."""
     try:
-        if virt_.state(name) in ACTIVE_STATES:
+        if virt_.state(name) in DOMAIN_LIVE:
             if virt_.disk_chain(name, target)[0] == dest:
                 return  # it did switch: keep the destination
             if virt_.block_job(name, target) is not None:
@@ -680,7 +694,7 @@ def _abandon_mirror(virt_: Virt, name: str, target: str, dest: str, delete: bool
 
 def _switch(
     ctx: EngineContext,
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     name: str,
     virt_: Virt,
     target: str,
@@ -717,7 +731,7 @@ def _switch(
         crash_point("import-pivoted", name)
     finally:
         with contextlib.suppress(BackendError):
-            if virt_.state(name) == "paused":
+            if virt_.state(name) == DomainState.PAUSED:
                 virt_.resume(name)
     _commit(ctx, job, virt_, disk_id, state)
 
@@ -733,7 +747,7 @@ def _pivot(virt_: Virt, name: str, target: str, dest: str) -> None:
 
 def _finish_switch(
     ctx: EngineContext,
-    job: JobHandle,
+    job: JobHandle[ImportParams],
     name: str,
     virt_: Virt,
     target: str,
@@ -743,7 +757,7 @@ def _finish_switch(
 ) -> None:
     """An engine that died during the switch-over: the guest is still paused (we
     paused it), or QEMU is gone. Either way the destination is the disk."""
-    if virt_.state(name) in ACTIVE_STATES:
+    if virt_.state(name) in DOMAIN_LIVE:
         chain = virt_.disk_chain(name, target)
         if chain[0] != state.dest:
             if virt_.block_job(name, target) is None or not virt_.mirror_ready(name, target):
@@ -753,21 +767,21 @@ def _finish_switch(
                 state.phase = "mirror"
                 import_state.save(ctx, state)
                 with contextlib.suppress(BackendError):
-                    if virt_.state(name) == "paused":
+                    if virt_.state(name) == DomainState.PAUSED:
                         virt_.resume(name)
                 _live_copy(ctx, job, name, virt_, target, disk_id, state, progress, shallow=True)
                 return
             _pivot(virt_, name, target, state.dest)
         _commit(ctx, job, virt_, disk_id, state)
         with contextlib.suppress(BackendError):
-            if virt_.state(name) == "paused":
+            if virt_.state(name) == DomainState.PAUSED:
                 virt_.resume(name)
         return
     _commit(ctx, job, virt_, disk_id, state)
 
 
 def _commit(
-    ctx: EngineContext, job: JobHandle, virt_: Virt, disk_id: str, state: DiskImport
+    ctx: EngineContext, job: JobHandle[ImportParams], virt_: Virt, disk_id: str, state: DiskImport
 ) -> None:
     """Record the disk as local on the state's volume, remembering the old volume
     for cleanup, and give libvirt's persistent definition the new path."""
@@ -776,9 +790,7 @@ def _commit(
         disk = s.get(Disk, disk_id)
         assert disk is not None
         if disk.volume_path != new_path:
-            job.update(
-                params={**job.params, "old": {**job.params["old"], disk_id: disk.volume_path}}
-            )
+            job.update(params={"old": {**job.params.old, disk_id: disk.volume_path}})
             disk.volume_path = new_path
         disk.volume_format = state.dest_format
         disk.storage_domain_id = state.to
@@ -794,9 +806,9 @@ def _commit(
     ctx.events.vm_changed(vm_id, vm_name)
 
 
-def _cleanup(ctx: EngineContext, job: JobHandle, disk_id: str) -> None:
+def _cleanup(ctx: EngineContext, job: JobHandle[ImportParams], disk_id: str) -> None:
     """The disk is local on the target: delete the temporary disk and the record."""
-    old = job.params["old"].get(disk_id)
+    old = job.params.old.get(disk_id)
     if old:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old)
@@ -812,7 +824,7 @@ class _Progress:
     (the source's allocated data: holes are not counted, so the rate is that of
     bytes copied) or, for a whole-chain mirror, QEMU's."""
 
-    def __init__(self, job: JobHandle) -> None:
+    def __init__(self, job: JobHandle[ImportParams]) -> None:
         self.job = job
         self.disks: dict[str, dict[str, int]] = {}
         self.bulk: dict[str, int] = {}  # per disk, what the bulk copy moved
@@ -870,4 +882,4 @@ class _Progress:
 
 
 def register(runner: JobRunner) -> None:
-    runner.flows["import"] = run
+    runner.register("import", run, ImportParams)

@@ -3,7 +3,12 @@
 A job is written before it runs and updated at every step, so an engine that
 dies mid-job finds it on restart and runs it again: each flow's steps are
 idempotent and pick up from what libvirt and the storage hold. Cancellation is
-asked for in the record too, so it survives a restart as well.
+asked for in the record too (a column of its own, which no update of the
+params touches), so it survives a restart as well.
+
+Each flow has its parameters' model (engine/job_params.py): the flow sees them
+typed, and an update merges the keys it gives into the stored ones. A job's
+state moves only as states.TRANSITIONS allows.
 
 Several engines on one PostgreSQL database share the jobs: an engine runs a job
 only while it holds the job's advisory lock (db/locks.py), taken before the job
@@ -17,23 +22,26 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy import select
 
 from thinair import models
 from thinair.db import refs
 from thinair.db.models import Job, aware, new_id, utcnow
+from thinair.engine.job_params import JobParams
 from thinair.errors import Conflict, NotFound, ThinairError
+from thinair.states import JOB_ACTIVE, JobState, move
 
 if TYPE_CHECKING:
     from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("pending", "running")
+ACTIVE = JOB_ACTIVE
+P = TypeVar("P", bound=JobParams)
 # The job log keeps a sample of the bytes done at most this often, and at most
 # this many (then every other one goes: an hour-long copy still fits).
 LOG_SAMPLE_INTERVAL = 2.0
@@ -68,12 +76,10 @@ class JobCancelled(Exception):
     pass
 
 
-class JobHandle:
-    """What a running flow sees of its job."""
+class JobHandle(Generic[P]):
+    """What a running flow sees of its job: its parameters, typed."""
 
-    def __init__(
-        self, runner: JobRunner, job_id: str, vm_id: str | None, params: dict[str, Any]
-    ) -> None:
+    def __init__(self, runner: JobRunner, job_id: str, vm_id: str | None, params: P) -> None:
         self.runner = runner
         self.id = job_id
         self.vm_id = vm_id
@@ -83,11 +89,12 @@ class JobHandle:
         self,
         step: str | None = None,
         progress: dict[str, Any] | None = None,
-        params: dict[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
-        if params is not None:
-            self.params = params
-        self.runner.update(self.id, step=step, progress=progress, params=params)
+        """`params` are the keys to change (the others stay as stored)."""
+        merged = self.runner.update(self.id, step=step, progress=progress, params=params)
+        if merged is not None:
+            self.params = cast(P, merged)
 
     @property
     def cancel_requested(self) -> bool:
@@ -98,7 +105,7 @@ class JobHandle:
             raise JobCancelled()
 
 
-Flow = Callable[["EngineContext", JobHandle], None]
+Flow = Callable[["EngineContext", JobHandle[Any]], None]
 
 
 def _key(job_id: str) -> str:
@@ -113,6 +120,7 @@ def to_model(job: Job) -> models.Job:
         state=job.state,
         step=job.step,
         params=job.params,
+        cancel_requested=job.cancel_requested,
         progress=job.progress,
         error=job.error,
         created_at=aware(job.created_at),
@@ -126,6 +134,7 @@ class JobRunner:
     def __init__(self, ctx: EngineContext, poll_interval: float = 5.0) -> None:
         self.ctx = ctx
         self.flows: dict[str, Flow] = {}
+        self.param_models: dict[str, type[JobParams]] = {}  # each flow's params
         self._threads: dict[str, threading.Thread] = {}
         self._changed = threading.Condition()
         # One check-then-insert at a time, so two requests at the same instant
@@ -137,7 +146,15 @@ class JobRunner:
 
     # -- submitting and running ----------------------------------------------
 
-    def submit(self, kind: str, vm_id: str | None, params: dict[str, Any]) -> models.Job:
+    def register(
+        self, kind: str, flow: Callable[[EngineContext, JobHandle[P]], None], params: type[P]
+    ) -> None:
+        self.flows[kind] = flow
+        self.param_models[kind] = params
+
+    def submit(self, kind: str, vm_id: str | None, params: JobParams) -> models.Job:
+        if not isinstance(params, self.param_models[kind]):
+            raise TypeError(f"a {kind} job takes {self.param_models[kind].__name__}")
         job_id = new_id()
         if not self.ctx.db.locks.try_lock(_key(job_id)):  # pragma: no cover - a fresh uuid
             raise Conflict(f"job {job_id} is taken")
@@ -150,7 +167,12 @@ class JobRunner:
                             f"job {busy.id} ({busy.kind}) is already running for this VM"
                         )
                 job = Job(
-                    id=job_id, kind=kind, vm_id=vm_id, params=params, progress={}, state="pending"
+                    id=job_id,
+                    kind=kind,
+                    vm_id=vm_id,
+                    params=params.model_dump(mode="json"),
+                    progress={},
+                    state=JobState.PENDING,
                 )
                 s.add(job)
                 s.flush()
@@ -215,28 +237,29 @@ class JobRunner:
         with self.ctx.db.session() as s:
             job = s.get(Job, job_id)
             assert job is not None
-            job.state = "running"
+            job.state = move(job.state, JobState.RUNNING)
             job.updated_at = utcnow()
             _log(job, "resumed" if job.log else "running")
-            handle = JobHandle(self, job.id, job.vm_id, dict(job.params))
-            flow = self.flows[job.kind]
+            kind, vm_id, stored = job.kind, job.vm_id, dict(job.params)
+            flow = self.flows[kind]
         self._notify(job_id)
-        state, error = "succeeded", None
+        state, error = JobState.SUCCEEDED, None
         try:
+            handle = JobHandle(self, job_id, vm_id, self.param_models[kind].model_validate(stored))
             flow(self.ctx, handle)
         except JobCancelled:
-            state = "cancelled"
+            state = JobState.CANCELLED
         except ThinairError as e:
-            state, error = "failed", e.message
+            state, error = JobState.FAILED, e.message
         except Exception as e:  # a bug or an unexpected tool failure: keep the reason
             log.exception("job %s failed", job_id)
-            state, error = "failed", f"{type(e).__name__}: {e}"
+            state, error = JobState.FAILED, f"{type(e).__name__}: {e}"
         log.info("job %s %s%s", job_id, state, f": {error}" if error else "")
         try:
             with self.ctx.db.session() as s:
                 job = s.get(Job, job_id)
                 if job is not None:
-                    job.state, job.error = state, error
+                    job.state, job.error = move(job.state, state), error
                     job.updated_at = job.finished_at = utcnow()
                     _log(job, f"{state}: {error}" if error else state)
         finally:  # ended (or left for another engine to run again)
@@ -251,12 +274,21 @@ class JobRunner:
         job_id: str,
         step: str | None = None,
         progress: dict[str, Any] | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> None:
+        params: Mapping[str, Any] | None = None,
+    ) -> JobParams | None:
+        """Write a step, progress, or some of the params' keys (merged into the
+        stored ones, checked against the flow's model). Returns the params as
+        they are now, if any were given and the job is still there. The running
+        flow is the params' only writer; a cancel goes to its own column, which
+        this UPDATE does not name, so neither can erase the other."""
+        merged = None
         with self.ctx.db.session() as s:
             job = s.get(Job, job_id)
             if job is None:
-                return
+                return None
+            if params is not None:
+                merged = self.param_models[job.kind].model_validate({**job.params, **params})
+                job.params = merged.model_dump(mode="json")
             if progress is not None:
                 job.progress = progress
             if step is not None and step != job.step:
@@ -265,10 +297,9 @@ class JobRunner:
                 job.step = step
             if progress is not None:
                 _log(job, None, sample=True)
-            if params is not None:
-                job.params = params
             job.updated_at = utcnow()
         self._notify(job_id)
+        return merged
 
     def _notify(self, job_id: str) -> None:
         with self._changed:
@@ -289,7 +320,7 @@ class JobRunner:
                 raise NotFound(f"no job {job_id!r}")
             if job.state not in ACTIVE:
                 raise Conflict(f"job {job_id} is {job.state} already")
-            job.params = {**job.params, "cancel": True}
+            job.cancel_requested = True
             job.updated_at = utcnow()
         self._notify(job_id)
         return self.get(job_id)
@@ -297,7 +328,7 @@ class JobRunner:
     def cancel_requested(self, job_id: str) -> bool:
         with self.ctx.db.session() as s:
             job = s.get(Job, job_id)
-            return bool(job and job.params.get("cancel"))
+            return bool(job and job.cancel_requested)
 
     def active_for_vm(self, vm_id: str) -> str | None:
         with self.ctx.db.session() as s:

@@ -21,6 +21,7 @@ from thinair.engine import bridges, import_state
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.errors import StorageError
+from thinair.states import VmPhase, move
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ def destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) -
         vm = s.get(Vm, vm_id)
         if vm is None:
             return
-        if vm.phase not in ("creating", "converting"):
-            vm.phase = "removing"
+        if vm.phase not in (VmPhase.CREATING, VmPhase.CONVERTING):
+            vm.phase = move(vm.phase, VmPhase.REMOVING)
         name = vm.name
         paths = [d.volume_path for d in vm.disks] + [vm.console_log]
         v2v_log = conversion_log(ctx, name)

@@ -33,6 +33,7 @@ from thinair.engine.context import EngineContext
 from thinair.engine.probe import probe
 from thinair.errors import BackendError, ThinairError
 from thinair.external import DiskSpec
+from thinair.states import DomainState, VmPhase
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class OutageWatcher:
             vms = list(
                 s.scalars(
                     select(Vm)
-                    .where(Vm.phase == "ready")
+                    .where(Vm.phase == VmPhase.READY)
                     .options(selectinload(Vm.disks).selectinload(Disk.storage_domain))
                 )
             )
@@ -189,7 +190,7 @@ class OutageWatcher:
             was = self._paused.pop(vm_id, None)
         took = f" after {time.time() - was.since:.0f} s" if was else ""
         reason = f"resumed{took}: its sources answer again"
-        self.ctx.events.vm_changed(vm_id, name, "running", reason=reason)
+        self.ctx.events.vm_changed(vm_id, name, DomainState.RUNNING, reason=reason)
         return f"resumed {name}{took}: its sources answer again"
 
     def _note(self, vm_id: str, name: str, reason: str) -> str | None:
@@ -198,5 +199,5 @@ class OutageWatcher:
             self._paused[vm_id] = _Paused(reason, old.since if old else time.time())
         if old is not None and old.reason == reason:
             return None
-        self.ctx.events.vm_changed(vm_id, name, "paused", reason=reason)
+        self.ctx.events.vm_changed(vm_id, name, DomainState.PAUSED, reason=reason)
         return f"{name} {reason}"

@@ -23,6 +23,7 @@ from thinair.db.models import LOCAL_HOST_ID, Disk, Host, Vm
 from thinair.engine import bridges, convert, exports, hosts, import_state, machines
 from thinair.engine.context import EngineContext
 from thinair.errors import BackendError
+from thinair.states import VmPhase
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ def reconcile(ctx: EngineContext) -> list[str]:
     """Returns what it did, one line per action, for the log and the tests."""
     actions: list[str] = []
     with ctx.db.session() as s:
-        records = {vm.id: (vm.name, vm.phase) for vm in s.scalars(select(Vm))}
+        records: dict[str, tuple[str, str]] = {
+            vm.id: (vm.name, vm.phase) for vm in s.scalars(select(Vm))
+        }
     unconverted = set(convert.orphans(ctx))
     for vm_id, (name, phase) in records.items():
         with ctx.vm_if_free(vm_id) as free:
@@ -43,10 +46,10 @@ def reconcile(ctx: EngineContext) -> list[str]:
             if vm_id in unconverted:
                 machines.destroy(ctx, vm_id)
                 actions.append(f"undid create of {name} (its conversion never began)")
-            elif phase in ("creating", "removing"):
+            elif phase in (VmPhase.CREATING, VmPhase.REMOVING):
                 machines.destroy(ctx, vm_id)
                 actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
-            elif phase == "ready":
+            elif phase == VmPhase.READY:
                 try:
                     lost = ctx.vm_virt(name).lookup(name) is None
                 except BackendError as e:  # its host is down: its turn comes later
@@ -75,7 +78,9 @@ def reconcile(ctx: EngineContext) -> list[str]:
             for d in s.scalars(
                 select(Disk)
                 .join(Vm)
-                .where(Vm.phase.in_(("ready", "converting")), Vm.host_id == LOCAL_HOST_ID)
+                .where(
+                    Vm.phase.in_((VmPhase.READY, VmPhase.CONVERTING)), Vm.host_id == LOCAL_HOST_ID
+                )
             )
             if d.external_url and bridges.bridged(d.external_url, d.external_format)
         }

@@ -29,6 +29,7 @@ from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
 from thinair.errors import BackendError, Conflict, InvalidInput, NotFound, StorageError
 from thinair.external import DiskSpec, validate_format
+from thinair.states import DOMAIN_DOWN, DomainState, VmPhase, VmState, move, require_phase
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,14 @@ def disk_model(disk: Disk) -> models.Disk:
 
 
 def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
-    if vm.phase in ("creating", "converting"):
+    if vm.phase in (VmPhase.CREATING, VmPhase.CONVERTING):
         state = vm.phase
     elif state is None:
         state = machines.virt_of(ctx, vm).state(vm.name)
     return models.Vm(
         id=vm.id,
         name=vm.name,
-        state=state,
+        state=VmState(state),
         phase=vm.phase,
         memory_mib=vm.memory_mib,
         cpus=vm.cpus,
@@ -72,7 +73,9 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         disks=[disk_model(d) for d in vm.disks],
         host=vm.host.name if vm.host else LOCAL_HOST,
         last_start_seconds=vm.last_start_seconds,
-        pause_reason=_pause_reason(ctx, vm.id, vm.name, vm.host_id) if state == "paused" else None,
+        pause_reason=(
+            _pause_reason(ctx, vm.id, vm.name, vm.host_id) if state == DomainState.PAUSED else None
+        ),
         created_at=vm.created_at,
     )
 
@@ -172,17 +175,18 @@ def list_rows(
             )
     states = _states(
         ctx,
-        [(r[6], r[1]) for r in rows if r[2] not in ("creating", "converting")],
+        [(r[6], r[1]) for r in rows if r[2] not in (VmPhase.CREATING, VmPhase.CONVERTING)],
         one_by_one=limit is not None,
     )
     out = []
     for vm_id, name, phase, memory_mib, cpus, domain_type, host_id, last, created, host in rows:
-        if phase in ("creating", "converting"):
+        state: str  # a VmState's value
+        if phase in (VmPhase.CREATING, VmPhase.CONVERTING):
             state = phase
         else:
             known = states[host_id]
             local = host_id in (None, LOCAL_HOST_ID)
-            state = known.get(name, "missing" if known or local else "unknown")
+            state = known.get(name, DomainState.MISSING if known or local else DomainState.UNKNOWN)
         out.append(
             {
                 "id": vm_id,
@@ -196,7 +200,9 @@ def list_rows(
                 "host": host or LOCAL_HOST,
                 "last_start_seconds": last,
                 "pause_reason": (
-                    _pause_reason(ctx, vm_id, name, host_id) if state == "paused" else None
+                    _pause_reason(ctx, vm_id, name, host_id)
+                    if state == DomainState.PAUSED
+                    else None
                 ),
                 "created_at": models.utc(created),
             }
@@ -206,14 +212,14 @@ def list_rows(
 
 def _states(
     ctx: EngineContext, vms: list[tuple[str, str]], one_by_one: bool
-) -> dict[str, dict[str, str]]:
+) -> dict[str, dict[str, DomainState]]:
     """The libvirt states of these (host id, name) VMs, by host and name; {} for
     a host libvirt does not answer for. `one_by_one`: for a page, looked up one
     VM at a time while there are few."""
     by_host: dict[str, list[str]] = {}
     for host_id, name in vms:
         by_host.setdefault(host_id, []).append(name)
-    states: dict[str, dict[str, str]] = {}
+    states: dict[str, dict[str, DomainState]] = {}
     for host_id, names in by_host.items():
         host_virt = ctx.host_virt(host_id)
         try:
@@ -385,7 +391,7 @@ def _create(
             name=req.name,
             memory_mib=req.memory_mib,
             cpus=req.cpus,
-            phase="creating",
+            phase=VmPhase.CREATING,
             domain_type=ctx.domain_type_on(ctx.host_virt(host_id)),
             console_log="",
             host_id=host_id,
@@ -418,7 +424,7 @@ def _create(
         with ctx.db.session() as s:
             vm = machines.find(s, vm_id)
             # A VM to convert is not ready before virt-v2v has run over its overlays.
-            vm.phase = "converting" if req.convert else "ready"
+            vm.phase = move(vm.phase, VmPhase.CONVERTING if req.convert else VmPhase.READY)
             created = to_model(ctx, vm)
         ctx.events.vm_changed(created.id, created.name)
         return created
@@ -477,8 +483,7 @@ def _materialize(ctx: EngineContext, vm_id: str) -> None:
 
 def _ready(s: Session, ref: str) -> Vm:
     vm = machines.find(s, ref)
-    if vm.phase != "ready":
-        raise Conflict(f"VM {vm.name!r} is {vm.phase}")
+    require_phase(vm, VmPhase.READY)
     return vm
 
 
@@ -499,13 +504,13 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
         with ctx.db.session() as s:
             host_virt = machines.virt_of(ctx, machines.find(s, vm_id))
         state = host_virt.state(name)
-        if state == "running":
+        if state == DomainState.RUNNING:
             raise Conflict(f"VM {name!r} is running already")
-        if state == "paused":
+        if state == DomainState.PAUSED:
             # QEMU pauses a guest whose write met a full disk: go on once there is space.
             host_virt.resume(name)
             return get(ctx, vm_id)
-        if state == "missing":
+        if state == DomainState.MISSING:
             raise BackendError(
                 f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
             )
@@ -541,7 +546,7 @@ def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
             )
         old = machines.virt_of(ctx, vm)
         name = vm.name
-        if old.state(name) not in ("stopped", "missing"):
+        if old.state(name) not in DOMAIN_DOWN:
             raise Conflict(f"VM {name!r} is running on {vm.host.name}: stop it first to move it")
         new = ctx.host_virt(target.id)
         if new.lookup(name) is not None:
@@ -561,7 +566,7 @@ def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
         vm_id, name = vm.id, vm.name
         host_virt = machines.virt_of(ctx, vm)
     with ctx.vm_busy(vm_id, "stop"):
-        if host_virt.state(name) not in ("stopped", "missing"):
+        if host_virt.state(name) not in DOMAIN_DOWN:
             host_virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
     return get(ctx, vm_id)
 
@@ -575,7 +580,7 @@ def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
         vm = machines.find(s, ref)
         vm_id, name = vm.id, vm.name
         host_virt = machines.virt_of(ctx, vm)
-    if not force and host_virt.state(name) not in ("stopped", "missing"):
+    if not force and host_virt.state(name) not in DOMAIN_DOWN:
         raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "remove"):

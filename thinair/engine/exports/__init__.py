@@ -67,6 +67,7 @@ from thinair.engine.exports.urls import (
 )
 from thinair.engine.faults import crash_point
 from thinair.errors import BackendError, Conflict, InvalidInput
+from thinair.states import ExportPhase, move
 
 __all__ = [
     "DEFAULT_HOST",
@@ -99,7 +100,7 @@ def find(s: Session, ref: str) -> Export:
 
 def to_model(ctx: EngineContext, e: Export) -> models.Export:
     # Another engine's server runs on its machine: what its record says, no more.
-    running = alive(ctx, e) if mine(ctx, e) else e.phase == "ready" and e.error is None
+    running = alive(ctx, e) if mine(ctx, e) else e.phase == ExportPhase.READY and e.error is None
     clients = bytes_read = None
     if running and e.pid is not None and mine(ctx, e):
         clients = procfs.unix_clients(e.socket) if e.socket else procfs.tcp_clients(e.port or 0)
@@ -210,7 +211,7 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
                 vm_id=vm_id,
                 disk=(req.disk or "vda") if vm_id else None,
                 snapshot_path=f"{image}.exposed-{export_id[:8]}" if vm_id else None,
-                phase="creating",
+                phase=ExportPhase.CREATING,
             )
             s.add(record)
         if vm_id is not None:
@@ -227,7 +228,7 @@ def _create(ctx: EngineContext, req: models.ExportCreate, hold: ExitStack) -> mo
             with ctx.db.session() as s:
                 e = s.get(Export, record.id)
                 assert e is not None
-                e.pid, e.phase = pid, "ready"
+                e.pid, e.phase = pid, move(e.phase, ExportPhase.READY)
         except BaseException as err:
             log.info("export of %s failed, undoing: %s", image, err)
             destroy(ctx, record.id)

@@ -15,6 +15,7 @@ from thinair.db.models import Export, Vm
 from thinair.engine import machines, storage
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, NotFound
+from thinair.states import DOMAIN_LIVE, DomainState, VmPhase, require_phase
 
 log = logging.getLogger("thinair.engine.exports")
 
@@ -31,15 +32,14 @@ def vm_disk(
         disk = next((d for d in vm.disks if d.target == target), None)
         if disk is None:
             raise NotFound(f"VM {vm.name!r} has no disk {target!r}")
-        vm_id, name, phase = vm.id, vm.name, vm.phase
+        vm_id, name = vm.id, vm.name
         host_virt = machines.virt_of(ctx, vm)
         volume, fmt, size = disk.volume_path, disk.volume_format, disk.virtual_size
         # The guest's writes go to a new overlay beside the volume meanwhile.
         storage.check_space(ctx, disk.storage_domain)
-    if phase != "ready":
-        raise Conflict(f"VM {name!r} is {phase}")
+        require_phase(vm, VmPhase.READY)
     hold.enter_context(ctx.vm_busy(vm_id, f"an export of its disk {target}"))
-    if host_virt.state(name) not in ("running", "paused"):
+    if host_virt.state(name) not in DOMAIN_LIVE:
         raise Conflict(
             f"VM {name!r} is not running: nothing writes to {target}, expose its volume "
             f"{volume} itself"
@@ -73,9 +73,9 @@ def merge_back(ctx: EngineContext, e: Export) -> None:
             name, host_virt = None, None
         else:
             name, host_virt = vm.name, machines.virt_of(ctx, vm)
-    if name is not None and host_virt is not None and host_virt.state(name) != "missing":
+    if name is not None and host_virt is not None and host_virt.state(name) != DomainState.MISSING:
         if host_virt.disk(name, e.disk).top == e.snapshot_path:
-            if host_virt.state(name) in ("running", "paused"):
+            if host_virt.state(name) in DOMAIN_LIVE:
                 snapshot.merge_back(host_virt, name, e.disk, e.image)
             else:
                 snapshot.merge_back_offline(e.snapshot_path)

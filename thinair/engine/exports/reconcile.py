@@ -15,6 +15,7 @@ from thinair.engine.context import EngineContext
 from thinair.engine.exports.servers import PROGRAMS, alive, destroy, mine, start, stop
 from thinair.engine.exports.urls import root
 from thinair.errors import BackendError, Conflict, ThinairError
+from thinair.states import ExportPhase
 
 _ID_IN_PATH = re.compile(r"/exports/([0-9a-f-]{36})/")
 
@@ -27,7 +28,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
     with ctx.db.session() as s:
         records = [e for e in s.scalars(select(Export)) if mine(ctx, e)]
     for e in records:
-        if e.phase in ("creating", "removing"):
+        if e.phase in (ExportPhase.CREATING, ExportPhase.REMOVING):
             try:
                 destroy(ctx, e.id)
             except ThinairError as err:

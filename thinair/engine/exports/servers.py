@@ -18,6 +18,7 @@ from thinair.engine.context import EngineContext
 from thinair.engine.exports.disk import merge_back
 from thinair.engine.exports.urls import DEFAULT_HOST, PSK_IDENTITY, export_dir
 from thinair.errors import BackendError, Conflict
+from thinair.states import ExportPhase, move
 
 log = logging.getLogger("thinair.engine.exports")
 
@@ -130,8 +131,8 @@ def destroy(ctx: EngineContext, export_id: str) -> None:
         e = s.get(Export, export_id)
         if e is None:
             return
-        if e.phase != "creating":
-            e.phase = "removing"
+        if e.phase != ExportPhase.CREATING:
+            e.phase = move(e.phase, ExportPhase.REMOVING)
         pid, protocol, sock = e.pid, e.protocol, e.socket
     stop(ctx, export_id, pid, protocol)
     merge_back(ctx, e)  # raises, keeping the record, if the VM cannot be put back
