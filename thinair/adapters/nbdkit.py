@@ -18,7 +18,11 @@ whole block in one request, so the small reads after it cost no round trip, and
 no block crosses the link twice while the bridge runs (least recently used
 blocks go past `max_mib`). With `readahead`, the readahead filter also
 prefetches ahead of sequential reads into that cache. The cache is a deleted
-file in the bridge's directory.
+file in the bridge's directory. Below the cache, nbdkit's log filter writes
+every read that crosses the link (a miss) to `reads_log`: what a boot read, for
+thinair.engine.working_sets, and, while an import copies the source, whether
+the guest is reading from it right now (`ReadsWatch`), so that the copier lets
+the guest's reads go first.
 A disk inside a tar file (an OVA's VMDK) is read the same way, through the tar
 filter over the file or curl plugin (see `source_args`), so it is never unpacked.
 The bridge runs detached (it must outlive the engine as long as the VM runs on
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +63,7 @@ class Cache:
     max_mib: int = 2048  # 0: no limit
     readahead: bool = False
     # Where to log what the cache fetches from the source (nbdkit's log filter
-    # below the cache: misses only), for thinair.engine.working_sets.
+    # below the cache: misses only), for thinair.engine.working_sets and ReadsWatch.
     reads_log: Path | None = None
 
 
@@ -180,3 +186,62 @@ def stop(socket: Path, pid_file: Path) -> None:
         procfs.terminate(pid, PROGRAMS, str(socket))
     for path in (socket, pid_file):
         path.unlink(missing_ok=True)
+
+
+# The log filter's lines for a read: "connection=C Read id=N ..." when it
+# starts, "connection=C ...Read id=N return=..." when it is answered.
+_LOGGED = re.compile(rb"connection=([0-9]+) (\.\.\.)?Read id=([0-9]+)")
+
+
+class ReadsWatch:
+    """Whether a bridge is reading from its source right now, from its reads log
+    (misses only: reads that cross the link): `busy()` is True while one of its
+    reads is unanswered and for `hold` seconds after the last one was answered.
+    The log is read incrementally, at most every `period` seconds; a missing log
+    (a bridge with no cache, or one not started yet) reads as idle."""
+
+    def __init__(self, reads_log: Path, hold: float = 0.25, period: float = 0.02) -> None:
+        self.path = reads_log
+        self.hold = hold
+        self.period = period
+        self.lock = threading.Lock()
+        self.offset = 0
+        self.partial = b""
+        self.open: set[tuple[bytes, bytes]] = set()
+        self.last = float("-inf")  # when a read was last seen going or answered
+        self.checked = float("-inf")
+        self.reads = 0  # reads seen starting
+
+    def busy(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.checked >= self.period:
+                self.checked = now
+                self._scan(now)
+            return bool(self.open) or now - self.last < self.hold
+
+    def _scan(self, now: float) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # a new log
+                    self.offset, self.partial, self.open = 0, b"", set()
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        if not data:
+            return
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            m = _LOGGED.search(line)
+            if m is None:
+                continue
+            key = (m.group(1), m.group(3))
+            if m.group(2):
+                self.open.discard(key)
+            else:
+                self.open.add(key)
+                self.reads += 1
+            self.last = now

@@ -397,6 +397,7 @@ def _bulk_copy(
             on_checkpoint=on_checkpoint,
             should_stop=lambda: job.cancel_requested,
             window=ctx.settings.reconnect_window,
+            guest_busy=bridges.guest_reads(ctx, state.disk_id).busy,  # the guest reads first
         )
     except nbd_copy.CopyStopped:
         raise JobCancelled() from None
