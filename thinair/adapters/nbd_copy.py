@@ -72,6 +72,7 @@ _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, 
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 WRITEBACK_WINDOW = 8  # requests per connection written but not yet waited for
 PACE_POLL = 0.01  # seconds between looks while the pacer holds reads back
+PART = 128 * 2**10  # bytes per read on a thin link (see _Pacer)
 
 
 def _sync_range(fd: int, offset: int, length: int, flags: int) -> None:
@@ -180,16 +181,20 @@ class _Pacer:
 
     A link with little bandwidth queues what is sent faster than it carries:
     32 reads of 2 MiB in flight on 100 Mbit/s are 5 s of queue, and a guest
-    read waits behind it (measured: 1.3 s for a 4 KiB read that takes 7 ms
-    alone). So the number in flight follows the reads' own latency, as
-    LEDBAT does: while a read of REQUEST bytes takes no more than QUEUE_TARGET
-    seconds longer than the fastest one seen (the link's own time, no queue),
-    one more may go; past it, a quarter fewer (never below one). On a fast or a
-    merely distant link the latency does not grow with the reads in flight and
-    all of them go. And while `guest_busy()` says the guest is reading from
-    the same source (its bridge's misses), no new read goes at all."""
+    read waits behind it (measured: 1.3 s for a 4 KiB read, 0.13 s alone).
+    So the number in flight follows the reads' own latency, as LEDBAT does:
+    while a read takes no more than `target` seconds longer than the fastest
+    of its size seen (the link's own time, no queue), one more may go; past
+    it, a quarter fewer (never below one). On a fast or a merely distant link
+    the latency does not grow with the reads in flight and all of them go.
+    Below THIN_RATE (bytes/s) the link is thin: requests are read in parts of
+    PART bytes, so that little is in flight when the guest starts reading, and
+    the target is lower. And while `guest_busy()` says the guest is reading
+    from the same source (its bridge's misses), no new read goes at all."""
 
     QUEUE_TARGET = 0.1
+    THIN_QUEUE_TARGET = 0.02
+    THIN_RATE = 32 * 2**20
     START = 4
 
     def __init__(self, most: int, guest_busy: Callable[[], bool] | None) -> None:
@@ -198,9 +203,12 @@ class _Pacer:
         self.lock = threading.Lock()
         self.limit = float(min(self.START, most))
         self.in_flight = 0
-        self.base = float("inf")
+        self.base: dict[int, float] = {}  # the fastest read of each size
         self.held = 0.0  # seconds spent holding back for the guest
         self.held_since: float | None = None
+        self.is_thin = False
+        self.since = time.monotonic()
+        self.bytes = 0  # read since `since`
 
     def hold(self) -> bool:
         """True while no new read may go (the guest reads); counts the time."""
@@ -214,22 +222,32 @@ class _Pacer:
                 self.held_since = None
         return busy
 
+    def thin(self) -> bool:
+        return self.is_thin
+
     def acquire(self) -> bool:
-        """One more read may go now (counted in flight)."""
+        """One more request may go now (counted in flight)."""
         with self.lock:
             if self.in_flight >= int(self.limit):
                 return False
             self.in_flight += 1
             return True
 
-    def release(self, seconds: float | None = None, full: bool = False) -> None:
-        """A read is over; `seconds` it took, if it succeeded (`full`: of REQUEST bytes)."""
+    def release(self) -> None:
         with self.lock:
             self.in_flight -= 1
-            if seconds is None or not full:
-                return
-            self.base = min(self.base, seconds)
-            if seconds - self.base > self.QUEUE_TARGET:
+
+    def observe(self, seconds: float, nbytes: int) -> None:
+        """A read of `nbytes` succeeded in `seconds`."""
+        with self.lock:
+            now = time.monotonic()
+            self.bytes += nbytes
+            if now - self.since >= 1.0:
+                self.is_thin = self.bytes / (now - self.since) < self.THIN_RATE
+                self.since, self.bytes = now, 0
+            base = self.base[nbytes] = min(self.base.get(nbytes, seconds), seconds)
+            target = self.THIN_QUEUE_TARGET if self.is_thin else self.QUEUE_TARGET
+            if seconds - base > target:
                 self.limit = max(1.0, self.limit * 0.75)
             else:
                 self.limit = min(float(self.most), self.limit + 1)
@@ -299,6 +317,8 @@ def _worker(
     failing_since: float | None = None
     last_error = ""
     written_back: list[Extent] = []  # oldest first
+    parts: list[tuple[int, Extent, memoryview, int]] = []  # in pending, next part to read
+    reading: set[int] = set()  # requests with a read on the wire (one slot of the pacer's each)
 
     def write(req: Extent, view: memoryview) -> None:
         written = 0
@@ -317,15 +337,31 @@ def _worker(
         index, req = item
         throttle.take(req.length)
         buf = free.pop()
-        view = memoryview(buf)[: req.length]
+        pending[index] = (req, buf)
+        send(index, req, memoryview(buf)[: req.length], 0)
+        return True
+
+    def send(index: int, req: Extent, view: memoryview, start: int) -> None:
+        """Read [start, ...) of the request: all of it, or on a thin link one
+        part of PART bytes (the next goes once it is in)."""
+        part = req.length - start
+        if pacer.thin():
+            part = min(part, PART)
         sent = time.monotonic()
 
-        def done(err: Any, index: int = index, req: Extent = req, view: memoryview = view) -> int:
+        def done(err: Any) -> int:
             nonlocal failing_since, last_error
-            if pending.pop(index, None) is None:
+            if index not in reading:
                 return 1  # given up on already (its connection died)
-            took = None if err.value else time.monotonic() - sent
-            pacer.release(took, full=req.length == REQUEST)
+            reading.discard(index)
+            pacer.release()
+            if not err.value:
+                failing_since = None
+                pacer.observe(time.monotonic() - sent, part)
+                if start + part < req.length:
+                    parts.append((index, req, view, start + part))
+                    return 1
+            del pending[index]
             try:
                 if err.value:
                     retry.append((index, req))
@@ -344,21 +380,24 @@ def _worker(
                 free.append(view.obj)  # type: ignore[arg-type]
             return 1
 
-        pending[index] = (req, buf)
+        reading.add(index)
         try:
-            h.aio_pread(nbd.Buffer.from_buffer(view), req.offset, completion=done)
+            into = nbd.Buffer.from_buffer(view[start : start + part])
+            h.aio_pread(into, req.offset + start, completion=done)
         except nbd.Error:
             give_up_in_flight()
             raise
-        return True
 
     def give_up_in_flight() -> None:
         """The connection is dead: what it had in flight is read again later."""
         for index, (req, buf) in pending.items():
             retry.append((index, req))
             free.append(buf)
+        for _ in reading:
             pacer.release()
         pending.clear()
+        parts.clear()
+        reading.clear()
 
     def reconnect() -> nbd.NBD:
         """A new connection, once the in-flight reads are back (failed)."""
@@ -384,6 +423,18 @@ def _worker(
                 if time.monotonic() - failing_since > window:
                     raise CopyError(f"{url}: {last_error} (for {window:g} s)")
                 h = reconnect()
+            while parts and failing_since is None and not pacer.hold() and pacer.acquire():
+                try:
+                    send(*parts.pop(0))
+                except nbd.Error as e:
+                    last_error = f"{url}: {e.string or e}"
+                    failing_since = failing_since or time.monotonic()
+            if failing_since is not None:  # read again, whole, once the connection is back
+                for index, req, view, _ in parts:
+                    del pending[index]
+                    retry.append((index, req))
+                    free.append(view.obj)  # type: ignore[arg-type]
+                parts.clear()
             while (more or retry) and len(pending) < IN_FLIGHT and plan.error is None:
                 if failing_since is not None and pending:
                     break  # let the others fail or succeed first
@@ -402,6 +453,8 @@ def _worker(
                     last_error = f"{url}: {e.string or e}"
                     failing_since = failing_since or time.monotonic()
                     break
+            if parts:
+                delay = PACE_POLL  # held back: look again soon
             if plan.error is not None:
                 more = False
                 retry.clear()
