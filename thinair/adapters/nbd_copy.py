@@ -306,6 +306,7 @@ def _worker(
     pacer: _Pacer,
     progress: Callable[[int], None],
     window: float,
+    cached: tuple[str, Callable[[int, int], bool]] | None = None,
 ) -> None:
     """One connection: keep IN_FLIGHT reads going; write and digest each one.
     Reads land in buffers of our own, reused (no copy, no allocation per read).
@@ -319,6 +320,8 @@ def _worker(
     written_back: list[Extent] = []  # oldest first
     parts: list[tuple[int, Extent, memoryview, int]] = []  # in pending, next part to read
     reading: set[int] = set()  # requests with a read on the wire (one slot of the pacer's each)
+    near: nbd.NBD | None = None  # a connection to `cached`'s URL, once needed
+    cached_off = [False]
 
     def write(req: Extent, view: memoryview) -> None:
         written = 0
@@ -336,9 +339,36 @@ def _worker(
             return False
         index, req = item
         throttle.take(req.length)
+        if (
+            cached
+            and not cached_off[0]
+            and cached[1](req.offset, req.length)
+            and read_near(index, req)
+        ):
+            pacer.release()  # its slot: nothing went over the link
+            return True
         buf = free.pop()
         pending[index] = (req, buf)
         send(index, req, memoryview(buf)[: req.length], 0)
+        return True
+
+    def read_near(index: int, req: Extent) -> bool:
+        """Read the request where a copy of it is near (the guest's bridge has
+        it in its cache); False if that cannot be read (read over the link)."""
+        nonlocal near
+        assert cached is not None
+        try:
+            if near is None:
+                near = _connect(cached[0], CONNECT_TIMEOUT, meta=False)
+            data = near.pread(req.length, req.offset)
+        except (nbd.Error, CopyError) as e:
+            log.info("reading %s from %s: %s; from the source instead", req, cached[0], e)
+            cached_off[0] = True
+            return False
+        view = memoryview(data)
+        write(req, view)
+        plan.complete(index, _digest(view))
+        progress(req.length)
         return True
 
     def send(index: int, req: Extent, view: memoryview, start: int) -> None:
@@ -478,6 +508,9 @@ def _worker(
     finally:
         with contextlib.suppress(nbd.Error):
             h.shutdown()
+        if near is not None:
+            with contextlib.suppress(nbd.Error):
+                near.shutdown()
 
 
 class CopyMismatch(CopyError):
@@ -559,6 +592,7 @@ def copy(
     connections: int = CONNECTIONS,
     window: float = 30.0,
     guest_busy: Callable[[], bool] | None = None,
+    cached: tuple[str, Callable[[int, int], bool]] | None = None,
 ) -> Checkpoint:
     """Copy the export at `url` into the file `dest` (created sparse with the
     export's size if missing), from `start` on (a checkpoint of an earlier run,
@@ -567,6 +601,9 @@ def copy(
     on_checkpoint once each checkpoint is durable. A source that fails or drops
     the connection is retried for up to `window` seconds. While `guest_busy()`
     says a guest reads from the same source, no new read goes (see _Pacer).
+    With `cached` (an NBD URL holding some of the same bytes nearer, and
+    whether it holds a range: the guest's bridge and its cache), a request
+    it holds is read there, so that nothing crosses the link twice.
     Returns the final checkpoint,
     everything verified; raises CopyStopped when should_stop() says so,
     CopyMismatch when the copy read back differs, and CopyError on a source or
@@ -610,7 +647,7 @@ def copy(
         threads = [
             threading.Thread(
                 target=_worker,
-                args=(url, h, plan, fd, throttle, pacer, progress, window),
+                args=(url, h, plan, fd, throttle, pacer, progress, window, cached),
                 name=f"copy-{i}",
                 daemon=True,
             )

@@ -190,7 +190,11 @@ def stop(socket: Path, pid_file: Path) -> None:
 
 # The log filter's lines for a read: "connection=C Read id=N ..." when it
 # starts, "connection=C ...Read id=N return=..." when it is answered.
-_LOGGED = re.compile(rb"connection=([0-9]+) (\.\.\.)?Read id=([0-9]+)")
+_LOGGED = re.compile(
+    rb"connection=([0-9]+) (\.\.\.)?Read id=([0-9]+)"
+    rb"(?: offset=0x([0-9a-f]+) count=0x([0-9a-f]+)| return=(-?[0-9]+))?"
+)
+GRAIN = 64 * 2**10  # what `covers` knows of: 64 KiB pieces of the source
 
 
 class ReadsWatch:
@@ -198,7 +202,10 @@ class ReadsWatch:
     (misses only: reads that cross the link): `busy()` is True while one of its
     reads is unanswered and for `hold` seconds after the last one was answered.
     The log is read incrementally, at most every `period` seconds; a missing log
-    (a bridge with no cache, or one not started yet) reads as idle."""
+    (a bridge with no cache, or one not started yet) reads as idle. It also
+    keeps which ranges the bridge fetched (`covers`): those are in its cache,
+    and a copier of the source can read them there rather than over the link
+    again (unless the cache let them go, past its size)."""
 
     def __init__(self, reads_log: Path, hold: float = 0.25, period: float = 0.02) -> None:
         self.path = reads_log
@@ -207,7 +214,8 @@ class ReadsWatch:
         self.lock = threading.Lock()
         self.offset = 0
         self.partial = b""
-        self.open: set[tuple[bytes, bytes]] = set()
+        self.open: dict[tuple[bytes, bytes], tuple[int, int]] = {}  # unanswered reads
+        self.fetched: set[int] = set()  # GRAIN pieces answered
         self.last = float("-inf")  # when a read was last seen going or answered
         self.checked = float("-inf")
         self.reads = 0  # reads seen starting
@@ -223,8 +231,9 @@ class ReadsWatch:
     def _scan(self, now: float) -> None:
         try:
             with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.offset:  # a new log
-                    self.offset, self.partial, self.open = 0, b"", set()
+                if os.fstat(f.fileno()).st_size < self.offset:  # a new log, a new cache
+                    self.offset, self.partial, self.open = 0, b"", {}
+                    self.fetched = set()
                 f.seek(self.offset)
                 data = f.read()
         except OSError:
@@ -240,8 +249,18 @@ class ReadsWatch:
                 continue
             key = (m.group(1), m.group(3))
             if m.group(2):
-                self.open.discard(key)
+                offset, count = self.open.pop(key, (0, 0))
+                if m.group(6) == b"0" and count:
+                    self.fetched.update(range(offset // GRAIN, -(-(offset + count) // GRAIN)))
             else:
-                self.open.add(key)
+                offset, count = int(m.group(4) or b"0", 16), int(m.group(5) or b"0", 16)
+                self.open[key] = (offset, count)
                 self.reads += 1
             self.last = now
+
+    def covers(self, offset: int, length: int) -> bool:
+        """Whether the bridge fetched all of [offset, offset + length)."""
+        with self.lock:
+            self._scan(time.monotonic())
+            first, end = offset // GRAIN, -(-(offset + length) // GRAIN)
+            return all(i in self.fetched for i in range(first, end))

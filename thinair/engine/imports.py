@@ -314,7 +314,7 @@ def _bulk(
     assert url is not None and fmt is not None
     if state.phase == "copy":
         with _copy_source(ctx, disk_id, url, fmt, local) as source:
-            _bulk_copy(ctx, job, name, target, source, state, progress)
+            _bulk_copy(ctx, job, name, target, source, state, progress, direct=source == url)
             _verify(ctx, job, name, target, source, state)
     if state.phase == "switching" or _running(ctx, name):
         # (switching: the copy is the disk already, whether QEMU still runs or not)
@@ -374,8 +374,13 @@ def _bulk_copy(
     source: str,
     state: DiskImport,
     progress: _Progress,
+    direct: bool = False,
 ) -> None:
     job.update(step=f"copy {target}")
+    # The guest reads first; what its bridge fetched (the source read raw,
+    # `direct`) is read from the bridge's cache, not over the link again.
+    guest = bridges.guest_reads(ctx, state.disk_id)
+    near = (bridges.backing_url(ctx, state.disk_id), guest.covers) if direct else None
 
     def on_checkpoint(checkpoint: nbd_copy.Checkpoint) -> None:
         state.checkpoint = checkpoint
@@ -397,7 +402,8 @@ def _bulk_copy(
             on_checkpoint=on_checkpoint,
             should_stop=lambda: job.cancel_requested,
             window=ctx.settings.reconnect_window,
-            guest_busy=bridges.guest_reads(ctx, state.disk_id).busy,  # the guest reads first
+            guest_busy=guest.busy,
+            cached=near,
         )
     except nbd_copy.CopyStopped:
         raise JobCancelled() from None
