@@ -155,3 +155,35 @@ def test_the_copier_holds_back_while_the_guest_reads_through_the_bridge(
     finally:
         nbdkit.stop(socket, pid_file)
         far.stop()
+
+
+def test_the_copier_reads_what_the_bridge_fetched_from_its_cache(
+    source: FarSource, image: Path, workdir: Path
+) -> None:
+    """Nothing crosses the link twice: blocks the guest read through its bridge
+    are copied from the bridge's cache, the rest from the source; the copy is
+    the source's bytes."""
+    socket, pid_file, log_file = workdir / "b.sock", workdir / "b.pid", workdir / "b.reads"
+    nbdkit.start(source.url, socket, pid_file, 5, None, nbdkit.Cache(reads_log=log_file))
+    try:
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={socket}")
+        for block in (2, 3, 4, 5, 9):  # the guest's reads: 1 MiB blocks fetched whole
+            assert h.pread(4096, block * MiB + 100) == bytes([block]) * 4096
+        before = len(reads(workdir / "source.log"))
+        watch = nbdkit.ReadsWatch(log_file)
+        dest = workdir / "copy.raw"
+        nbd_copy.copy(
+            source.url,
+            str(dest),
+            str(workdir / "digests"),
+            cached=(f"nbd+unix:///?socket={socket}", watch.covers),
+        )
+        assert dest.read_bytes() == image.read_bytes()
+        copied = sorted(reads(workdir / "source.log")[before:])
+        # 2 MiB requests: [2, 4) and [4, 6) came from the cache, the others
+        # (9 is only half of [8, 10)) from the source.
+        assert copied == [(o * MiB, 2 * MiB) for o in (0, 6, 8, 10, 12, 14)]
+        h.shutdown()
+    finally:
+        nbdkit.stop(socket, pid_file)
