@@ -72,7 +72,7 @@ def _boot_then_cut(c: Client, name: str, source: FarSource) -> None:
 
 @pytest.mark.parametrize(
     "outage",
-    [8, pytest.param(120, marks=pytest.mark.slow, id="2min")],
+    [8, pytest.param(120, marks=[pytest.mark.slow, pytest.mark.timeout(600)], id="2min")],
 )
 def test_source_outage_pauses_then_resumes_without_guest_error(
     make_engine: Callable[..., Engine],
