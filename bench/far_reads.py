@@ -13,9 +13,12 @@ read is timed from outside (the libvirt round trip adds ~5 ms). Every read is at
 an offset never read before (its own 1 MiB block), so it crosses the link.
 
 Figures:
-  - thin link (rate=100M): the latency of 4 KiB reads made every 0.2-0.5 s,
-    p50 and p99, during an import (`vm import`, bulk copier) against before it
-    (target p99 <= 2x). Also shown: how long the import took.
+  - thin link (rate=100M, burstiness=0.02: a token bucket with a 2 s burst,
+    the filter's default, would send a 1 MiB read after a pause at once, which
+    no real link does): the latency of 4 KiB reads made every 0.2-0.5 s,
+    p50 and p99 over the reads of every round, during an import (`vm import`,
+    bulk copier) against before it (target p99 <= 2x); the import's time is in
+    the row's detail.
   - the test guest booted from a source 25 ms away, then imported: bytes the
     source sent over both against the image's allocated bytes (target
     <= 1.1x: nothing fetched twice).
