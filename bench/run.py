@@ -9,7 +9,8 @@ in order (each also runs alone as bench/<name>.py):
   4. read_during_import  VM disk read speed during an import vs after it
   5. pivot_pause         the guest's largest write gap across a mirror's switch-over
   6. concurrency         1, 4, 16 rollbacks and imports at once
-  7. api_latency         GET /api/v1/vms with 1,000 VMs, p50 and p99
+  7. api_latency         GET /api/v1/vms (all, and a page) with 1,000 and 10,000
+                         VMs, p50 and p99
   8. distance            start to boot marker with 10/25/50 ms per read vs none
                          (about 9 min alone, 3 with --quick)
   9. far_reads           the guest's read latency during an import on a 100 Mbit/s

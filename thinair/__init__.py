@@ -7,6 +7,6 @@ The public Python SDK is re-exported here: ``thinair.Client``.
 """
 
 from thinair.client import Client, Job, ThinairAPIError, Vm
+from thinair.version import __version__
 
-__all__ = ["Client", "Job", "ThinairAPIError", "Vm"]
-__version__ = "0.1.0"
+__all__ = ["Client", "Job", "ThinairAPIError", "Vm", "__version__"]

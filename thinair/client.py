@@ -262,6 +262,11 @@ def disk_from_option(option: str | models.DiskCreate) -> dict[str, Any]:
     }
 
 
+# VMs read per request when listing them all (GET /vms?limit=, as GET /audit's
+# default).
+PAGE_SIZE = 100
+
+
 class Vms:
     def __init__(self, client: Client) -> None:
         self._c = client
@@ -269,8 +274,20 @@ class Vms:
     def _vm(self, data: Any) -> Vm:
         return Vm.model_validate(data)._bind(self._c)
 
-    def list(self) -> builtins.list[Vm]:
-        return [self._vm(x) for x in self._c.request("GET", "/vms")]
+    def list(self, page_size: int = PAGE_SIZE) -> builtins.list[Vm]:
+        """Every VM, by name: read a page of `page_size` at a time."""
+        vms: builtins.list[Vm] = []
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if vms:
+                params["after"] = vms[-1].name
+            page = [self._vm(x) for x in self._c.request("GET", "/vms", params=params)]
+            if vms and page and page[0].id == vms[0].id:
+                break  # an engine that does not page sent them all again
+            vms += page
+            if len(page) != page_size:  # the last page (or an engine that sends all)
+                return vms
+        return vms
 
     def get(self, ref: str) -> Vm:
         return self._vm(self._c.request("GET", f"/vms/{ref}"))

@@ -25,12 +25,12 @@ Name = Annotated[
 ]
 
 
-def _utc(dt: datetime) -> datetime:
+def utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 # Every time the API gives is UTC and says so (SQLite hands back naive ones).
-Timestamp = Annotated[datetime, AfterValidator(_utc)]
+Timestamp = Annotated[datetime, AfterValidator(utc)]
 
 
 class _Model(BaseModel):

@@ -83,3 +83,29 @@ def test_vm_on_another_host_boots_from_an_export_here(
     assert c.exports.list() == []  # the import released the export it read from
     c.hosts.remove("b")
     assert [h.name for h in c.hosts.list()] == ["local"]
+
+
+def test_start_resumes_a_vm_paused_on_another_host(
+    engine: Engine, second_host: NetnsHost, guest_image: Path, storage_dir: Path
+) -> None:
+    """`vm start` of a paused VM resumes it where it runs: on its own host, not
+    through the local libvirt (which has no such domain)."""
+    c = engine.client()
+    engine.cli("host", "add", "b", second_host.uri, check=True)
+    c.storage_domains.add("shared", str(storage_dir))
+    export = c.exports.create(
+        image=str(guest_image), format="raw", listen=second_host.here, tls="none"
+    )
+    c.vms.create("a16-paused", [f"{export.url},format=raw"], memory_mib=128, host="b")
+    assert c.vms.start("a16-paused").state == "running"
+    remote = libvirt.open(second_host.uri)
+    try:
+        dom = remote.lookupByName("a16-paused")
+        dom.suspend()
+        assert c.vms.get("a16-paused").state == "paused"
+        assert c.vms.start("a16-paused").state == "running"
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        c.vms.stop("a16-paused", force=True)
+        c.vms.remove("a16-paused")
+    finally:
+        remote.close()

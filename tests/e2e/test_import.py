@@ -11,13 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from tests.conftest import Engine
 from tests.e2e.conftest import image_reader, sha256, wait_console
 from tests.e2e.test_run import domain
 from tests.support import guest
+from thinair import models
 from thinair.adapters import qemu_img, qemu_nbd
 from thinair.client import Client, ThinairAPIError
+from thinair.engine import imports
+from thinair.engine.build import build
 
 pytestmark = pytest.mark.guest
 
@@ -178,6 +182,40 @@ def test_engine_killed_mid_import_resumes(
     c.vms.stop("res", force=True)
     _check_final_disk(c, "res", guest_image)
     c.vms.remove("res")
+
+
+def test_import_looks_the_vm_host_up_once(
+    engine: Engine, guest_export: qemu_nbd.Server, guest_image: Path, domains: tuple[Path, Path]
+) -> None:
+    """A live import finds the libvirt connection of the VM's host once: the flow
+    polls libvirt every 0.1 s, and each lookup of the host is a database query.
+    The import runs in this process, on the engine's home, to count the queries."""
+    c = engine.client()
+    c.vms.create("a16-once", disks=[f"{guest_export.url},storage=tmp"], memory_mib=256)
+    c.vms.start("a16-once")
+    wait_console(c, "a16-once", lambda i: i["boot_ok"] and len(i["wrote"]) >= 1)
+    engine.stop()  # the VM runs on; this process takes the engine's place
+
+    ctx = build(engine.settings)
+    runner = ctx.jobs
+    lookups: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("SELECT vms.host_id \nFROM vms \nWHERE vms.name"):
+            lookups.append(statement)
+
+    event.listen(ctx.db.engine, "before_cursor_execute", count)
+    try:
+        job = imports.start(ctx, runner, "a16-once", models.ImportRequest(to="final"))
+        runner.wait(job.id, lambda j: j.state not in ("pending", "running"), timeout=600)
+        done = runner.get(job.id)
+        assert done.state == "succeeded", done.error
+    finally:
+        event.remove(ctx.db.engine, "before_cursor_execute", count)
+        ctx.close()
+    assert len(lookups) <= 1, f"{len(lookups)} lookups of the VM's host"
+    engine.start()
+    _finish(engine.client(), "a16-once", guest_image)
 
 
 def _wait_step(c: Client, job_id: str, prefix: str, timeout: float = 120) -> None:

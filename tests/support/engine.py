@@ -28,6 +28,7 @@ class Engine:
     port: int = field(default_factory=qemu_nbd.free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    start_timeout: float = 30.0  # seconds until it answers
 
     @property
     def env(self) -> dict[str, str]:
@@ -60,7 +61,7 @@ class Engine:
             stdin=subprocess.DEVNULL,
         )
         log.close()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"engine exited with {self.proc.returncode}: {self.log()}")
@@ -69,7 +70,7 @@ class Engine:
                 return
             except ThinairAPIError:
                 time.sleep(0.1)
-        raise RuntimeError(f"engine did not answer in 30 s: {self.log()}")
+        raise RuntimeError(f"engine did not answer in {self.start_timeout:g} s: {self.log()}")
 
     def log(self) -> str:
         path = self.home.parent / f"engine-{self.port}.log"

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from thinair.config import Settings
+from thinair.engine.build import build
 from thinair.engine.context import EngineContext
-from thinair.engine.jobs import JobHandle, JobRunner
+from thinair.engine.jobs import JobHandle
 
 
 def _write(log: Path, line: str) -> None:
@@ -29,7 +30,7 @@ def _write(log: Path, line: str) -> None:
 def main() -> None:
     url, home, log = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     hold = Path(f"{log}.hold")
-    ctx = EngineContext(Settings(home=home, db=url, libvirt_uri="test:///default"))
+    ctx = build(Settings(home=home, db=url, libvirt_uri="test:///default"), poll_interval=0.2)
     ctx.migrate()
 
     def count(_ctx: EngineContext, job: JobHandle) -> None:
@@ -39,9 +40,8 @@ def main() -> None:
             time.sleep(0.05)
         _write(log, f"end {job.id} {os.getpid()}")
 
-    runner = JobRunner(ctx, poll_interval=0.2)
+    runner = ctx.jobs
     runner.flows["count"] = count
-    ctx.jobs = runner
     ready = Path(f"{home}.ready")
     ready.write_text("")
     go = Path(f"{log}.go")

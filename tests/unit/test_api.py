@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Engine
+from thinair import models
 from thinair.adapters import qemu_img
 from thinair.client import Client, Job, ThinairAPIError
 
@@ -287,3 +288,44 @@ def _race_round(c: Client, name: str, source: Path, storage_dir: Path, final: Pa
         c.vms.remove(name, force=True)
     assert name not in [vm.name for vm in c.vms.list()]
     assert list(storage_dir.iterdir()) == [] and list(final.iterdir()) == []
+
+
+def test_vm_listing_pages(test_engine: Engine, storage_dir: Path, raw_image: Path) -> None:
+    """GET /vms?limit=&after= pages by name; a page's VMs are what GET /vms/{ref}
+    says of each; the SDK reads every page."""
+    c = test_engine.client()
+    c.storage_domains.add("tmp", str(storage_dir))
+    names = ["pg-e", "pg-a", "pg-d", "pg-b", "pg-c"]
+    for name in names:
+        c.vms.create(
+            name, disks=[str(raw_image), "size=32M"] if name == "pg-b" else [str(raw_image)]
+        )
+    c.vms.start("pg-d")
+    token = test_engine.settings.token_file.read_text().strip()
+    http = httpx.Client(
+        base_url=test_engine.settings.url, headers={"Authorization": f"Bearer {token}"}
+    )
+    everything = http.get("/api/v1/vms").json()
+    assert [vm["name"] for vm in everything] == sorted(names)
+    assert everything == [http.get(f"/api/v1/vms/{n}").json() for n in sorted(names)]
+    assert {vm["name"]: vm["state"] for vm in everything}["pg-d"] == "running"
+
+    pages, path = [], "/api/v1/vms?limit=2"
+    while path:
+        r = http.get(path)
+        assert r.status_code == 200, r.text
+        pages.append([vm["name"] for vm in r.json()])
+        link = r.headers.get("link")
+        path = link[1 : link.index(">")] if link else ""
+    assert pages == [["pg-a", "pg-b"], ["pg-c", "pg-d"], ["pg-e"]]
+    assert http.get("/api/v1/vms", params={"limit": 10, "after": "pg-bb"}).json() == everything[2:]
+    assert http.get("/api/v1/vms", params={"after": "pg-e"}).json() == []
+    for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"after": "x" * 65}):
+        r = http.get("/api/v1/vms", params=bad)
+        assert r.status_code == 422 and r.json()["code"] == "invalid_input", (bad, r.text)
+
+    listed = c.vms.list(page_size=2)
+    assert [vm.model_dump() for vm in listed] == [
+        models.Vm.model_validate(vm).model_dump() for vm in everything
+    ]
+    assert [vm.name for vm in c.vms.list()] == sorted(names)

@@ -14,6 +14,7 @@ from thinair.adapters import nginx, procfs
 from thinair.config import Settings
 from thinair.db.models import Export
 from thinair.engine import exports
+from thinair.engine.exports import urls
 from thinair.errors import InvalidInput
 
 
@@ -30,13 +31,13 @@ from thinair.errors import InvalidInput
     ],
 )
 def test_parse_listen(text: str | None, expected: tuple[str, int | None]) -> None:
-    assert exports._parse_listen(text) == expected
+    assert urls.parse_listen(text) == expected
 
 
 @pytest.mark.parametrize("text", ["h:0", "h:65536", "h:x", "a b:1", "h;rm:1"])
 def test_parse_listen_refuses(text: str) -> None:
     with pytest.raises(InvalidInput):
-        exports._parse_listen(text)
+        urls.parse_listen(text)
 
 
 class _Ctx:

@@ -9,7 +9,18 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from thinair.adapters.virt import DiskDevice, DomainSpec, Virt, disk_target, domain_xml
+from thinair.adapters.errors import AdapterError
+from thinair.adapters.virt import (
+    DiskDevice,
+    DomainDisk,
+    DomainSpec,
+    Virt,
+    VirtError,
+    disk_target,
+    disks,
+    domain_xml,
+)
+from thinair.errors import BackendError
 
 
 def spec(name: str = "web1", **kw: object) -> DomainSpec:
@@ -128,3 +139,86 @@ def test_paused_on_io_error_ignores_a_user_pause(virt: Virt) -> None:
     assert virt.pause_reason("i15") == "user"
     virt.lookup("i15").destroy()  # type: ignore[union-attr]
     virt.undefine("i15")
+
+
+def test_libvirt_errors_come_out_as_virt_errors(virt: Virt) -> None:
+    """A libvirtError leaves virt.py as a VirtError: one of the adapters' errors
+    and a BackendError, with the call, libvirt's message and code, and the
+    libvirtError as its cause."""
+    virt.define(domain_xml(spec()))
+    virt.start("web1")
+    with pytest.raises(VirtError) as e:
+        virt.start("web1")  # running already
+    err = e.value
+    assert isinstance(err, AdapterError) and isinstance(err, BackendError)
+    assert err.code == "backend" and err.call == "virDomainCreate"
+    assert err.libvirt_code == libvirt.VIR_ERR_INTERNAL_ERROR  # (the test driver says so)
+    assert isinstance(err.__cause__, libvirt.libvirtError)
+    assert err.detail == err.__cause__.get_error_message() and err.detail
+    assert err.message == f"libvirt could not start web1: {err.__cause__}"
+    with pytest.raises(VirtError, match="libvirt could not resume web1") as e:
+        virt.resume("web1")  # not paused
+    assert e.value.call == "virDomainResume"
+    with pytest.raises(VirtError, match="^libvirt refused the domain: ") as e:
+        virt.define("<domain type='test'><name>x</name></domain>")  # no memory
+    assert e.value.call == "virDomainDefineXML" and isinstance(
+        e.value.__cause__, libvirt.libvirtError
+    )
+    with pytest.raises(VirtError, match="cannot connect to libvirt at test:///nowhere.xml") as e:
+        _ = Virt("test:///nowhere.xml").conn
+    assert e.value.call == "virConnectOpen"
+    # Not libvirt's error but thinair's: no such domain.
+    with pytest.raises(BackendError, match="libvirt has no domain nope") as b:
+        virt.suspend("nope")
+    assert not isinstance(b.value, VirtError)
+
+
+def test_node_info_and_version(virt: Virt) -> None:
+    info = virt.node_info()
+    assert info.hypervisor == "TEST" and info.cpus > 0
+    assert info.version.count(".") == 2 and virt.version() > 0
+
+
+LIVE = """<domain type='qemu'><name>x</name><devices>
+  <disk type='file' device='disk'>
+    <source file='/sd/top.qcow2'/>
+    <backingStore type='network' index='1'>
+      <source protocol='nbd' name='export'><host name='h' port='10809'/></source>
+      <backingStore/>
+    </backingStore>
+    <target dev='vda' bus='virtio'/>
+    <mirror type='file' job='copy' ready='yes'><source file='/sd/new.raw'/></mirror>
+  </disk>
+  <disk type='file' device='disk'>
+    <source file='/sd/b.qcow2'/>
+    <backingStore type='file'><source file='/sd/b-base.raw'/><backingStore/></backingStore>
+    <target dev='vdb' bus='virtio'/>
+    <mirror type='file' job='copy'><source file='/sd/b-new.raw'/></mirror>
+  </disk>
+  <disk type='file' device='cdrom'><target dev='sda' bus='sata'/></disk>
+  <disk type='file' device='disk'><source file='/sd/no-target.raw'/></disk>
+</devices></domain>"""
+
+
+def test_disks_of_a_live_domain_xml() -> None:
+    """The one reader of a domain's disks: chains top first (a network layer as
+    protocol://name), and a copy job's readiness."""
+    assert disks(LIVE) == [
+        DomainDisk("vda", ["/sd/top.qcow2", "nbd://export"], mirror_ready=True),
+        DomainDisk("vdb", ["/sd/b.qcow2", "/sd/b-base.raw"], mirror_ready=False),
+        DomainDisk("sda", [], mirror_ready=None),
+    ]
+    assert disks(LIVE)[2].top is None and disks(LIVE)[0].top == "/sd/top.qcow2"
+
+
+def test_disks_as_libvirt_reads_them_back(virt: Virt) -> None:
+    virt.define(domain_xml(spec()))
+    assert [(d.target, d.chain) for d in virt.disks("web1", inactive=True)] == [
+        ("vda", ["/sd/a.qcow2"]),
+        ("vdb", ["/sd/b.qcow2"]),
+    ]
+    assert virt.disk("web1", "vdb").top == "/sd/b.qcow2"
+    assert virt.disk_chain("web1", "vda") == ["/sd/a.qcow2"]
+    assert not virt.mirror_ready("web1", "vda")
+    with pytest.raises(BackendError, match="web1 has no disk vdc"):
+        virt.disk("web1", "vdc")

@@ -1,4 +1,5 @@
-"""libnbd: ask an NBD server about an export (size, read-only flag) with a deadline.
+"""libnbd: ask an NBD server about an export (size, read-only flag) with a deadline;
+read an export as a file; prefetch ranges of it.
 
 libnbd's blocking connect has no timeout; the asynchronous one polled against a
 deadline gives a clear "did not answer" instead of a hang when a server is
@@ -7,13 +8,19 @@ firewalled or, like qemu-nbd without --shared, busy with another client.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import time
 from dataclasses import dataclass
+from typing import IO
 
 import nbd
 
+from thinair.adapters.errors import AdapterError
 
-class NBDProbeError(Exception):
+
+class NBDProbeError(AdapterError):
     pass
 
 
@@ -53,7 +60,7 @@ def connect(url: str, timeout: float, allocation_map: bool = False) -> nbd.NBD:
         message = e.string or str(e)
         for prefix in ("nbd_aio_connect_uri: ", "nbd_poll: ", "connect: ", "handshake: "):
             message = message.removeprefix(prefix)
-        raise NBDProbeError(message) from None
+        raise NBDProbeError(message, "nbd_connect_uri", e.string or str(e)) from e
     return h
 
 
@@ -63,5 +70,77 @@ def probe(url: str, timeout: float) -> ExportInfo:
         info = ExportInfo(size=h.get_size(), read_only=bool(h.is_read_only()))
         h.shutdown()
     except nbd.Error as e:
-        raise NBDProbeError(e.string or str(e)) from None
+        raise NBDProbeError(e.string or str(e)) from e
     return info
+
+
+class _Reader(io.RawIOBase):
+    """A seekable read-only file over an NBD export (for tarfile and the like)."""
+
+    def __init__(self, handle: nbd.NBD) -> None:
+        self._h = handle
+        self._size = handle.get_size()
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(nbd.Error):
+                self._h.shutdown()
+        super().close()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._size - self._pos, 8 * 2**20)
+        if n <= 0:
+            return 0
+        try:
+            buffer[:n] = self._h.pread(n, self._pos)
+        except nbd.Error as e:
+            raise OSError(e.errnum or errno.EIO, e.string or str(e)) from e
+        self._pos += n
+        return n
+
+
+def open_reader(url: str, timeout: float) -> IO[bytes]:
+    """The export at `url` as a buffered, seekable, read-only file; closing it
+    closes the connection. NBDProbeError when it cannot connect."""
+    return io.BufferedReader(_Reader(connect(url, timeout)), buffer_size=64 * 1024)
+
+
+def prefetch(url: str, ranges: list[tuple[int, int]], in_flight: int, timeout: float) -> None:
+    """Ask the server at `url` to fetch the (offset, length) `ranges`, in that
+    order, `in_flight` requests at a time: NBD_CMD_CACHE where the server has it
+    (nbdkit's cache filter then reads ahead into its cache), else reads whose
+    data is dropped. Ranges past the end are cut. NBDProbeError on failure."""
+    h = connect(url, timeout)
+    try:
+        size = h.get_size()
+        use_cache = h.can_cache()
+        pending = list(reversed(ranges))
+        while pending or h.aio_in_flight() > 0:
+            while pending and h.aio_in_flight() < in_flight:
+                offset, length = pending.pop()
+                length = min(length, size - offset)
+                if length <= 0:
+                    continue
+                if use_cache:
+                    h.aio_cache(length, offset)
+                else:
+                    h.aio_pread(nbd.Buffer(length), offset)
+            h.poll(-1)
+        h.shutdown()
+    except nbd.Error as e:
+        raise NBDProbeError(e.string or str(e)) from e

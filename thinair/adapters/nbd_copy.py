@@ -35,6 +35,7 @@ import nbd
 import xxhash
 
 from thinair.adapters import nbd_client
+from thinair.adapters.errors import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _sync_range(fd: int, offset: int, length: int, flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class CopyError(Exception):
+class CopyError(AdapterError):
     pass
 
 
@@ -107,7 +108,7 @@ def _connect(url: str, timeout: float, meta: bool = True) -> nbd.NBD:
     try:
         return nbd_client.connect(url, timeout, allocation_map=meta)
     except nbd_client.NBDProbeError as e:
-        raise CopyError(f"{url}: {e}") from None
+        raise CopyError(f"{url}: {e}") from e
 
 
 def data_extents(h: nbd.NBD, start: int, size: int) -> Iterator[Extent]:
@@ -442,7 +443,7 @@ def _worker(
                 return _connect(url, CONNECT_TIMEOUT, meta=False)
             except CopyError as e:
                 if time.monotonic() - failing_since > window:
-                    raise CopyError(f"{last_error or e} (for {window:g} s)") from None
+                    raise CopyError(f"{last_error or e} (for {window:g} s)") from e
                 time.sleep(1)
 
     try:
@@ -644,23 +645,30 @@ def copy(
         digests.seek(start.digest_bytes)
         verifier = _Verifier(dest, digest_file, start.verified)
         verifier.advance(start.digest_bytes)
+        running = threading.Semaphore(0)  # released by each worker as it ends
+
+        def work(h: nbd.NBD) -> None:
+            try:
+                _worker(url, h, plan, fd, throttle, pacer, progress, window, cached)
+            finally:
+                running.release()
+
         threads = [
-            threading.Thread(
-                target=_worker,
-                args=(url, h, plan, fd, throttle, pacer, progress, window, cached),
-                name=f"copy-{i}",
-                daemon=True,
-            )
+            threading.Thread(target=work, args=(h,), name=f"copy-{i}", daemon=True)
             for i, h in enumerate(handles)
         ]
         for t in threads:
             t.start()
+        ended = 0
         checkpoint = start
         done_bytes = start.copied
         last_time = time.monotonic()
         while True:
-            threads[0].join(0.1)
-            alive = any(t.is_alive() for t in threads)
+            # Woken by a worker's end as well as every 0.1 s: the last one's
+            # end goes straight to the final checkpoint.
+            if running.acquire(timeout=0.1):
+                ended += 1
+            alive = ended < len(threads)
             if should_stop and should_stop():
                 plan.fail(CopyStopped())
             if verifier.error is not None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -43,11 +42,13 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode
 
 from thinair.adapters import procfs
+from thinair.adapters._process import StartFailed, start_detached
+from thinair.adapters.errors import AdapterError
 
 PROGRAMS = frozenset({"nbdkit"})
 
 
-class BridgeError(Exception):
+class BridgeError(AdapterError):
     pass
 
 
@@ -77,36 +78,15 @@ def start(
 ) -> int:
     """Start a read-only bridge to `uri` listening on `socket`; return its pid.
     `owner` (QEMU's user under qemu:///system) gets the socket."""
-    for stale in (socket, pid_file):
-        stale.unlink(missing_ok=True)
+    socket.unlink(missing_ok=True)
     argv = [_binary(), "--readonly", "--unix", str(socket), "--pidfile", str(pid_file)]
     argv += source_args(uri, window, cache)
     try:
-        # nbdkit forks into the background once the socket is listening.
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=30,
-            check=False,
-            # The cache filter's file (deleted once open) goes beside the socket.
-            env={**os.environ, "TMPDIR": str(socket.parent)},
-        )
-    except subprocess.TimeoutExpired:
-        raise BridgeError("nbdkit did not start in 30 s") from None
-    if done.returncode != 0:
-        said = done.stderr.strip().splitlines()
-        raise BridgeError(said[-1].removeprefix("nbdkit: ") if said else "nbdkit failed")
-    # The socket listens before nbdkit forks, but the child writes the pid file
-    # after the parent has returned.
-    deadline = time.monotonic() + 10
-    while not pid_file.exists() or not pid_file.read_text().strip():
-        if time.monotonic() > deadline:
-            raise BridgeError("nbdkit started but wrote no pid file")
-        time.sleep(0.01)
-    pid = int(pid_file.read_text().strip())
+        # nbdkit forks into the background once the socket is listening. The
+        # cache filter's file (deleted once open) goes beside the socket.
+        pid = start_detached(argv, pid_file, env={**os.environ, "TMPDIR": str(socket.parent)})
+    except StartFailed as e:
+        raise BridgeError(e.reason, argv, e.detail) from e
     give_socket(socket, owner)
     return pid
 

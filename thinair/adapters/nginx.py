@@ -11,16 +11,15 @@ The binary can be overridden with THINAIR_NGINX.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
-from thinair.adapters import procfs
-from thinair.adapters._process import CommandFailed, run
+from thinair.adapters._process import StartFailed, start_detached
+from thinair.adapters.errors import AdapterError
 
 PROGRAMS = frozenset({"nginx"})
 
 
-class ServerError(Exception):
+class ServerError(AdapterError):
     pass
 
 
@@ -71,18 +70,11 @@ def start(directory: Path, timeout: float = 10.0) -> int:
     """Start nginx on DIR/nginx.conf; returns the master's pid once it listens.
     nginx binds its sockets before it forks, so its first process exits 0 only
     when the port is taken; the master then writes its pid file."""
+    command = argv(directory)
     try:
-        run(argv(directory), timeout=timeout)
-    except CommandFailed as e:
-        last = e.stderr.splitlines()[-1] if e.stderr else str(e)
         # 'nginx: [emerg] bind() to 127.0.0.1:80 failed (98: Address already in use)'
-        raise ServerError(last.removeprefix("nginx: ").removeprefix("[emerg] ")) from None
-    pid_file = directory / "nginx.pid"
-    deadline = time.monotonic() + timeout
-    while True:
-        pid = procfs.from_pid_file(pid_file, PROGRAMS, str(directory) + "/")
-        if pid is not None:
-            return pid
-        if time.monotonic() > deadline:
-            raise ServerError(f"nginx wrote no pid file in {timeout:g} s")
-        time.sleep(0.02)
+        return start_detached(
+            command, directory / "nginx.pid", timeout=timeout, pid_timeout=timeout
+        )
+    except StartFailed as e:
+        raise ServerError(e.reason.removeprefix("[emerg] "), command, e.detail) from e

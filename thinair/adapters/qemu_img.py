@@ -203,17 +203,52 @@ def convert(
     run_with_progress([*argv, src, dest], on_progress, should_stop)
 
 
-def rebase_unsafe(image: str, backing: str, backing_format: str) -> None:
-    """Point a qcow2 image at another backing file holding the same data (-u:
-    only the header changes)."""
-    run([binary(), "rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", backing_format, image])
+def rebase(
+    image: str,
+    backing: str,
+    backing_format: str,
+    unsafe: bool = False,
+    on_progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> None:
+    """Point a qcow2 image at another backing file. `unsafe` (-u): only the
+    header changes, for a backing that holds the same data (instant, so no
+    progress); else qemu-img writes into the image what differs between the
+    old backing and the new one."""
+    if unsafe:
+        run(
+            [
+                binary(),
+                "rebase",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                backing,
+                "-F",
+                backing_format,
+                image,
+            ]
+        )
+        return
+    argv = [binary(), "rebase", "-p", "-f", "qcow2", "-b", backing, "-F", backing_format, image]
+    run_with_progress(argv, on_progress, should_stop)
 
 
 def commit(
-    image: str, on_progress: Progress | None = None, should_stop: ShouldStop | None = None
+    image: str,
+    on_progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    keep: bool = True,
+    fmt: str | None = "qcow2",
 ) -> None:
-    """Write a qcow2 image's own clusters into its backing file (-d: and leave
-    the image as it is, so that a commit interrupted can simply run again)."""
-    run_with_progress(
-        [binary(), "commit", "-p", "-d", "-f", "qcow2", image], on_progress, should_stop
-    )
+    """Write a qcow2 image's own clusters into its backing file. With `keep`
+    (-d) the image stays as it is, so that a commit interrupted can simply run
+    again; without, qemu-img empties it."""
+    argv = [binary(), "commit", "-p"]
+    if keep:
+        argv.append("-d")
+    if fmt:
+        argv += ["-f", fmt]
+    run_with_progress([*argv, image], on_progress, should_stop)

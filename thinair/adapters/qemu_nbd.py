@@ -17,21 +17,43 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Literal
+
+from thinair.adapters._process import StartFailed, start_detached
+from thinair.adapters.errors import AdapterError
+from thinair.adapters.nbd_address import NbdAddress, free_port
+
+__all__ = ["Server", "ServerError", "Tls", "free_port"]
 
 log = logging.getLogger(__name__)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class ServerError(Exception):
+class ServerError(AdapterError):
     pass
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS for the server: QEMU reads the keys from `directory` (no key on the
+    command line). `kind` psk (keys.psk) or x509 (ca-cert.pem, server-cert.pem,
+    server-key.pem); with x509, `verify_peer` makes clients show a certificate
+    of the CA."""
+
+    kind: Literal["psk", "x509"]
+    directory: str
+    priority: str | None = None  # a GnuTLS priority string
+    verify_peer: bool = True
+
+    def object_spec(self, obj_id: str = "tls0") -> str:
+        spec = f"tls-creds-{self.kind},id={obj_id},endpoint=server,dir={self.directory}"
+        if self.priority:
+            spec += f",priority={self.priority}"
+        if self.kind == "x509" and self.verify_peer:
+            spec += ",verify-peer=on"
+        return spec
 
 
 class Server:
@@ -47,8 +69,7 @@ class Server:
         cache: str = "none",
         aio: str = "native",
         unix_socket: str | None = None,
-        objects: Sequence[str] = (),
-        tls_creds: str | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.image = image
         self.fmt = fmt
@@ -60,17 +81,19 @@ class Server:
         self.cache = cache
         self.aio = aio
         self.unix_socket = unix_socket
-        # --object definitions (such as TLS credentials: a directory, never a key).
-        self.objects = list(objects)
-        self.tls_creds = tls_creds
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
 
     @property
-    def url(self) -> str:
+    def address(self) -> NbdAddress:
         if self.unix_socket:
-            return f"nbd+unix:///{self.export_name}?socket={self.unix_socket}"
-        return f"nbd://{self.host}:{self.port}/{self.export_name}"
+            return NbdAddress.unix(self.unix_socket, self.export_name)
+        return NbdAddress.tcp(self.host, self.port, self.export_name)
+
+    @property
+    def url(self) -> str:
+        return self.address.url()
 
     def _answers(self) -> bool:
         try:
@@ -98,10 +121,8 @@ class Server:
             argv.append(f"--socket={self.unix_socket}")
         else:
             argv += [f"--bind={self.host}", f"--port={self.port}"]
-        for spec in self.objects:
-            argv += ["--object", spec]
-        if self.tls_creds:
-            argv.append(f"--tls-creds={self.tls_creds}")
+        if self.tls is not None:
+            argv += ["--object", self.tls.object_spec("tls0"), "--tls-creds=tls0"]
         if self.read_only:
             argv.append("--read-only")
         argv.append(self.image)
@@ -113,33 +134,16 @@ class Server:
         later, go to `log_file`. Raises ServerError with qemu-nbd's words."""
         argv = self.argv()
         argv[-1:-1] = ["--fork", f"--pid-file={pid_file}"]
-        with open(log_file, "ab") as log_f:
-            start = log_f.tell()
-            try:
-                done = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log_f,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                raise ServerError(f"qemu-nbd did not start in {timeout:g} s") from None
-        if done.returncode != 0:
-            with open(log_file, "rb") as log_f:
-                log_f.seek(start)
-                said = log_f.read().decode(errors="replace").strip()
-            # "qemu-nbd: Failed to blah: reason": the last line is the cause.
-            last = said.splitlines()[-1] if said else "(no output)"
-            raise ServerError(last.removeprefix("qemu-nbd: "))
-        with open(pid_file) as f:
-            return int(f.read().strip())
+        try:
+            return start_detached(argv, Path(pid_file), Path(log_file), timeout=timeout)
+        except StartFailed as e:
+            raise ServerError(e.reason, argv, e.detail) from e
 
     def start(self, timeout: float = 10.0) -> None:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+        argv = self.argv()
         self._proc = subprocess.Popen(
-            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -147,12 +151,12 @@ class Server:
                 err = self._read_stderr()
                 rc = self._proc.returncode
                 self._proc = None
-                raise ServerError(f"qemu-nbd exited with {rc}: {err or '(no output)'}")
+                raise ServerError(f"qemu-nbd exited with {rc}: {err or '(no output)'}", argv, err)
             if self._answers():
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"qemu-nbd did not listen at {self.url}")
+                raise ServerError(f"qemu-nbd did not listen at {self.url}", argv)
             time.sleep(0.05)
 
     def _read_stderr(self) -> str:

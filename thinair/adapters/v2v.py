@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinair.adapters import procfs
+from thinair.adapters.errors import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,14 @@ STEP = re.compile(r"^\[\s*\d+\.\d\] (.+?)\s*$")
 TAIL_LINES = 12
 
 
-class ConversionFailed(Exception):
+class ConversionFailed(AdapterError):
     """virt-v2v exited non-zero (or was stopped); `summary` is what it said."""
 
     def __init__(self, returncode: int | None, summary: str, log_path: Path) -> None:
         self.returncode = returncode
         self.summary = summary
         self.log_path = log_path
-        super().__init__(summary)
+        super().__init__(summary, TOOL, summary)
 
 
 @dataclass(frozen=True)

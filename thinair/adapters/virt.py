@@ -3,6 +3,11 @@
 Every domain thinair defines carries its VM id in <metadata> (namespace NS), so
 the reconciler can tell thinair's domains from anyone else's and never touches a
 domain it did not create.
+
+Every libvirt call thinair makes goes through this module (and snapshot.py,
+built on it): a libvirtError comes out as a VirtError, one of the adapters'
+errors (thinair.adapters.errors) and a thinair BackendError, carrying the call,
+libvirt's message and code, and the libvirtError as its cause.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import libvirt
 
+from thinair.adapters.errors import AdapterError
 from thinair.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,26 @@ NS_PREFIX = "thinair"
 
 # libvirt prints every error to stderr by default; we raise them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+class VirtError(AdapterError, BackendError):
+    """A libvirt call failed: `call` names it, `detail` is libvirt's message and
+    `libvirt_code` its error code (libvirt.VIR_ERR_*)."""
+
+    def __init__(self, message: str, call: str, error: libvirt.libvirtError) -> None:
+        super().__init__(message, call, error.get_error_message() or str(error))
+        self.libvirt_code = error.get_error_code()
+
+
+@contextlib.contextmanager
+def calling(call: str, what: str = "libvirt") -> Iterator[None]:
+    """Turn a libvirtError raised inside into a VirtError saying `what: libvirt's
+    message` (what: "libvirt could not start vm1", ...)."""
+    try:
+        yield
+    except libvirt.libvirtError as e:
+        raise VirtError(f"{what}: {e}", call, e) from e
+
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
@@ -183,6 +209,74 @@ def disk_target(index: int) -> str:
     return "vd" + letters
 
 
+@dataclass(frozen=True)
+class DomainDisk:
+    """A disk as a domain's XML shows it."""
+
+    target: str  # vda, vdb, ...
+    # Its chain, top first: file paths, or PROTOCOL://NAME for network layers.
+    chain: list[str]
+    # A block copy's state on the disk: None with no copy, else whether libvirt
+    # says it reached its ready phase.
+    mirror_ready: bool | None = None
+
+    @property
+    def top(self) -> str | None:
+        return self.chain[0] if self.chain else None
+
+
+def disks(xml: str) -> list[DomainDisk]:
+    """The disks of a domain's XML (live or inactive), in its order. The one
+    reader of <devices><disk>: chains, targets and mirrors come from here."""
+    found = []
+    for disk in ET.fromstring(xml).iterfind("devices/disk"):
+        tgt = disk.find("target")
+        if tgt is None or not tgt.get("dev"):
+            continue
+        chain = []
+        node: ET.Element | None = disk
+        while node is not None and (src := node.find("source")) is not None:
+            if src.get("file"):
+                chain.append(src.get("file", ""))
+            else:
+                chain.append(f"{src.get('protocol')}://{src.get('name', '')}")
+            node = node.find("backingStore")
+        mirror = disk.find("mirror")
+        ready = None if mirror is None else mirror.get("ready") == "yes"
+        found.append(DomainDisk(target=tgt.get("dev", ""), chain=chain, mirror_ready=ready))
+    return found
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a host's libvirt says of itself."""
+
+    hypervisor: str  # QEMU, TEST, ...
+    version: str  # the hypervisor's, major.minor.micro
+    cpus: int
+
+
+class Console:
+    """A domain's serial console as a blocking byte stream, both ways."""
+
+    def __init__(self, stream: libvirt.virStream) -> None:
+        self._stream = stream
+
+    def recv(self, size: int) -> bytes:
+        """Up to `size` bytes the guest wrote; b"" once the stream ended."""
+        with calling("virStreamRecv", "libvirt console"):
+            data = self._stream.recv(size)
+        return data if isinstance(data, bytes) else b""
+
+    def send(self, data: bytes) -> None:
+        with calling("virStreamSend", "libvirt console"):
+            self._stream.send(data)
+
+    def abort(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
+
+
 class Virt:
     """One libvirt connection, reopened when libvirtd went away."""
 
@@ -206,10 +300,8 @@ class Virt:
                     pass
                 log.info("libvirt connection to %s lost; reconnecting", self.uri)
             _ensure_event_loop()
-            try:
+            with calling("virConnectOpen", f"cannot connect to libvirt at {self.uri}"):
                 conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as e:
-                raise BackendError(f"cannot connect to libvirt at {self.uri}: {e}") from None
             with contextlib.suppress(libvirt.libvirtError):  # the test driver has no jobs
                 conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
@@ -221,6 +313,21 @@ class Virt:
             self._conn = conn
             return conn
 
+    def version(self) -> int:
+        """The hypervisor's version (major * 1,000,000 + minor * 1000 + micro): a
+        cheap call that shows libvirt answers."""
+        with calling("virConnectGetVersion", f"libvirt at {self.uri}"):
+            return int(self.conn.getVersion())
+
+    def node_info(self) -> NodeInfo:
+        conn = self.conn
+        with calling("virNodeGetInfo", f"libvirt at {self.uri}"):
+            cpus = int(conn.getInfo()[2])
+            version = int(conn.getVersion())
+            hypervisor = str(conn.getType())
+        major, minor, micro = version // 1_000_000, version // 1000 % 1000, version % 1000
+        return NodeInfo(hypervisor=hypervisor, version=f"{major}.{minor}.{micro}", cpus=cpus)
+
     def wait_connected(self, timeout: float) -> None:
         """Wait for libvirtd to answer again (it may be restarting); BackendError
         if it does not within `timeout` seconds. QEMU keeps running meanwhile and
@@ -228,13 +335,14 @@ class Virt:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.conn.getLibVersion()
+                with calling("virConnectGetLibVersion"):
+                    self.conn.getLibVersion()
                 return
-            except (BackendError, libvirt.libvirtError):
+            except BackendError as e:
                 if time.monotonic() > deadline:
                     raise BackendError(
                         f"libvirt at {self.uri} did not come back in {timeout:g} s"
-                    ) from None
+                    ) from e
                 time.sleep(0.5)
 
     def _on_block_job(
@@ -279,8 +387,9 @@ class Virt:
         """`kvm` where a guest can run under KVM, `qemu` (TCG) elsewhere."""
         if setting in ("kvm", "qemu"):
             return setting
-        if self.conn.getType() != "QEMU":
-            return "qemu"
+        with calling("virConnectGetType"):
+            if self.conn.getType() != "QEMU":
+                return "qemu"
         # The paravirtual KVM of some sandboxes (kvm_pvm) runs SeaBIOS but hangs
         # stock guest kernels: TCG is the only thing that boots there.
         if os.path.exists("/sys/module/kvm_pvm") or not os.path.exists("/dev/kvm"):
@@ -303,7 +412,7 @@ class Virt:
         counts NUMA cells, not a container's or balloon's view), and a free figure
         above the total is nonsense."""
         conn = self.conn
-        try:
+        with calling("virNodeGetMemoryStats"):
             try:
                 stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
                 kib = stats["free"] + stats.get("buffers", 0) + stats.get("cached", 0)
@@ -315,19 +424,15 @@ class Virt:
             total = int(conn.getInfo()[1])
             used_kib = sum(dom.info()[2] for dom in conn.listAllDomains() if dom.isActive())
             return total, max(0, total - used_kib // 1024)
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt: {e}") from None
 
-    def open_console(self, name: str) -> libvirt.virStream:
+    def open_console(self, name: str) -> Console:
         """A blocking stream to the domain's serial console, both ways, as `virsh
         console` opens it (taking it over from another client that holds it)."""
         dom = self._get(name)
-        try:
+        with calling("virDomainOpenConsole", f"libvirt could not open the console of {name}"):
             stream = self.conn.newStream(0)
             dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt could not open the console of {name}: {e}") from None
-        return stream
+        return Console(stream)
 
     def lookup(self, name: str) -> libvirt.virDomain | None:
         try:
@@ -335,7 +440,7 @@ class Virt:
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
-            raise BackendError(f"libvirt: {e}") from None
+            raise VirtError(f"libvirt: {e}", "virDomainLookupByName", e) from e
 
     @staticmethod
     def owner(dom: libvirt.virDomain) -> tuple[str, str] | None:
@@ -354,40 +459,41 @@ class Virt:
     def owned_domains(self, engine_id: str) -> dict[str, str]:
         """{VM id: domain name} for every domain the given engine defined."""
         owned = {}
-        for dom in self.conn.listAllDomains():
-            owner = self.owner(dom)
-            if owner and owner[0] == engine_id:
-                owned[owner[1]] = dom.name()
+        with calling("virConnectListAllDomains"):
+            for dom in self.conn.listAllDomains():
+                owner = self.owner(dom)
+                if owner and owner[0] == engine_id:
+                    owned[owner[1]] = dom.name()
         return owned
 
     def define(self, xml: str) -> None:
-        try:
+        with calling("virDomainDefineXML", "libvirt refused the domain"):
             self.conn.defineXML(xml)
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt refused the domain: {e}") from None
 
     def state(self, name: str) -> str:
         dom = self.lookup(name)
         if dom is None:
             return "missing"
-        return _STATES.get(dom.state()[0], "unknown")
+        with calling("virDomainGetState"):
+            state = dom.state()[0]
+        return _STATES.get(state, "unknown")
 
     def states(self) -> dict[str, str]:
         """Every domain's state by name, in one call (for listings)."""
-        try:
-            stats = self.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
-        except libvirt.libvirtError:  # drivers without bulk stats (the test driver)
-            return {
-                d.name(): _STATES.get(d.state()[0], "unknown") for d in self.conn.listAllDomains()
-            }
+        with calling("virConnectGetAllDomainStats"):
+            try:
+                stats = self.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+            except libvirt.libvirtError:  # drivers without bulk stats (the test driver)
+                return {
+                    d.name(): _STATES.get(d.state()[0], "unknown")
+                    for d in self.conn.listAllDomains()
+                }
         return {dom.name(): _STATES.get(st.get("state.state", 0), "unknown") for dom, st in stats}
 
     def start(self, name: str) -> None:
         dom = self._get(name)
-        try:
+        with calling("virDomainCreate", f"libvirt could not start {name}"):
             dom.create()
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt could not start {name}: {e}") from None
 
     def paused_on_io_error(self) -> set[str]:
         """The names of the domains QEMU paused because a disk read or write
@@ -402,14 +508,12 @@ class Virt:
             }
         except libvirt.libvirtError:  # drivers without bulk stats (the test driver)
             pass
-        try:
+        with calling("virConnectListAllDomains"):
             return {
                 d.name()
                 for d in self.conn.listAllDomains()
                 if d.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR]
             }
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt: {e}") from None
 
     def pause_reason(self, name: str) -> str | None:
         """Why libvirt says a paused domain is paused ("I/O error", "user", ...)."""
@@ -427,10 +531,8 @@ class Virt:
     def disk_errors(self, name: str) -> dict[str, str]:
         """{disk target: "no space" or "error"} for the disks whose I/O failed
         since the domain last ran (QEMU keeps the last error of each)."""
-        try:
+        with calling("virDomainGetDiskErrors"):
             errors = self._get(name).diskErrors()
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt: {e}") from None
         return {
             target: "no space" if code == libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE else "error"
             for target, code in errors.items()
@@ -438,21 +540,23 @@ class Virt:
         }
 
     def suspend(self, name: str) -> None:
-        try:
-            self._get(name).suspend()
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt could not pause {name}: {e}") from None
+        dom = self._get(name)
+        with calling("virDomainSuspend", f"libvirt could not pause {name}"):
+            dom.suspend()
 
     def resume(self, name: str) -> None:
-        try:
-            self._get(name).resume()
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt could not resume {name}: {e}") from None
+        dom = self._get(name)
+        with calling("virDomainResume", f"libvirt could not resume {name}"):
+            dom.resume()
+
+    def _active(self, dom: libvirt.virDomain) -> bool:
+        with calling("virDomainIsActive"):
+            return bool(dom.isActive())
 
     def stop(self, name: str, force: bool, timeout: float) -> None:
         """Shut down (ACPI, waiting up to `timeout`) or destroy with `force`."""
         dom = self._get(name)
-        if not dom.isActive():
+        if not self._active(dom):
             return
         try:
             if force:
@@ -460,11 +564,12 @@ class Virt:
                 return
             dom.shutdown()
         except libvirt.libvirtError as e:
-            if not dom.isActive():
+            if not self._active(dom):
                 return
-            raise BackendError(f"libvirt could not stop {name}: {e}") from None
+            call = "virDomainDestroy" if force else "virDomainShutdown"
+            raise VirtError(f"libvirt could not stop {name}: {e}", call, e) from e
         deadline = time.monotonic() + timeout
-        while dom.isActive():
+        while self._active(dom):
             if time.monotonic() > deadline:
                 raise BackendError(
                     f"{name} did not shut down within {timeout:g} s; stop it with --force"
@@ -482,51 +587,45 @@ class Virt:
         except libvirt.libvirtError as e:
             if self.lookup(name) is None:
                 return
-            raise BackendError(f"libvirt could not remove {name}: {e}") from None
+            raise VirtError(f"libvirt could not remove {name}: {e}", "virDomainUndefine", e) from e
 
     def xml(self, name: str, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        return str(self._get(name).XMLDesc(flags))
+        dom = self._get(name)
+        with calling("virDomainGetXMLDesc"):
+            return str(dom.XMLDesc(flags))
+
+    def disks(self, name: str, inactive: bool = False) -> list[DomainDisk]:
+        """The domain's disks, as it runs now or (`inactive`) as it is defined."""
+        return disks(self.xml(name, inactive))
+
+    def disk(self, name: str, target: str, inactive: bool = False) -> DomainDisk:
+        for disk in self.disks(name, inactive):
+            if disk.target == target:
+                return disk
+        raise BackendError(f"{name} has no disk {target}")
+
+    def uuid(self, name: str) -> str:
+        dom = self._get(name)
+        with calling("virDomainGetUUIDString"):
+            return str(dom.UUIDString())
 
     # -- block jobs (import) --------------------------------------------------
 
     def disk_chain(self, name: str, target: str) -> list[str]:
-        """The live chain of a disk, top first: file paths, or protocol://host/name
+        """The live chain of a disk, top first: file paths, or protocol://name
         for network layers."""
-        root = ET.fromstring(self.xml(name))
-        for disk in root.iterfind("devices/disk"):
-            tgt = disk.find("target")
-            if tgt is None or tgt.get("dev") != target:
-                continue
-            chain = []
-            node: ET.Element | None = disk
-            while node is not None and node.find("source") is not None:
-                src = node.find("source")
-                assert src is not None
-                if src.get("file"):
-                    chain.append(src.get("file", ""))
-                else:
-                    chain.append(f"{src.get('protocol')}://{src.get('name', '')}")
-                node = node.find("backingStore")
-            return chain
-        raise BackendError(f"{name} has no disk {target}")
+        return self.disk(name, target).chain
 
     def mirror_ready(self, name: str, target: str) -> bool:
         """libvirt's own word that a copy job reached the ready phase."""
-        root = ET.fromstring(self.xml(name))
-        for disk in root.iterfind("devices/disk"):
-            tgt = disk.find("target")
-            mirror = disk.find("mirror")
-            if tgt is not None and tgt.get("dev") == target and mirror is not None:
-                return mirror.get("ready") == "yes"
-        return False
+        return any(d.target == target and d.mirror_ready for d in self.disks(name))
 
     def block_job(self, name: str, target: str) -> tuple[int, int] | None:
         """(bytes done, bytes total) of the disk's active block job, or None."""
-        try:
-            info = self._get(name).blockJobInfo(target, 0)
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt: {e}") from None
+        dom = self._get(name)
+        with calling("virDomainGetBlockJobInfo"):
+            info = dom.blockJobInfo(target, 0)
         if not info:
             return None
         return int(info["cur"]), int(info["end"])
@@ -558,34 +657,60 @@ class Virt:
             flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
         if reuse_external:
             flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
-        self.block_events.clear(dom.UUIDString(), target)
-        try:
+        self.block_events.clear(self.uuid(name), target)
+        with calling("virDomainBlockCopy", f"libvirt could not start copying {name} {target}"):
             dom.blockCopy(target, ET.tostring(dest_xml, encoding="unicode"), params, flags)
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt could not start copying {name} {target}: {e}") from None
 
     def block_pull(self, name: str, target: str, bandwidth: int | None) -> None:
         """Start pulling the backing chain's data into the top image."""
         dom = self._get(name)
-        self.block_events.clear(dom.UUIDString(), target)
-        try:
+        self.block_events.clear(self.uuid(name), target)
+        with calling("virDomainBlockRebase", f"libvirt could not start pulling {name} {target}"):
             dom.blockRebase(
                 target, None, bandwidth or 0, libvirt.VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES
             )
-        except libvirt.libvirtError as e:
-            raise BackendError(f"libvirt could not start pulling {name} {target}: {e}") from None
+
+    def block_commit(self, name: str, target: str, base: str) -> None:
+        """Start an active, shallow commit of the disk's top layer into `base`
+        (the layer right under it): a copy job that ends in a pivot."""
+        dom = self._get(name)
+        self.block_events.clear(self.uuid(name), target)
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+        with calling("virDomainBlockCommit", f"libvirt could not merge {name} {target} back"):
+            dom.blockCommit(target, base, None, 0, flags)
 
     def block_job_abort(self, name: str, target: str, pivot: bool = False) -> None:
         dom = self._get(name)
         flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if pivot else 0
-        try:
+        what = "switch" if pivot else "cancel the copy of"
+        with calling("virDomainBlockJobAbort", f"libvirt could not {what} {name} {target}"):
             dom.blockJobAbort(target, flags)
-        except libvirt.libvirtError as e:
-            what = "switch" if pivot else "cancel the copy of"
-            raise BackendError(f"libvirt could not {what} {name} {target}: {e}") from None
+
+    def snapshot_disk(self, name: str, target: str, overlay: str) -> None:
+        """From now on the guest's writes to `target` go to a new qcow2 `overlay`
+        (libvirt makes it, backed by the current top): a disk-only snapshot
+        without metadata, of that one disk."""
+        snap = ET.Element("domainsnapshot")
+        listed = ET.SubElement(snap, "disks")
+        for disk in self.disks(name):
+            if disk.target == target:
+                el = ET.SubElement(listed, "disk", name=disk.target, snapshot="external")
+                el.set("type", "file")
+                ET.SubElement(el, "driver", type="qcow2")
+                ET.SubElement(el, "source", file=overlay)
+            else:
+                ET.SubElement(listed, "disk", name=disk.target, snapshot="no")
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+        dom = self._get(name)
+        with calling("virDomainSnapshotCreateXML", f"libvirt could not snapshot {name} {target}"):
+            dom.snapshotCreateXML(ET.tostring(snap, encoding="unicode"), flags)
 
     def wait_block_event(self, name: str, target: str, timeout: float) -> str | None:
-        return self.block_events.wait(self._get(name).UUIDString(), target, timeout)
+        return self.block_events.wait(self.uuid(name), target, timeout)
 
     def _get(self, name: str) -> libvirt.virDomain:
         dom = self.lookup(name)

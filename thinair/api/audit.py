@@ -18,8 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from thinair import models
-from thinair.api.app import ERRORS, Ctx
-from thinair.api.tokens import admin_only
+from thinair.api.deps import ERRORS, Ctx, admin_only
 from thinair.db.models import AuditEntry, aware
 from thinair.engine.context import EngineContext
 

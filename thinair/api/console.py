@@ -16,10 +16,10 @@ import logging
 import os
 import threading
 
-import libvirt
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
 
+from thinair.adapters.virt import Console, VirtError
 from thinair.api import auth
 from thinair.engine import vms
 from thinair.engine.context import EngineContext
@@ -70,7 +70,7 @@ async def console_ws(ws: WebSocket, ref: str) -> None:
     await _relay(ws, stream)
 
 
-async def _relay(ws: WebSocket, stream: libvirt.virStream) -> None:
+async def _relay(ws: WebSocket, stream: Console) -> None:
     """Guest to browser in a thread (libvirt's stream blocks), browser to guest
     here, until either side ends."""
     loop = asyncio.get_running_loop()
@@ -80,7 +80,7 @@ async def _relay(ws: WebSocket, stream: libvirt.virStream) -> None:
         try:
             while True:
                 data = stream.recv(65536)
-                if not isinstance(data, bytes) or not data:
+                if not data:
                     break
                 asyncio.run_coroutine_threadsafe(ws.send_bytes(data), loop).result(30)
         except Exception as e:  # the stream was aborted, or the browser went
@@ -103,12 +103,11 @@ async def _relay(ws: WebSocket, stream: libvirt.virStream) -> None:
             data = message.get("bytes") or (message.get("text") or "").encode()
             if data:
                 await run_in_threadpool(stream.send, data)
-    except (WebSocketDisconnect, libvirt.libvirtError):
+    except (WebSocketDisconnect, VirtError):
         pass
     finally:
         ending.cancel()
-        with contextlib.suppress(libvirt.libvirtError):
-            stream.abort()
+        stream.abort()
         await _close(ws, 1000, "console closed")
 
 

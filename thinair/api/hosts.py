@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 
 from thinair import models
-from thinair.api.app import ERRORS, Ctx, authenticated
+from thinair.api.deps import ERRORS, Ctx, authenticated
 from thinair.engine import hosts
 
 router = APIRouter(

@@ -34,14 +34,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
-import thinair
 from thinair import models
 from thinair.adapters import nbd_client, qemu_img
-from thinair.adapters._process import CommandFailed
-from thinair.api.app import ERRORS, Ctx, authenticated
+from thinair.adapters.errors import CommandFailed
+from thinair.api.deps import ERRORS, Ctx, authenticated
 from thinair.engine import exports, vms
 from thinair.engine.context import EngineContext
 from thinair.external import parse_url
+from thinair.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("thinair_info", "The engine's version", labels=["version"])
-        info.add_metric([thinair.__version__], 1)
+        info.add_metric([__version__], 1)
         yield info
         yield from self._vms()
         yield from self._jobs()
@@ -281,7 +281,6 @@ class EngineCollector(Collector):
 
 
 def _collect(ctx: EngineContext, lag: LoopLag, probe: SourceProbe) -> bytes:
-    assert ctx.jobs is not None
     vm_list = vms.list_all(ctx)
     external = {
         (vm.name, d.target): d.external_disk.url

@@ -4,20 +4,11 @@ token could otherwise mint itself new names or revoke the admin's."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter, Depends
 
 from thinair import models
 from thinair.api import auth
-from thinair.api.app import ERRORS, Ctx, Forbidden, authenticated
-from thinair.db.models import ApiToken
-
-
-def admin_only(token: Annotated[ApiToken, Depends(authenticated)]) -> None:
-    if not auth.is_admin(token.name):
-        raise Forbidden(f"token {token.name!r} is not an admin token (THINAIR_HOME/token)")
-
+from thinair.api.deps import ERRORS, Ctx, admin_only, authenticated
 
 router = APIRouter(
     prefix="/api/v1/tokens",

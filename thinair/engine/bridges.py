@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from thinair.adapters import nbdkit, procfs, qemu_nbd
+from thinair.adapters.nbd_address import NbdAddress
 from thinair.db.models import Disk
 from thinair.engine import working_sets
 from thinair.engine.context import EngineContext
@@ -62,7 +63,7 @@ def _paths(ctx: EngineContext, name: str) -> tuple[Path, Path]:
 
 def backing_url(ctx: EngineContext, disk_id: str) -> str:
     """What QEMU reads: the bridge's socket."""
-    return f"nbd+unix:///?socket={_paths(ctx, disk_id)[0]}"
+    return NbdAddress.unix(str(_paths(ctx, disk_id)[0])).url()
 
 
 def _running(socket: Path, pid_file: Path) -> int | None:
@@ -83,7 +84,7 @@ def ensure(ctx: EngineContext, disk_id: str, url: str, fmt: str | None = None) -
                 url, socket, pid_file, ctx.settings.reconnect_window, owner, cache(ctx, disk_id)
             )
     except (nbdkit.BridgeError, qemu_nbd.ServerError) as e:
-        raise ExternalDiskError(f"cannot bridge to {url}: {e}") from None
+        raise ExternalDiskError(f"cannot bridge to {url}: {e}") from e
     log.info("bridge for disk %s to %s: pid %d", disk_id, url, pid)
     if fmt not in DECODED and parse_url(url).is_nbd:
         _prefetch(ctx, disk_id, url)
@@ -165,9 +166,9 @@ def temporary(ctx: EngineContext, url: str, window: float = 1) -> Iterator[str]:
     socket, pid_file = _paths(ctx, name)
     try:
         nbdkit.start(url, socket, pid_file, window=window, owner=None)
-        yield f"nbd+unix:///?socket={socket}"
+        yield NbdAddress.unix(str(socket)).url()
     except nbdkit.BridgeError as e:
-        raise ExternalDiskError(f"cannot read {url}: {e}") from None
+        raise ExternalDiskError(f"cannot read {url}: {e}") from e
     finally:
         nbdkit.stop(socket, pid_file)
 

@@ -1,4 +1,5 @@
-"""What every flow needs: settings, the database, libvirt, and per-VM locks."""
+"""What every flow needs: settings, the database, libvirt, per-VM locks and the
+job runner (engine/build.py gives it the flows)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ from thinair.config import Settings
 from thinair.db.models import LOCAL_HOST_ID, Host, Installation, Vm, new_id
 from thinair.db.session import Database
 from thinair.engine.events import EventHub
+from thinair.engine.jobs import JobRunner
 from thinair.errors import Conflict
 
 if TYPE_CHECKING:
-    from thinair.engine.jobs import JobRunner
     from thinair.engine.outages import OutageWatcher
 
 
 class EngineContext:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, poll_interval: float = 5.0) -> None:
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
         settings.console_dir.mkdir(parents=True, exist_ok=True)
@@ -38,8 +39,13 @@ class EngineContext:
         self._busy: dict[str, str] = {}
         self._busy_lock = threading.Lock()
         self._engine_id: str | None = None
-        self.jobs: JobRunner | None = None  # set by the service that runs jobs
-        self.outages: OutageWatcher | None = None  # likewise
+        # Exports (engine/exports): one create or remove at a time, since names and
+        # ports are chosen under it; and the VMs held busy by exports of their
+        # disks, by export id.
+        self.exports_lock = threading.Lock()
+        self.exports_held: dict[str, ExitStack] = {}
+        self.jobs = JobRunner(self, poll_interval)  # runs nothing until started
+        self.outages: OutageWatcher | None = None  # set by the service that watches
 
     def _on_lifecycle(self, dom_uuid: str, name: str, state: str) -> None:
         """A domain changed state: an event for clients if it is one of our VMs

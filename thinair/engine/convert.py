@@ -12,13 +12,12 @@ may have left them half converted); a VM left converting with no job is undone.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from sqlalchemy import select
 
 from thinair.adapters import v2v
 from thinair.db.models import Job, Vm
-from thinair.engine import vms
+from thinair.engine import machines
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.jobs import JobCancelled, JobHandle, JobRunner
@@ -27,22 +26,15 @@ from thinair.errors import BackendError, InvalidInput
 KIND = "convert"
 
 
-def log_path(ctx: EngineContext, name: str) -> Path:
-    return ctx.settings.home / "v2v" / f"{name}.log"
-
-
 def check_available(ctx: EngineContext) -> None:
     if not v2v.available():
         raise InvalidInput(
             f"{v2v.TOOL} is not installed on the engine's host: "
             "install Debian's virt-v2v package (and a kernel in /boot for libguestfs)"
         )
-    if ctx.jobs is None:
-        raise BackendError("this engine runs no jobs, so it cannot convert")
 
 
 def submit(ctx: EngineContext, vm_id: str) -> None:
-    assert ctx.jobs is not None
     ctx.jobs.submit(KIND, vm_id, {})
 
 
@@ -55,17 +47,17 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
             raise BackendError("the VM to convert is gone (rolled back or removed)")
         name = vm.name
     began = time.monotonic()
-    path = log_path(ctx, name)
+    path = machines.conversion_log(ctx, name)
     try:
         with ctx.vm_busy(vm_id, "conversion"):
             with ctx.db.session() as s:
-                vm = vms.find(s, vm_id)
+                vm = machines.find(s, vm_id)
                 if job.params.get("began"):
                     # An engine died mid-conversion: start again from the source.
                     job.update(step="new temporary disks")
                     v2v.stop_leftover(path)
                     for disk in vm.disks:
-                        vms.create_overlay(ctx, disk)
+                        machines.create_overlay(ctx, disk)
                 disks = [v2v.Disk(d.volume_path, d.volume_format) for d in vm.disks]
                 memory_mib, cpus = vm.memory_mib, vm.cpus
             job.update(step="converting", params={**job.params, "began": True, "log": str(path)})
@@ -98,27 +90,27 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 should_stop=should_stop,
             )
             with ctx.db.session() as s:
-                vms.find(s, vm_id).phase = "ready"
+                machines.find(s, vm_id).phase = "ready"
         job.update(step="converted", progress={"elapsed": round(time.monotonic() - began, 1)})
     except v2v.ConversionFailed as e:
-        vms._destroy(ctx, vm_id, keep_conversion_log=True)
+        machines.destroy(ctx, vm_id, keep_conversion_log=True)
         if e.returncode is None:
-            raise JobCancelled() from None
+            raise JobCancelled() from e
         raise BackendError(
             f"virt-v2v could not convert {name} (exit {e.returncode}); the VM was not "
             f"created. It said:\n{e.summary}\nIts log: {path}"
-        ) from None
+        ) from e
     except JobCancelled:
-        vms._destroy(ctx, vm_id, keep_conversion_log=True)
+        machines.destroy(ctx, vm_id, keep_conversion_log=True)
         raise
     except Exception:
-        vms._destroy(ctx, vm_id, keep_conversion_log=True)
+        machines.destroy(ctx, vm_id, keep_conversion_log=True)
         raise
 
 
 def vm_domain_type(ctx: EngineContext, vm_id: str) -> str:
     with ctx.db.session() as s:
-        return vms.find(s, vm_id).domain_type
+        return machines.find(s, vm_id).domain_type
 
 
 def orphans(ctx: EngineContext) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-import libvirt
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -20,6 +19,7 @@ from thinair import models
 from thinair.adapters.virt import Virt
 from thinair.db import refs
 from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Host, StorageDomain, Vm
+from thinair.engine import storage
 from thinair.engine.context import EngineContext
 from thinair.errors import BackendError, Conflict, InvalidInput
 
@@ -43,8 +43,6 @@ def check_uri(ctx: EngineContext, uri: str) -> None:
     if parts.scheme == "test" and uri != "test:///default":
         if parts.netloc or parts.query:
             raise InvalidInput(f"{uri!r}: the test driver takes test:///default or test:///FILE")
-        from thinair.engine import storage  # storage imports this module
-
         storage.check_image_root(ctx, parts.path, "test driver file")
     for key in parse_qs(parts.query, keep_blank_values=True):
         if key not in URI_PARAMS:
@@ -84,17 +82,14 @@ def to_model(ctx: EngineContext, host: Host, vms: int = 0) -> models.Host:
     )
     try:
         virt = ctx.virt_at(where)
-        conn = virt.conn
-        cpus = conn.getInfo()[2]
-        version = conn.getVersion()
-        major, minor, micro = version // 1_000_000, version // 1000 % 1000, version % 1000
-        model.hypervisor = conn.getType()
-        model.hypervisor_version = f"{major}.{minor}.{micro}"
-        model.cpus = cpus
+        node = virt.node_info()
+        model.hypervisor = node.hypervisor
+        model.hypervisor_version = node.version
+        model.cpus = node.cpus
         model.memory_mib, model.free_memory_mib = virt.memory_mib()
         model.domain_type = ctx.domain_type_on(virt)
-    except (libvirt.libvirtError, BackendError) as e:
-        model.reachable, model.error = False, str(getattr(e, "message", e))
+    except BackendError as e:
+        model.reachable, model.error = False, e.message
     return model
 
 
@@ -133,11 +128,9 @@ def add(ctx: EngineContext, req: models.HostCreate) -> models.Host:
             raise Conflict(f"a host with URI {where} exists already")
     probe = Virt(where)
     try:
-        probe.conn.getVersion()
-    except (libvirt.libvirtError, BackendError) as e:
-        raise InvalidInput(
-            f"libvirt at {where} does not answer: {getattr(e, 'message', e)}"
-        ) from None
+        probe.version()
+    except BackendError as e:
+        raise InvalidInput(f"libvirt at {where} does not answer: {e.message}") from e
     finally:
         probe.close()
     with ctx.db.session() as s:

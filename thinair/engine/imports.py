@@ -50,9 +50,10 @@ from typing import Any
 
 from thinair import models
 from thinair.adapters import nbd_client, nbd_copy, qemu_img, qemu_nbd, virt
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
+from thinair.adapters.virt import Virt
 from thinair.db.models import LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, exports, import_state, storage, vms
+from thinair.engine import bridges, exports, import_state, machines, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.import_state import DiskImport
@@ -82,7 +83,7 @@ def start(
     one disk, as `disk move` does: an external one is imported, a local one
     copied to the target domain."""
     with ctx.db.session() as s:
-        vm = vms.find(s, ref)
+        vm = machines.find(s, ref)
         if vm.phase != "ready":
             raise Conflict(f"VM {vm.name!r} is {vm.phase}")
         target_sd = storage.find(s, req.to)
@@ -142,7 +143,10 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
             vm = s.get(Vm, job.vm_id)
             if vm is None:
                 raise Conflict("the VM was removed")
-            name = vm.name
+            name, host_id = vm.name, vm.host_id
+        # The VM's host, found once: the flow calls libvirt there many times a
+        # second while it follows a copy, and the VM is held (it cannot move).
+        virt_ = ctx.host_virt(host_id)
         progress = _Progress(job)
         sources: set[str] = set()  # what the disks read from before the import
         with ctx.db.session() as s:
@@ -153,10 +157,10 @@ def run(ctx: EngineContext, job: JobHandle) -> None:
                 progress.add(disk.target, disk.virtual_size, _done(disk, job))
                 if disk.external_url:
                     sources.add(disk.external_url)
-        vms.ensure_bridges(ctx, job.vm_id)  # the VM reads through them until the switch
+        machines.ensure_bridges(ctx, job.vm_id)  # the VM reads through them until the switch
         for disk_id in job.params["disks"]:
             job.check_cancel()
-            _import_disk(ctx, job, name, disk_id, progress)
+            _import_disk(ctx, job, name, virt_, disk_id, progress)
         exports.release(ctx, sources)  # one of thinair's own exports, if nothing else reads it
         job.update(step="done", progress=progress.snapshot(final=True))
 
@@ -166,7 +170,7 @@ def _done(disk: Disk, job: JobHandle) -> bool:
 
 
 def _import_disk(
-    ctx: EngineContext, job: JobHandle, name: str, disk_id: str, progress: _Progress
+    ctx: EngineContext, job: JobHandle, name: str, virt_: Virt, disk_id: str, progress: _Progress
 ) -> None:
     with ctx.db.session() as s:
         disk = s.get(Disk, disk_id)
@@ -183,9 +187,9 @@ def _import_disk(
         state = _state(ctx, disk, sd, method)
     try:
         if method == "bulk":
-            _bulk(ctx, job, name, disk_id, state, progress)
+            _bulk(ctx, job, name, virt_, disk_id, state, progress)
         else:
-            _mirror(ctx, job, name, disk_id, state, progress)
+            _mirror(ctx, job, name, virt_, disk_id, state, progress)
     except JobCancelled:
         if _phase(ctx, disk_id) not in import_state.COMMITTED:
             import_state.discard(ctx, disk_id)  # the partial copy goes
@@ -199,7 +203,7 @@ def _import_disk(
                 "VM runs on its temporary disk. Free some space and run the import again"
             ) from e
         try:
-            running = ctx.vm_virt(name).state(name) in ACTIVE_STATES
+            running = virt_.state(name) in ACTIVE_STATES
         except BackendError:
             running = False
         if running and source and (problem := _source_problem(ctx, source)):
@@ -269,17 +273,17 @@ def _source_problem(ctx: EngineContext, url: str) -> str | None:
     return None
 
 
-def _running(ctx: EngineContext, name: str) -> bool:
-    return ctx.vm_virt(name).state(name) in ACTIVE_STATES
+def _running(virt_: Virt, name: str) -> bool:
+    return virt_.state(name) in ACTIVE_STATES
 
 
-def _gone(ctx: EngineContext, name: str, wait: float = 5.0) -> bool:
+def _gone(virt_: Virt, name: str, wait: float = 5.0) -> bool:
     """Whether the VM's QEMU is gone, giving libvirt `wait` seconds to notice a
     QEMU that died just now (its calls fail before its state says so)."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            if not _running(ctx, name):
+            if not _running(virt_, name):
                 return True
         except BackendError:
             return False  # libvirt itself is away: nothing to tell
@@ -301,6 +305,7 @@ def _bulk(
     ctx: EngineContext,
     job: JobHandle,
     name: str,
+    virt_: Virt,
     disk_id: str,
     state: DiskImport,
     progress: _Progress,
@@ -314,18 +319,19 @@ def _bulk(
     assert url is not None and fmt is not None
     if state.phase == "copy":
         with _copy_source(ctx, disk_id, url, fmt, local) as source:
-            _bulk_copy(ctx, job, name, target, source, state, progress, direct=source == url)
+            direct = local and source == url  # the bridge is here and reads the same bytes
+            _bulk_copy(ctx, job, name, target, source, state, progress, direct=direct)
             _verify(ctx, job, name, target, source, state)
-    if state.phase == "switching" or _running(ctx, name):
+    if state.phase == "switching" or _running(virt_, name):
         # (switching: the copy is the disk already, whether QEMU still runs or not)
         try:
-            _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=True)
+            _live_copy(ctx, job, name, virt_, target, disk_id, state, progress, shallow=True)
             return
         except BackendError:
-            if state.phase in import_state.COMMITTED or not _gone(ctx, name):
+            if state.phase in import_state.COMMITTED or not _gone(virt_, name):
                 raise
             log.info("%s stopped before its switch-over: merging %s offline", name, target)
-    _offline_merge(ctx, job, target, overlay, disk_id, state, progress)
+    _offline_merge(ctx, job, virt_, target, overlay, disk_id, state, progress)
 
 
 @contextlib.contextmanager
@@ -405,8 +411,8 @@ def _bulk_copy(
             guest_busy=guest.busy,
             cached=near,
         )
-    except nbd_copy.CopyStopped:
-        raise JobCancelled() from None
+    except nbd_copy.CopyStopped as e:
+        raise JobCancelled() from e
     except nbd_copy.CopyMismatch as e:
         where = nbd_copy.first_difference(source, state.dest, e.offset, e.length)
         _mismatch(ctx, target, state, where)
@@ -442,6 +448,7 @@ def _live_copy(
     ctx: EngineContext,
     job: JobHandle,
     name: str,
+    virt_: Virt,
     target: str,
     disk_id: str,
     state: DiskImport,
@@ -454,9 +461,8 @@ def _live_copy(
     a shallow one's destination stays (still a copy of the source), a whole
     one's goes."""
     if state.phase == "switching":
-        _finish_switch(ctx, job, name, target, disk_id, state, progress)
+        _finish_switch(ctx, job, name, virt_, target, disk_id, state, progress)
         return
-    virt_ = ctx.vm_virt(name)
     try:
         if virt_.block_job(name, target) is None:
             if shallow:
@@ -478,19 +484,20 @@ def _live_copy(
                 shallow=shallow,
                 reuse_external=shallow,
             )
-        _wait_ready(ctx, job, name, target, state.dest, progress)
+        _wait_ready(job, name, virt_, target, state.dest, progress)
         job.check_cancel()
     except BaseException as e:
-        _abandon_mirror(ctx, name, target, state.dest, delete=not shallow)
-        if isinstance(e, BackendError) and _gone(ctx, name):
+        _abandon_mirror(virt_, name, target, state.dest, delete=not shallow)
+        if isinstance(e, BackendError) and _gone(virt_, name):
             raise BackendError(STOPPED.format(target=target)) from e
         raise
-    _switch(ctx, job, name, target, disk_id, state)
+    _switch(ctx, job, name, virt_, target, disk_id, state)
 
 
 def _offline_merge(
     ctx: EngineContext,
     job: JobHandle,
+    virt_: Virt,
     target: str,
     overlay: str,
     disk_id: str,
@@ -505,12 +512,13 @@ def _offline_merge(
         import_state.save(ctx, state)
     job.update(step=f"merge {target}")
     try:
-        qemu_img.rebase_unsafe(overlay, state.dest, "raw")
-        qemu_img.commit(overlay, lambda f: progress.set_fraction(target, f))
+        qemu_img.rebase(overlay, state.dest, "raw", unsafe=True)
+        # No should_stop: past the point of no return, a cancel waits for the end.
+        qemu_img.commit(overlay, on_progress=lambda f: progress.set_fraction(target, f))
     except CommandFailed as e:
         raise BackendError(f"merging {target} into its copy failed: {e.stderr}") from e
     _sync(state.dest)
-    _commit(ctx, job, disk_id, state)
+    _commit(ctx, job, virt_, disk_id, state)
 
 
 # -- mirror: QEMU copies the whole chain -------------------------------------------
@@ -520,6 +528,7 @@ def _mirror(
     ctx: EngineContext,
     job: JobHandle,
     name: str,
+    virt_: Virt,
     disk_id: str,
     state: DiskImport,
     progress: _Progress,
@@ -528,11 +537,11 @@ def _mirror(
         disk = s.get(Disk, disk_id)
         assert disk is not None
         target, volume, volume_format = disk.target, disk.volume_path, disk.volume_format
-    if _running(ctx, name):
-        _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=False)
+    if _running(virt_, name):
+        _live_copy(ctx, job, name, virt_, target, disk_id, state, progress, shallow=False)
         return
     if state.phase == "switching":  # the copy was complete and checked
-        _commit(ctx, job, disk_id, state)
+        _commit(ctx, job, virt_, disk_id, state)
         return
     job.update(step=f"copy {target}")
     with contextlib.suppress(FileNotFoundError):
@@ -548,8 +557,8 @@ def _mirror(
             should_stop=lambda: job.cancel_requested,
         )
         same = qemu_img.compare(volume, state.dest, volume_format, state.dest_format)
-    except qemu_img.Stopped:
-        raise JobCancelled() from None
+    except qemu_img.Stopped as e:
+        raise JobCancelled() from e
     except CommandFailed as e:
         raise BackendError(f"copying {target} failed: {e.stderr}") from e
     if not same:
@@ -557,28 +566,27 @@ def _mirror(
     _sync(state.dest)
     state.phase = "switching"
     import_state.save(ctx, state)
-    _commit(ctx, job, disk_id, state)
+    _commit(ctx, job, virt_, disk_id, state)
 
 
 # -- following libvirt's block job --------------------------------------------------
 
 
 def _wait_ready(
-    ctx: EngineContext, job: JobHandle, name: str, target: str, dest: str, progress: _Progress
+    job: JobHandle, name: str, virt_: Virt, target: str, dest: str, progress: _Progress
 ) -> None:
-    virt_ = ctx.vm_virt(name)
     if virt_.mirror_ready(name, target):
         return
     with _flushing(dest) as flush:
-        event = _wait_job(ctx, job, name, target, progress, (virt.JOB_READY,), flush)
+        event = _wait_job(job, name, virt_, target, progress, (virt.JOB_READY,), flush)
     if event != virt.JOB_READY and not virt_.mirror_ready(name, target):
         raise BackendError(f"the copy of {target} ended before it was ready")
 
 
 def _wait_job(
-    ctx: EngineContext,
     job: JobHandle,
     name: str,
+    virt_: Virt,
     target: str,
     progress: _Progress,
     until: tuple[str, ...],
@@ -591,13 +599,13 @@ def _wait_job(
     # then has little to write.
     interval = PROGRESS_INTERVAL if tick is None else 0.1
     while True:
-        event = ctx.vm_virt(name).wait_block_event(name, target, interval)
+        event = virt_.wait_block_event(name, target, interval)
         if tick is not None:
             tick()
         try:
-            info = _block_job_info(ctx, name, target)
+            info = _block_job_info(virt_, name, target)
         except BackendError as e:
-            if not _running(ctx, name):
+            if not _running(virt_, name):
                 raise BackendError(STOPPED.format(target=target)) from e
             raise
         if info is not None:
@@ -610,17 +618,16 @@ def _wait_job(
                 "libvirt's for the reason (is the source still reachable?)"
             )
         if info is None and event is None:
-            if not _running(ctx, name):
+            if not _running(virt_, name):
                 raise BackendError(STOPPED.format(target=target))
             return ""  # the job ended with no event we saw (e.g. before a restart)
         if job.cancel_requested:
             raise JobCancelled()
 
 
-def _block_job_info(ctx: EngineContext, name: str, target: str) -> tuple[int, int] | None:
+def _block_job_info(virt_: Virt, name: str, target: str) -> tuple[int, int] | None:
     """The block job's progress, riding out a libvirtd restart: the copy goes on
     in QEMU meanwhile, and libvirtd picks the job up again when it starts."""
-    virt_ = ctx.vm_virt(name)
     try:
         return virt_.block_job(name, target)
     except BackendError:
@@ -656,12 +663,11 @@ def _sync(path: str) -> None:
         os.close(fd)
 
 
-def _abandon_mirror(ctx: EngineContext, name: str, target: str, dest: str, delete: bool) -> None:
+def _abandon_mirror(virt_: Virt, name: str, target: str, dest: str, delete: bool) -> None:
     """Cancel a copy that did not switch: the VM keeps running on its temporary
     disk. A bulk copy stays (it is still a copy of the source; the next merge
     writes every cluster of the temporary disk again)."""
     try:
-        virt_ = ctx.vm_virt(name)
         if virt_.state(name) in ACTIVE_STATES:
             if virt_.disk_chain(name, target)[0] == dest:
                 return  # it did switch: keep the destination
@@ -681,7 +687,13 @@ def _abandon_mirror(ctx: EngineContext, name: str, target: str, dest: str, delet
 
 
 def _switch(
-    ctx: EngineContext, job: JobHandle, name: str, target: str, disk_id: str, state: DiskImport
+    ctx: EngineContext,
+    job: JobHandle,
+    name: str,
+    virt_: Virt,
+    target: str,
+    disk_id: str,
+    state: DiskImport,
 ) -> None:
     """The mirror is ready: pause the guest, make the destination durable and
     record it as the disk, pivot, resume, then give the database and libvirt's
@@ -690,7 +702,10 @@ def _switch(
     so nobody starts it from an old definition meanwhile, and a job resumed
     after a crash finishes from the "switching" record."""
     job.update(step=f"switch {target}")
-    virt_ = ctx.vm_virt(name)
+    # Written back while the guest runs, so that the sync in the pause has only
+    # the last moments' writes to flush (a whole-disk mirror leaves the whole
+    # copy dirty in the page cache).
+    _sync(state.dest)
     virt_.suspend(name)
     try:
         _sync(state.dest)
@@ -698,9 +713,9 @@ def _switch(
         import_state.save(ctx, state)
         crash_point("import-switching", name)
         try:
-            _pivot(ctx, name, target, state.dest)
+            _pivot(virt_, name, target, state.dest)
         except BackendError:
-            if _running(ctx, name) and virt_.disk_chain(name, target)[0] != state.dest:
+            if _running(virt_, name) and virt_.disk_chain(name, target)[0] != state.dest:
                 # Still on the temporary disk, and the guest wrote nothing
                 # since: the temporary disk stays the disk.
                 state.phase = "mirror"
@@ -712,11 +727,10 @@ def _switch(
         with contextlib.suppress(BackendError):
             if virt_.state(name) == "paused":
                 virt_.resume(name)
-    _commit(ctx, job, disk_id, state)
+    _commit(ctx, job, virt_, disk_id, state)
 
 
-def _pivot(ctx: EngineContext, name: str, target: str, dest: str) -> None:
-    virt_ = ctx.vm_virt(name)
+def _pivot(virt_: Virt, name: str, target: str, dest: str) -> None:
     virt_.block_job_abort(name, target, pivot=True)
     deadline = time.monotonic() + 60
     while virt_.disk_chain(name, target)[0] != dest:
@@ -729,6 +743,7 @@ def _finish_switch(
     ctx: EngineContext,
     job: JobHandle,
     name: str,
+    virt_: Virt,
     target: str,
     disk_id: str,
     state: DiskImport,
@@ -736,7 +751,6 @@ def _finish_switch(
 ) -> None:
     """An engine that died during the switch-over: the guest is still paused (we
     paused it), or QEMU is gone. Either way the destination is the disk."""
-    virt_ = ctx.vm_virt(name)
     if virt_.state(name) in ACTIVE_STATES:
         chain = virt_.disk_chain(name, target)
         if chain[0] != state.dest:
@@ -749,18 +763,20 @@ def _finish_switch(
                 with contextlib.suppress(BackendError):
                     if virt_.state(name) == "paused":
                         virt_.resume(name)
-                _live_copy(ctx, job, name, target, disk_id, state, progress, shallow=True)
+                _live_copy(ctx, job, name, virt_, target, disk_id, state, progress, shallow=True)
                 return
-            _pivot(ctx, name, target, state.dest)
-        _commit(ctx, job, disk_id, state)
+            _pivot(virt_, name, target, state.dest)
+        _commit(ctx, job, virt_, disk_id, state)
         with contextlib.suppress(BackendError):
             if virt_.state(name) == "paused":
                 virt_.resume(name)
         return
-    _commit(ctx, job, disk_id, state)
+    _commit(ctx, job, virt_, disk_id, state)
 
 
-def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, state: DiskImport) -> None:
+def _commit(
+    ctx: EngineContext, job: JobHandle, virt_: Virt, disk_id: str, state: DiskImport
+) -> None:
     """Record the disk as local on the state's volume, remembering the old volume
     for cleanup, and give libvirt's persistent definition the new path."""
     new_path = state.dest
@@ -779,7 +795,7 @@ def _commit(ctx: EngineContext, job: JobHandle, disk_id: str, state: DiskImport)
         disk.external_read_only = None
         vm = disk.vm
         s.flush()
-        ctx.vm_virt(vm.name).define(virt.domain_xml(vms.domain_spec(ctx, vm)))
+        virt_.define(virt.domain_xml(machines.domain_spec(ctx, vm)))
         vm_id, vm_name = vm.id, vm.name
     crash_point("import-committed", vm_name)
     bridges.stop(ctx, disk_id)  # QEMU reads nothing through it any more

@@ -19,15 +19,17 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from thinair import models
 from thinair.db import refs
 from thinair.db.models import Job, aware, new_id, utcnow
-from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, NotFound, ThinairError
+
+if TYPE_CHECKING:
+    from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class JobHandle:
             raise JobCancelled()
 
 
-Flow = Callable[[EngineContext, JobHandle], None]
+Flow = Callable[["EngineContext", JobHandle], None]
 
 
 def _key(job_id: str) -> str:

@@ -10,7 +10,6 @@ disk drives.
 
 from __future__ import annotations
 
-import io
 import re
 import tarfile
 import xml.etree.ElementTree as ET
@@ -19,14 +18,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
-import nbd
-
+from thinair.adapters import nbd_client
 from thinair.engine import bridges, storage
 from thinair.engine.context import EngineContext
 from thinair.errors import ExternalDiskError, InvalidInput
 from thinair.external import tar_url
 
 OVF_LIMIT = 4 * 2**20  # bytes of OVF read at most
+OPEN_TIMEOUT = 60.0  # seconds for the bridge to answer (it is local)
 _UNITS = {"byte": 1, "kilobytes": 2**10, "megabytes": 2**20, "gigabytes": 2**30}
 
 
@@ -38,37 +37,6 @@ class Appliance:
     disks: list[str]  # tar+ URLs, in the order of the VM's disk drives
 
 
-class _NBDFile(io.RawIOBase):
-    """A seekable read-only file over an NBD export (for tarfile)."""
-
-    def __init__(self, handle: nbd.NBD) -> None:
-        self._h = handle
-        self._size = handle.get_size()
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(buffer), self._size - self._pos, 8 * 2**20)
-        if n <= 0:
-            return 0
-        buffer[:n] = self._h.pread(n, self._pos)
-        self._pos += n
-        return n
-
-
 @contextmanager
 def _open(ctx: EngineContext, source: str) -> Iterator[IO[bytes]]:
     if source.startswith("/"):
@@ -77,18 +45,15 @@ def _open(ctx: EngineContext, source: str) -> Iterator[IO[bytes]]:
             with open(source, "rb") as f:
                 yield f
         except OSError as e:
-            raise ExternalDiskError(f"cannot read {source}: {e.strerror}") from None
+            raise ExternalDiskError(f"cannot read {source}: {e.strerror}") from e
         return
     with bridges.temporary(ctx, source) as url:
-        handle = nbd.NBD()
         try:
-            handle.connect_uri(url)
-        except nbd.Error as e:
-            raise ExternalDiskError(f"cannot read {source}: {e}") from None
-        try:
-            yield io.BufferedReader(_NBDFile(handle), buffer_size=64 * 1024)
-        finally:
-            handle.shutdown()
+            reader = nbd_client.open_reader(url, OPEN_TIMEOUT)
+        except nbd_client.NBDProbeError as e:
+            raise ExternalDiskError(f"cannot read {source}: {e}") from e
+        with reader:
+            yield reader
 
 
 def _local(tag: str) -> str:
@@ -133,7 +98,7 @@ def parse_ovf(text: bytes, members: set[str]) -> tuple[str, int | None, int | No
     try:
         root = ET.fromstring(text)
     except ET.ParseError as e:
-        raise InvalidInput(f"the OVF is not valid XML: {e}") from None
+        raise InvalidInput(f"the OVF is not valid XML: {e}") from e
     files = {}
     for f in _all(root, "File"):
         href, compression = _attr(f, "href") or "", _attr(f, "compression")
@@ -236,7 +201,7 @@ def read(ctx: EngineContext, source: str) -> Appliance:
             raise InvalidInput(
                 f"{source} is not a plain tar ({e}); an OVA is an uncompressed tar: "
                 "compressed ones are not supported"
-            ) from None
+            ) from e
     return Appliance(
         name=name,
         memory_mib=memory,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from thinair.adapters import nbd_client, qemu_img
-from thinair.adapters._process import CommandFailed
+from thinair.adapters.errors import CommandFailed
 from thinair.errors import ExternalDiskError
 from thinair.external import DiskSpec, ExternalURL, parse_url
 
@@ -104,7 +104,7 @@ def probe(
         try:
             export = nbd_client.probe(ext.url, timeout)
         except nbd_client.NBDProbeError as e:
-            raise ExternalDiskError(f"cannot read {ext.url}: {e}") from None
+            raise ExternalDiskError(f"cannot read {ext.url}: {e}") from e
         read_only = export.read_only
         if spec.check_readonly and not read_only:
             raise ExternalDiskError(
@@ -123,9 +123,9 @@ def probe(
             info = qemu_img.info(ext.url, spec.format, timeout, backing_chain=True)
     except CommandFailed as e:
         if e.returncode is None:
-            raise ExternalDiskError(f"{ext.url} did not answer in {timeout:g} s") from None
+            raise ExternalDiskError(f"{ext.url} did not answer in {timeout:g} s") from e
         reason = _qemu_img_reason(e.stderr, opened)
-        raise ExternalDiskError(f"cannot read {ext.url}: {reason}") from None
+        raise ExternalDiskError(f"cannot read {ext.url}: {reason}") from e
     if info.virtual_size <= 0:
         raise ExternalDiskError(f"{ext.url} is empty")
     check_files(ext, info, confine)

@@ -9,19 +9,18 @@
   with the record, so it could not run anyway).
 Only domains carrying this installation's id are touched, and only VMs no flow
 holds (another engine on the same database may be creating or removing one).
-Exports are reconciled too (see engine/exports.py): live servers adopted, dead
-ones started again, servers without a record stopped.
+Exports are reconciled too (see engine/exports/reconcile.py): live servers
+adopted, dead ones started again, servers without a record stopped.
 """
 
 from __future__ import annotations
 
 import logging
 
-import libvirt
 from sqlalchemy import select
 
 from thinair.db.models import LOCAL_HOST_ID, Disk, Host, Vm
-from thinair.engine import bridges, convert, exports, hosts, import_state, vms
+from thinair.engine import bridges, convert, exports, hosts, import_state, machines
 from thinair.engine.context import EngineContext
 from thinair.errors import BackendError
 
@@ -42,10 +41,10 @@ def reconcile(ctx: EngineContext) -> list[str]:
                 vm = s.get(Vm, vm_id)
                 phase = vm.phase if vm is not None else "gone"
             if vm_id in unconverted:
-                vms._destroy(ctx, vm_id)
+                machines.destroy(ctx, vm_id)
                 actions.append(f"undid create of {name} (its conversion never began)")
             elif phase in ("creating", "removing"):
-                vms._destroy(ctx, vm_id)
+                machines.destroy(ctx, vm_id)
                 actions.append(f"{'undid create of' if phase == 'creating' else 'removed'} {name}")
             elif phase == "ready":
                 try:
@@ -54,7 +53,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
                     actions.append(f"could not check {name}: {e.message}")
                     continue
                 if lost:
-                    vms.redefine(ctx, vm_id)
+                    machines.redefine(ctx, vm_id)
                     actions.append(f"defined {name} again")
     with ctx.db.session() as s:
         uris = [hosts.uri(ctx, h) for h in s.scalars(select(Host))]
@@ -62,7 +61,7 @@ def reconcile(ctx: EngineContext) -> list[str]:
         host_virt = ctx.virt_at(uri)
         try:
             owned = host_virt.owned_domains(ctx.engine_id)
-        except (BackendError, libvirt.libvirtError):
+        except BackendError:  # that host is down: its orphans wait for the next start
             continue
         for vm_id, name in owned.items():
             if vm_id not in records:

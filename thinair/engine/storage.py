@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 
 from thinair import models
 from thinair.db import refs
-from thinair.db.models import Disk, StorageDomain
-from thinair.engine import hosts
+from thinair.db.models import Disk, Host, StorageDomain
 from thinair.engine.context import EngineContext
 from thinair.errors import Conflict, InvalidInput, StorageError
 from thinair.external import ExternalURL, inside, parse_url
@@ -42,7 +41,10 @@ def add(ctx: EngineContext, req: models.StorageDomainCreate) -> models.StorageDo
     if not os.access(path, os.W_OK | os.X_OK) or path.parts[1:2] in (("proc",), ("sys",)):
         raise InvalidInput(f"{path} is not writable by the engine")
     with ctx.db.session() as s:
-        host_id = hosts.find(s, req.host).id if req.host is not None else None
+        # As hosts.find does (hosts sits above this module: it checks paths here).
+        host_id = None
+        if req.host is not None:
+            host_id = refs.find(s, Host, req.host, "host", list_existing=True).id
     if ctx.settings.libvirt_uri.endswith("/system"):
         closed = _unreachable_parent(path)
         if closed is not None:
@@ -163,9 +165,7 @@ def check_space(ctx: EngineContext, sd: StorageDomain, needed: int = 0) -> None:
     try:
         free = shutil.disk_usage(sd.path).free
     except OSError as e:
-        raise StorageError(
-            f"storage domain {sd.name!r} at {sd.path} is not available: {e}"
-        ) from None
+        raise StorageError(f"storage domain {sd.name!r} at {sd.path} is not available: {e}") from e
     if not os.access(sd.path, os.W_OK):
         raise StorageError(f"storage domain {sd.name!r} at {sd.path} is not writable")
     wanted = needed + ctx.settings.min_free_mib * 1024 * 1024

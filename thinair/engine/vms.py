@@ -7,22 +7,23 @@ finish or undo. A flow that fails half way undoes what it did.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from thinair import models
-from thinair.adapters import qemu_img, qemu_io, v2v, virt
-from thinair.adapters._process import CommandFailed
+from thinair.adapters import qemu_img, virt
+from thinair.adapters.errors import CommandFailed
 from thinair.db import refs
-from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, StorageDomain, Vm, new_id
-from thinair.engine import bridges, convert, hosts, import_state, ova, storage
+from thinair.db.models import LOCAL_HOST, LOCAL_HOST_ID, Disk, Host, StorageDomain, Vm, new_id
+from thinair.engine import bridges, convert, hosts, import_state, machines, ova, storage
 from thinair.engine.context import EngineContext
 from thinair.engine.faults import crash_point
 from thinair.engine.probe import Probed, probe
@@ -35,11 +36,6 @@ CONSOLE_CHUNK = 256 * 1024
 
 
 # -- reading -----------------------------------------------------------------
-
-
-def find(s: Session, ref: str) -> Vm:
-    """By name, id or a unique prefix of its id."""
-    return refs.find(s, Vm, ref, "VM")
 
 
 def disk_model(disk: Disk) -> models.Disk:
@@ -64,16 +60,7 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
     if vm.phase in ("creating", "converting"):
         state = vm.phase
     elif state is None:
-        state = _virt(ctx, vm).state(vm.name)
-    pause_reason = None
-    if state == "paused":
-        pause_reason = ctx.outages.reason(vm.id) if ctx.outages else None
-        if pause_reason is None:
-            try:
-                why = _virt(ctx, vm).pause_reason(vm.name)
-            except BackendError:
-                why = None
-            pause_reason = f"paused ({why})" if why else None
+        state = machines.virt_of(ctx, vm).state(vm.name)
     return models.Vm(
         id=vm.id,
         name=vm.name,
@@ -85,53 +72,163 @@ def to_model(ctx: EngineContext, vm: Vm, state: str | None = None) -> models.Vm:
         disks=[disk_model(d) for d in vm.disks],
         host=vm.host.name if vm.host else LOCAL_HOST,
         last_start_seconds=vm.last_start_seconds,
-        pause_reason=pause_reason,
+        pause_reason=_pause_reason(ctx, vm.id, vm.name, vm.host_id) if state == "paused" else None,
         created_at=vm.created_at,
     )
 
 
-def _virt(ctx: EngineContext, vm: Vm) -> virt.Virt:
-    """libvirt on the VM's host."""
-    return ctx.host_virt(vm.host_id)
+def _pause_reason(ctx: EngineContext, vm_id: str, name: str, host_id: str | None) -> str | None:
+    reason = ctx.outages.reason(vm_id) if ctx.outages else None
+    if reason is None:
+        try:
+            why = ctx.host_virt(host_id).pause_reason(name)
+        except BackendError:
+            why = None
+        reason = f"paused ({why})" if why else None
+    return reason
 
 
-def _local(vm: Vm) -> bool:
-    return vm.host_id in (None, LOCAL_HOST_ID)
+# A page (a listing with a limit) of at most this many VMs of one host asks
+# libvirt for each one's state; a whole listing, or a larger page, asks for every
+# domain's state on the host in one call (which, with thousands of domains, costs
+# more than a page's worth of lookups).
+STATES_ONE_BY_ONE = 200
+_VMS = TypeAdapter(list[models.Vm])
 
 
-def list_all(ctx: EngineContext) -> list[models.Vm]:
-    with ctx.db.session() as s:
-        vms = list(
-            s.scalars(
-                select(Vm)
-                .order_by(Vm.name)
-                .options(
-                    selectinload(Vm.disks).selectinload(Disk.storage_domain),
-                    selectinload(Vm.host),
-                )
-            )
+def list_all(
+    ctx: EngineContext, limit: int | None = None, after: str | None = None
+) -> list[models.Vm]:
+    """The VMs by name; with `limit`, at most that many, from the first whose
+    name sorts after `after` (a page: the next one starts after its last name)."""
+    return _VMS.validate_python(list_rows(ctx, limit, after))
+
+
+def list_rows(
+    ctx: EngineContext, limit: int | None = None, after: str | None = None
+) -> list[dict[str, Any]]:
+    """What list_all gives, as the dicts of models.Vm's JSON (for the API, which
+    serializes them with no model in between).
+
+    Read as plain columns in two queries (the VMs with their host's name, their
+    disks with their storage domain's name), not as ORM objects: a listing of
+    thousands is then a few milliseconds of SQL, not a hundred of loading."""
+    vm_query = (
+        select(
+            Vm.id,
+            Vm.name,
+            Vm.phase,
+            Vm.memory_mib,
+            Vm.cpus,
+            Vm.domain_type,
+            Vm.host_id,
+            Vm.last_start_seconds,
+            Vm.created_at,
+            Host.name,
         )
-        states: dict[str, dict[str, str]] = {}  # one libvirt call per host
-        for host_id in {vm.host_id for vm in vms}:
-            try:
-                states[host_id] = ctx.host_virt(host_id).states()
-            except BackendError:
-                states[host_id] = {}
-        return [
-            to_model(
-                ctx,
-                vm,
-                states[vm.host_id].get(
-                    vm.name, "missing" if states[vm.host_id] or _local(vm) else "unknown"
-                ),
+        .outerjoin(Host, Host.id == Vm.host_id)
+        .order_by(Vm.name)
+    )
+    page = select(Vm.id).order_by(Vm.name)
+    if after is not None:
+        vm_query, page = vm_query.where(Vm.name > after), page.where(Vm.name > after)
+    if limit is not None:
+        vm_query, page = vm_query.limit(limit), page.limit(limit)
+    disk_query = (
+        select(
+            Disk.vm_id,
+            Disk.id,
+            Disk.target,
+            StorageDomain.name,
+            Disk.volume_path,
+            Disk.volume_format,
+            Disk.virtual_size,
+            Disk.external_url,
+            Disk.external_format,
+            Disk.blank,
+        )
+        .join(StorageDomain, StorageDomain.id == Disk.storage_domain_id)
+        .order_by(Disk.vm_id, Disk.position)
+    )
+    with ctx.db.session() as s:
+        rows = s.execute(vm_query).all()
+        if limit is not None or after is not None:
+            disk_query = disk_query.where(Disk.vm_id.in_(page.scalar_subquery()))
+        disks: dict[str, list[dict[str, Any]]] = {}
+        for vm_id, *d in s.execute(disk_query):
+            disks.setdefault(vm_id, []).append(
+                {
+                    "id": d[0],
+                    "vm_id": vm_id,
+                    "target": d[1],
+                    "storage_domain": d[2],
+                    "volume_path": d[3],
+                    "volume_format": d[4],
+                    "virtual_size": d[5],
+                    "location": "external" if d[6] else "local",
+                    "external_disk": {"url": d[6], "format": d[7], "tls": "none"} if d[6] else None,
+                    "blank": d[8],
+                }
             )
-            for vm in vms
-        ]
+    states = _states(
+        ctx,
+        [(r[6], r[1]) for r in rows if r[2] not in ("creating", "converting")],
+        one_by_one=limit is not None,
+    )
+    out = []
+    for vm_id, name, phase, memory_mib, cpus, domain_type, host_id, last, created, host in rows:
+        if phase in ("creating", "converting"):
+            state = phase
+        else:
+            known = states[host_id]
+            local = host_id in (None, LOCAL_HOST_ID)
+            state = known.get(name, "missing" if known or local else "unknown")
+        out.append(
+            {
+                "id": vm_id,
+                "name": name,
+                "state": state,
+                "phase": phase,
+                "memory_mib": memory_mib,
+                "cpus": cpus,
+                "domain_type": domain_type,
+                "disks": disks.get(vm_id, []),
+                "host": host or LOCAL_HOST,
+                "last_start_seconds": last,
+                "pause_reason": (
+                    _pause_reason(ctx, vm_id, name, host_id) if state == "paused" else None
+                ),
+                "created_at": models.utc(created),
+            }
+        )
+    return out
+
+
+def _states(
+    ctx: EngineContext, vms: list[tuple[str, str]], one_by_one: bool
+) -> dict[str, dict[str, str]]:
+    """The libvirt states of these (host id, name) VMs, by host and name; {} for
+    a host libvirt does not answer for. `one_by_one`: for a page, looked up one
+    VM at a time while there are few."""
+    by_host: dict[str, list[str]] = {}
+    for host_id, name in vms:
+        by_host.setdefault(host_id, []).append(name)
+    states: dict[str, dict[str, str]] = {}
+    for host_id, names in by_host.items():
+        host_virt = ctx.host_virt(host_id)
+        try:
+            if one_by_one and len(names) <= STATES_ONE_BY_ONE:
+                states[host_id] = {name: host_virt.state(name) for name in names}
+            else:
+                states[host_id] = host_virt.states()
+        except BackendError:
+            states[host_id] = {}
+    return states
 
 
 def get(ctx: EngineContext, ref: str) -> models.Vm:
     with ctx.db.session() as s:
-        return to_model(ctx, find(s, ref))
+        return to_model(ctx, machines.find(s, ref))
 
 
 def get_disk(ctx: EngineContext, ref: str) -> models.Disk:
@@ -142,7 +239,7 @@ def get_disk(ctx: EngineContext, ref: str) -> models.Disk:
 
 def console_path(ctx: EngineContext, ref: str) -> str:
     with ctx.db.session() as s:
-        return find(s, ref).console_log
+        return machines.find(s, ref).console_log
 
 
 def console(ctx: EngineContext, ref: str, offset: int) -> models.Console:
@@ -150,7 +247,7 @@ def console(ctx: EngineContext, ref: str, offset: int) -> models.Console:
     if offset < 0:
         raise InvalidInput("offset must be >= 0")
     with ctx.db.session() as s:
-        path = find(s, ref).console_log
+        path = machines.find(s, ref).console_log
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -319,7 +416,7 @@ def _create(
     try:
         _materialize(ctx, vm_id)
         with ctx.db.session() as s:
-            vm = find(s, vm_id)
+            vm = machines.find(s, vm_id)
             # A VM to convert is not ready before virt-v2v has run over its overlays.
             vm.phase = "converting" if req.convert else "ready"
             created = to_model(ctx, vm)
@@ -327,7 +424,7 @@ def _create(
         return created
     except BaseException:
         log.exception("creating VM %s failed; undoing", req.name)
-        _destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
+        machines.destroy(ctx, vm_id)  # whatever it got to: domain (if ours), volumes, record
         raise
 
 
@@ -361,93 +458,25 @@ def _gib(n: int) -> str:
 
 def _materialize(ctx: EngineContext, vm_id: str) -> None:
     with ctx.db.session() as s:
-        vm = find(s, vm_id)
+        vm = machines.find(s, vm_id)
         for disk in vm.disks:
             if disk.blank:
                 try:
                     qemu_img.create(disk.volume_path, "qcow2", disk.virtual_size)
                 except CommandFailed as e:
-                    raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
+                    raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from e
                 continue
-            create_overlay(ctx, disk)
+            machines.create_overlay(ctx, disk)
         crash_point("create-overlays")
-        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
+        machines.virt_of(ctx, vm).define(virt.domain_xml(machines.domain_spec(ctx, vm)))
     crash_point("create-defined")
-
-
-def create_overlay(ctx: EngineContext, disk: Disk) -> None:
-    """The disk's temporary disk, new (over an old one, if any) on its external disk."""
-    assert disk.external_url and disk.external_format
-    url, fmt = disk.external_url, disk.external_format
-    backing, backing_fmt = url, fmt
-    # A bridge is a process on this machine: only VMs here read through one.
-    if _local(disk.vm) and bridges.bridged(url, fmt):
-        bridges.ensure(ctx, disk.id, url, fmt)
-        backing, backing_fmt = bridges.source(ctx, disk.id, url, fmt)
-    try:
-        qemu_img.create_overlay(disk.volume_path, backing, backing_fmt, disk.virtual_size)
-    except CommandFailed as e:
-        raise StorageError(f"cannot create {disk.volume_path}: {e.stderr}") from None
-    _mark_holes(ctx, disk, backing, backing_fmt)
-
-
-def _mark_holes(ctx: EngineContext, disk: Disk, source: str, fmt: str) -> None:
-    """Mark the external disk's holes as zero clusters in the new overlay.
-
-    The external disk is read-only and never changes, so a hole there reads as
-    zeros for good. Recorded in the overlay before any guest runs on it, they
-    cost no network reads: not for the guest, and not for an import, which
-    otherwise pulls every hole over the wire (QEMU's stream copies them).
-    An optimization only: if the map cannot be read, the overlay is still right.
-    """
-    assert disk.external_url and disk.external_format
-    cluster = 64 * 1024
-    try:
-        holes = qemu_img.zero_ranges(source, fmt, timeout=ctx.settings.probe_timeout)
-        aligned = []
-        for offset, length in holes:
-            start = -(-offset // cluster) * cluster  # whole clusters only
-            end = (offset + length) // cluster * cluster
-            if end > start:
-                aligned.append((start, end - start))
-        if aligned:
-            qemu_io.write_zeroes(disk.volume_path, aligned)
-    except CommandFailed as e:
-        log.warning(
-            "could not map the holes of %s (%s); reads of them will go to the source",
-            disk.external_url,
-            e,
-        )
-
-
-def domain_spec(ctx: EngineContext, vm: Vm) -> virt.DomainSpec:
-    return virt.DomainSpec(
-        name=vm.name,
-        uuid=vm.id,
-        vm_id=vm.id,
-        engine_id=ctx.engine_id,
-        memory_mib=vm.memory_mib,
-        cpus=vm.cpus,
-        domain_type=vm.domain_type,
-        console_log=vm.console_log,
-        disks=[
-            virt.DiskDevice(
-                d.target,
-                d.volume_path,
-                d.volume_format,
-                external=d.external_url is not None,
-                copy_on_read=d.external_url is not None and ctx.settings.copy_on_read,
-            )
-            for d in vm.disks
-        ],
-    )
 
 
 # -- start / stop ------------------------------------------------------------
 
 
 def _ready(s: Session, ref: str) -> Vm:
-    vm = find(s, ref)
+    vm = machines.find(s, ref)
     if vm.phase != "ready":
         raise Conflict(f"VM {vm.name!r} is {vm.phase}")
     return vm
@@ -468,25 +497,25 @@ def start(ctx: EngineContext, ref: str, host: str | None = None) -> models.Vm:
         if host is not None:
             _move(ctx, vm_id, host)
         with ctx.db.session() as s:
-            host_virt = _virt(ctx, find(s, vm_id))
+            host_virt = machines.virt_of(ctx, machines.find(s, vm_id))
         state = host_virt.state(name)
         if state == "running":
             raise Conflict(f"VM {name!r} is running already")
         if state == "paused":
             # QEMU pauses a guest whose write met a full disk: go on once there is space.
-            ctx.virt.resume(name)
+            host_virt.resume(name)
             return get(ctx, vm_id)
         if state == "missing":
             raise BackendError(
                 f"libvirt lost the domain of {name!r}; restart the engine to have it defined again"
             )
-        ensure_bridges(ctx, vm_id)
+        machines.ensure_bridges(ctx, vm_id)
         crash_point("start-bridges")
         began = time.monotonic()
         host_virt.start(name)
         took = time.monotonic() - began
         with ctx.db.session() as s:
-            vm = find(s, vm_id)
+            vm = machines.find(s, vm_id)
             vm.last_start_seconds = round(took, 3)
             started = to_model(ctx, vm)
         ctx.events.vm_changed(vm_id, name)
@@ -497,19 +526,20 @@ def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
     """Define a stopped VM on another host (that reaches its storage and has the
     memory), and undefine it where it was."""
     with ctx.db.session() as s:
-        vm = find(s, vm_id)
+        vm = machines.find(s, vm_id)
         target = hosts.choose(ctx, s, [d.storage_domain for d in vm.disks], vm.memory_mib, host_ref)
         if target.id == vm.host_id:
             return
+        local = machines.is_local(vm)
         if any(bridges.bridged(d.external_url) for d in vm.disks) and (
-            _local(vm) or target.id == LOCAL_HOST_ID
+            local or target.id == LOCAL_HOST_ID
         ):
             raise Conflict(
                 f"{vm.name} reads its external NBD disks "
-                f"{'through this machine' if _local(vm) else 'directly'}: it cannot move to "
+                f"{'through this machine' if local else 'directly'}: it cannot move to "
                 f"{target.name} before it is imported"
             )
-        old = _virt(ctx, vm)
+        old = machines.virt_of(ctx, vm)
         name = vm.name
         if old.state(name) not in ("stopped", "missing"):
             raise Conflict(f"VM {name!r} is running on {vm.host.name}: stop it first to move it")
@@ -519,7 +549,7 @@ def _move(ctx: EngineContext, vm_id: str, host_ref: str) -> None:
         vm.host_id = target.id
         vm.domain_type = ctx.domain_type_on(new)
         s.flush()
-        new.define(virt.domain_xml(domain_spec(ctx, vm)))
+        new.define(virt.domain_xml(machines.domain_spec(ctx, vm)))
     dom = old.lookup(name)
     if dom is not None and old.owner(dom) == (ctx.engine_id, vm_id):
         old.undefine(name)
@@ -529,7 +559,7 @@ def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
     with ctx.db.session() as s:
         vm = _ready(s, ref)
         vm_id, name = vm.id, vm.name
-        host_virt = _virt(ctx, vm)
+        host_virt = machines.virt_of(ctx, vm)
     with ctx.vm_busy(vm_id, "stop"):
         if host_virt.state(name) not in ("stopped", "missing"):
             host_virt.stop(name, force=req.force, timeout=req.timeout or ctx.settings.stop_timeout)
@@ -542,21 +572,21 @@ def stop(ctx: EngineContext, ref: str, req: models.VmStop) -> models.Vm:
 def remove(ctx: EngineContext, ref: str, force: bool = False) -> None:
     """Remove a VM and every volume thinair made for it (temporary or imported)."""
     with ctx.db.session() as s:
-        vm = find(s, ref)
+        vm = machines.find(s, ref)
         vm_id, name = vm.id, vm.name
-        host_virt = _virt(ctx, vm)
+        host_virt = machines.virt_of(ctx, vm)
     if not force and host_virt.state(name) not in ("stopped", "missing"):
         raise Conflict(f"VM {name!r} is running: stop it first, or remove it with --force")
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "remove"):
-        _destroy(ctx, vm_id)
+        machines.destroy(ctx, vm_id)
 
 
 def rollback(ctx: EngineContext, ref: str) -> None:
     """Stop the VM and discard its temporary disks and the blank disks made with
     it; the external disks were never written, so nothing else changes."""
     with ctx.db.session() as s:
-        vm = find(s, ref)
+        vm = machines.find(s, ref)
         vm_id, name = vm.id, vm.name
         imported = [d.target for d in vm.disks if not d.external_url and not d.blank]
     if imported:
@@ -566,65 +596,10 @@ def rollback(ctx: EngineContext, ref: str) -> None:
         )
     _cancel_jobs(ctx, vm_id)
     with ctx.vm_busy(vm_id, "rollback"):
-        _destroy(ctx, vm_id)
+        machines.destroy(ctx, vm_id)
 
 
 def _cancel_jobs(ctx: EngineContext, vm_id: str) -> None:
     """An import in progress is cancelled (the VM goes back to its temporary
     disks) before the VM is rolled back or removed."""
-    if ctx.jobs is not None:
-        ctx.jobs.cancel_and_wait(vm_id)
-
-
-def _destroy(ctx: EngineContext, vm_id: str, keep_conversion_log: bool = False) -> None:
-    """Mark the VM removing, then undefine its domain, delete its volumes and its
-    logs (console; virt-v2v's unless kept, as when a conversion failed), and last
-    its record. Idempotent: the reconciler calls it again for a VM left in phase
-    removing, creating or converting."""
-    with ctx.db.session() as s:
-        vm = s.get(Vm, vm_id)
-        if vm is None:
-            return
-        if vm.phase not in ("creating", "converting"):
-            vm.phase = "removing"
-        name = vm.name
-        paths = [d.volume_path for d in vm.disks] + [vm.console_log]
-        conversion_log = convert.log_path(ctx, name)
-        paths.append(str(v2v.xml_path(conversion_log)))
-        if not keep_conversion_log:
-            paths.append(str(conversion_log))
-        disk_urls = [(d.id, d.external_url) for d in vm.disks]
-        host_virt = _virt(ctx, vm)
-    dom = host_virt.lookup(name)
-    if dom is not None and host_virt.owner(dom) == (ctx.engine_id, vm_id):
-        host_virt.undefine(name)
-    crash_point("destroy-undefined")
-    for disk_id, url in disk_urls:
-        bridges.stop(ctx, disk_id, url)
-        import_state.discard(ctx, disk_id)  # a partial copy an import left
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            if path:
-                os.unlink(path)
-    with ctx.db.session() as s:
-        vm = s.get(Vm, vm_id)
-        if vm is not None:
-            s.delete(vm)
-    ctx.events.vm_changed(vm_id, name)
-
-
-def ensure_bridges(ctx: EngineContext, vm_id: str) -> None:
-    """(Re)start the bridges the VM's external NBD disks are read through."""
-    with ctx.db.session() as s:
-        vm = find(s, vm_id)
-        wanted = [(d.id, d.external_url, d.external_format) for d in vm.disks] if _local(vm) else []
-    for disk_id, url, fmt in wanted:
-        if url and bridges.bridged(url, fmt):
-            bridges.ensure(ctx, disk_id, url, fmt)
-
-
-def redefine(ctx: EngineContext, vm_id: str) -> None:
-    """Define a ready VM's domain again from its record (libvirt lost it)."""
-    with ctx.db.session() as s:
-        vm = find(s, vm_id)
-        _virt(ctx, vm).define(virt.domain_xml(domain_spec(ctx, vm)))
+    ctx.jobs.cancel_and_wait(vm_id)

@@ -25,8 +25,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import nbd
-
+from thinair.adapters import nbd_client
+from thinair.adapters.nbd_address import NbdAddress
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
@@ -113,26 +113,10 @@ def prefetch(ctx: EngineContext, url: str, socket: Path) -> threading.Thread | N
 
 def _prefetch(url: str, socket: Path, wanted: list[tuple[int, int]]) -> None:
     began = time.monotonic()
-    h = nbd.NBD()
     try:
-        h.connect_uri(f"nbd+unix:///?socket={socket}")
-        size = h.get_size()
-        use_cache = h.can_cache()
-        pending = list(reversed(wanted))
-        while pending or h.aio_in_flight() > 0:
-            while pending and h.aio_in_flight() < IN_FLIGHT:
-                offset, length = pending.pop()
-                length = min(length, size - offset)
-                if length <= 0:
-                    continue
-                if use_cache:
-                    h.aio_cache(length, offset)
-                else:
-                    h.aio_pread(nbd.Buffer(length), offset)
-            h.poll(-1)
-        h.shutdown()
-    except nbd.Error as e:
-        log.info("prefetch of %s stopped: %s", url, e.string or e)
+        nbd_client.prefetch(NbdAddress.unix(str(socket)).url(), wanted, IN_FLIGHT, timeout=30)
+    except nbd_client.NBDProbeError as e:
+        log.info("prefetch of %s stopped: %s", url, e)
         return
     log.info(
         "prefetched the working set of %s (%d blocks) in %.2f s",
