@@ -42,6 +42,7 @@ from thinair.client import Client  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "history.jsonl"
 WORK_ROOT = Path("/var/tmp/thinair-bench")
 LIBVIRT_LOGS = Path("/var/log/libvirt/qemu")
+KiB = 2**10
 MiB = 2**20
 GiB = 2**30
 
@@ -187,7 +188,9 @@ class Lab:
         return self.dir / name
 
     def vm_name(self, what: str) -> str:
-        name = f"bench-{self.label}-{what}-{self.run_id}"
+        # THINAIR_BENCH_PREFIX: to tell one person's VMs from another's on a shared host
+        prefix = os.environ.get("THINAIR_BENCH_PREFIX", "bench")
+        name = f"{prefix}-{self.label}-{what}-{self.run_id}"
         self.names.append(name)
         return name
 

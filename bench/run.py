@@ -13,6 +13,10 @@ in order (each also runs alone as bench/<name>.py):
                          VMs, p50 and p99
   8. distance            start to boot marker with 10/25/50 ms per read vs none
                          (about 9 min alone, 3 with --quick)
+  9. far_reads           the guest's read latency during an import on a 100 Mbit/s
+                         link vs before it; its read throughput at 25 ms vs none;
+                         bytes read over boot + import vs allocated (about 11 min
+                         alone, 4 with --quick)
 A benchmark that fails is reported in the table (and the exit status); the
 others still run. One JSON line per run goes to bench/results/history.jsonl.
 
@@ -38,6 +42,7 @@ import api_latency  # noqa: E402
 import boot_marker  # noqa: E402
 import concurrency  # noqa: E402
 import distance  # noqa: E402
+import far_reads  # noqa: E402
 import import_speed  # noqa: E402
 import pivot_pause  # noqa: E402
 import read_during_import  # noqa: E402
@@ -53,6 +58,7 @@ BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "concurrency": concurrency.run,
     "api_latency": api_latency.run,
     "distance": distance.run,
+    "far_reads": far_reads.run,
 }
 
 

@@ -13,7 +13,7 @@ import nbd
 import pytest
 
 from tests.support.far_source import FarSource, reads
-from thinair.adapters import nbdkit
+from thinair.adapters import nbd_copy, nbdkit
 from thinair.config import Settings
 from thinair.engine import working_sets
 from thinair.engine.context import EngineContext
@@ -111,3 +111,79 @@ def test_working_set_recorded_then_prefetched(
         nbdkit.stop(*first[:2])
         nbdkit.stop(*second[:2])
         ctx.close()
+
+
+def test_the_copier_holds_back_while_the_guest_reads_through_the_bridge(
+    image: Path, workdir: Path
+) -> None:
+    """ReadsWatch sees a read the bridge sends its source (a miss) while it is
+    unanswered, and not a hit; a copier told so issues nothing meanwhile."""
+    far = FarSource(image, workdir / "slow.pid", delay_ms=1500, log_file=workdir / "slow.log")
+    far.start()
+    socket, pid_file, log_file = workdir / "b.sock", workdir / "b.pid", workdir / "b.reads"
+    nbdkit.start(far.url, socket, pid_file, 5, None, nbdkit.Cache(reads_log=log_file))
+    try:
+        watch = nbdkit.ReadsWatch(log_file, hold=0.2)
+        assert not watch.busy()
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={socket}")
+        h.aio_pread(nbd.Buffer(4096), 5 * MiB)  # a miss: 1.5 s at the source
+        time.sleep(0.5)
+        assert watch.busy() and watch.reads == 1
+        # A copier that starts now sends the source nothing until the read is in.
+        before = len(reads(workdir / "slow.log"))
+        assert before == 1
+        began = time.monotonic()
+        dest = workdir / "copy.raw"
+        nbd_copy.copy(far.url, str(dest), str(workdir / "digests"), guest_busy=watch.busy)
+        copied = reads(workdir / "slow.log")[before:]
+        assert time.monotonic() - began >= 1.0 + 1.5  # held ~1 s, then reads of 1.5 s each
+        # At the source: the copier's first read came after the guest's was answered.
+        logged = (workdir / "slow.log").read_text().splitlines()
+        guest = next(line for line in logged if "...Read" in line)
+        copier = [line for line in logged if " Read id=" in line][1]
+        assert guest.split(" connection=")[0] <= copier.split(" connection=")[0]
+        assert dest.read_bytes() == image.read_bytes()
+        while h.aio_in_flight():
+            h.poll(1000)
+        time.sleep(0.3)  # past the hold
+        assert not watch.busy()
+        assert h.pread(4096, 5 * MiB + 8192) == bytes([5]) * 4096  # a hit: not seen
+        assert not watch.busy() and watch.reads == 1
+        assert copied and min(o for o, _ in copied) == 0
+        h.shutdown()
+    finally:
+        nbdkit.stop(socket, pid_file)
+        far.stop()
+
+
+def test_the_copier_reads_what_the_bridge_fetched_from_its_cache(
+    source: FarSource, image: Path, workdir: Path
+) -> None:
+    """Nothing crosses the link twice: blocks the guest read through its bridge
+    are copied from the bridge's cache, the rest from the source; the copy is
+    the source's bytes."""
+    socket, pid_file, log_file = workdir / "b.sock", workdir / "b.pid", workdir / "b.reads"
+    nbdkit.start(source.url, socket, pid_file, 5, None, nbdkit.Cache(reads_log=log_file))
+    try:
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={socket}")
+        for block in (2, 3, 4, 5, 9):  # the guest's reads: 1 MiB blocks fetched whole
+            assert h.pread(4096, block * MiB + 100) == bytes([block]) * 4096
+        before = len(reads(workdir / "source.log"))
+        watch = nbdkit.ReadsWatch(log_file)
+        dest = workdir / "copy.raw"
+        nbd_copy.copy(
+            source.url,
+            str(dest),
+            str(workdir / "digests"),
+            cached=(f"nbd+unix:///?socket={socket}", watch.covers),
+        )
+        assert dest.read_bytes() == image.read_bytes()
+        copied = sorted(reads(workdir / "source.log")[before:])
+        # 2 MiB requests: [2, 4) and [4, 6) came from the cache, the others
+        # (9 is only half of [8, 10)) from the source.
+        assert copied == [(o * MiB, 2 * MiB) for o in (0, 6, 8, 10, 12, 14)]
+        h.shutdown()
+    finally:
+        nbdkit.stop(socket, pid_file)

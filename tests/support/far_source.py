@@ -34,6 +34,7 @@ class FarSource:
         rate: str | None = None,
         port: int | None = None,
         log_file: Path | None = None,
+        burst: float | None = None,
     ) -> None:
         self.image = image
         self.pid_file = pid_file
@@ -41,6 +42,10 @@ class FarSource:
         self.rate = rate  # e.g. "100M" (bits per second, nbdkit's rate filter)
         self.port = port or free_port()
         self.log_file = log_file  # every request the source answers (nbdkit's log filter)
+        # Seconds of `rate` the link may send at once after an idle time (the rate
+        # filter's burstiness, 2 s by default: a 1 MiB read after a pause would
+        # then cost no time at 100 Mbit/s, where a real link takes 84 ms).
+        self.burst = burst
 
     @property
     def url(self) -> str:
@@ -60,6 +65,8 @@ class FarSource:
         if self.rate:
             filters.append("--filter=rate")
             params.append(f"rate={self.rate}")
+            if self.burst is not None:
+                params.append(f"burstiness={self.burst:g}")
         return [*argv, *filters, "file", f"file={self.image}", *params]
 
     def start(self) -> FarSource:

@@ -18,7 +18,11 @@ whole block in one request, so the small reads after it cost no round trip, and
 no block crosses the link twice while the bridge runs (least recently used
 blocks go past `max_mib`). With `readahead`, the readahead filter also
 prefetches ahead of sequential reads into that cache. The cache is a deleted
-file in the bridge's directory.
+file in the bridge's directory. Below the cache, nbdkit's log filter writes
+every read that crosses the link (a miss) to `reads_log`: what a boot read, for
+thinair.engine.working_sets, and, while an import copies the source, whether
+the guest is reading from it right now (`ReadsWatch`), so that the copier lets
+the guest's reads go first.
 A disk inside a tar file (an OVA's VMDK) is read the same way, through the tar
 filter over the file or curl plugin (see `source_args`), so it is never unpacked.
 The bridge runs detached (it must outlive the engine as long as the VM runs on
@@ -30,6 +34,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode
@@ -57,7 +64,7 @@ class Cache:
     max_mib: int = 2048  # 0: no limit
     readahead: bool = False
     # Where to log what the cache fetches from the source (nbdkit's log filter
-    # below the cache: misses only), for thinair.engine.working_sets.
+    # below the cache: misses only), for thinair.engine.working_sets and ReadsWatch.
     reads_log: Path | None = None
 
 
@@ -159,3 +166,81 @@ def stop(socket: Path, pid_file: Path) -> None:
         procfs.terminate(pid, PROGRAMS, str(socket))
     for path in (socket, pid_file):
         path.unlink(missing_ok=True)
+
+
+# The log filter's lines for a read: "connection=C Read id=N ..." when it
+# starts, "connection=C ...Read id=N return=..." when it is answered.
+_LOGGED = re.compile(
+    rb"connection=([0-9]+) (\.\.\.)?Read id=([0-9]+)"
+    rb"(?: offset=0x([0-9a-f]+) count=0x([0-9a-f]+)| return=(-?[0-9]+))?"
+)
+GRAIN = 64 * 2**10  # what `covers` knows of: 64 KiB pieces of the source
+
+
+class ReadsWatch:
+    """Whether a bridge is reading from its source right now, from its reads log
+    (misses only: reads that cross the link): `busy()` is True while one of its
+    reads is unanswered and for `hold` seconds after the last one was answered.
+    The log is read incrementally, at most every `period` seconds; a missing log
+    (a bridge with no cache, or one not started yet) reads as idle. It also
+    keeps which ranges the bridge fetched (`covers`): those are in its cache,
+    and a copier of the source can read them there rather than over the link
+    again (unless the cache let them go, past its size)."""
+
+    def __init__(self, reads_log: Path, hold: float = 0.25, period: float = 0.02) -> None:
+        self.path = reads_log
+        self.hold = hold
+        self.period = period
+        self.lock = threading.Lock()
+        self.offset = 0
+        self.partial = b""
+        self.open: dict[tuple[bytes, bytes], tuple[int, int]] = {}  # unanswered reads
+        self.fetched: set[int] = set()  # GRAIN pieces answered
+        self.last = float("-inf")  # when a read was last seen going or answered
+        self.checked = float("-inf")
+        self.reads = 0  # reads seen starting
+
+    def busy(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.checked >= self.period:
+                self.checked = now
+                self._scan(now)
+            return bool(self.open) or now - self.last < self.hold
+
+    def _scan(self, now: float) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # a new log, a new cache
+                    self.offset, self.partial, self.open = 0, b"", {}
+                    self.fetched = set()
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        if not data:
+            return
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            m = _LOGGED.search(line)
+            if m is None:
+                continue
+            key = (m.group(1), m.group(3))
+            if m.group(2):
+                offset, count = self.open.pop(key, (0, 0))
+                if m.group(6) == b"0" and count:
+                    self.fetched.update(range(offset // GRAIN, -(-(offset + count) // GRAIN)))
+            else:
+                offset, count = int(m.group(4) or b"0", 16), int(m.group(5) or b"0", 16)
+                self.open[key] = (offset, count)
+                self.reads += 1
+            self.last = now
+
+    def covers(self, offset: int, length: int) -> bool:
+        """Whether the bridge fetched all of [offset, offset + length)."""
+        with self.lock:
+            self._scan(time.monotonic())
+            first, end = offset // GRAIN, -(-(offset + length) // GRAIN)
+            return all(i in self.fetched for i in range(first, end))

@@ -96,8 +96,14 @@ def cache(ctx: EngineContext, disk_id: str) -> nbdkit.Cache | None:
     s = ctx.settings
     if not s.bridge_cache:
         return None
-    reads = _reads_log(ctx, disk_id) if s.working_set else None
+    reads = _reads_log(ctx, disk_id)  # for the working set, and guest_reads()
     return nbdkit.Cache(s.bridge_cache_block_kib, s.bridge_cache_max_mib, s.bridge_readahead, reads)
+
+
+def guest_reads(ctx: EngineContext, disk_id: str) -> nbdkit.ReadsWatch:
+    """Whether the guest is reading from the disk's source right now (through
+    its bridge's cache misses): an import's copier lets those reads go first."""
+    return nbdkit.ReadsWatch(_reads_log(ctx, disk_id))
 
 
 def _reads_log(ctx: EngineContext, disk_id: str) -> Path:

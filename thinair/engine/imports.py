@@ -323,7 +323,8 @@ def _bulk(
     assert url is not None and fmt is not None
     if state.phase == "copy":
         with _copy_source(ctx, disk_id, url, fmt, local) as source:
-            _bulk_copy(ctx, job, name, target, source, state, progress)
+            direct = local and source == url  # the bridge is here and reads the same bytes
+            _bulk_copy(ctx, job, name, target, source, state, progress, direct=direct)
             _verify(ctx, job, name, target, source, state)
     if state.phase == "switching" or _running(virt_, name):
         # (switching: the copy is the disk already, whether QEMU still runs or not)
@@ -383,8 +384,13 @@ def _bulk_copy(
     source: str,
     state: DiskImport,
     progress: _Progress,
+    direct: bool = False,
 ) -> None:
     job.update(step=f"copy {target}")
+    # The guest reads first; what its bridge fetched (the source read raw,
+    # `direct`) is read from the bridge's cache, not over the link again.
+    guest = bridges.guest_reads(ctx, state.disk_id)
+    near = (bridges.backing_url(ctx, state.disk_id), guest.covers) if direct else None
 
     def on_checkpoint(checkpoint: nbd_copy.Checkpoint) -> None:
         state.checkpoint = checkpoint
@@ -406,6 +412,8 @@ def _bulk_copy(
             on_checkpoint=on_checkpoint,
             should_stop=lambda: job.cancel_requested,
             window=ctx.settings.reconnect_window,
+            guest_busy=guest.busy,
+            cached=near,
         )
     except nbd_copy.CopyStopped as e:
         raise JobCancelled() from e

@@ -1,0 +1,246 @@
+"""The guest's reads from a source far away: over a thin link during an import,
+and their throughput over a slow one before any import.
+
+The source is a raw image full of random data served read-only by nbdkit over
+TCP (tests/support/far_source.py), behind its rate filter (one token bucket for
+every connection: a shared link) or its delay filter (a delay per read request,
+requests parallel). The VM runs (nothing bootable) on its temporary disk, read
+through the engine's bridge (its default cache: 1 MiB blocks). The guest cannot
+be told to read, so reads are made inside the VM's own QEMU, on the guest's
+virtio drive (HMP `qemu-io -d <drive>`, as bench/read_during_import.py does):
+the same block backend, overlay and bridge the guest's reads go through; each
+read is timed from outside (the libvirt round trip adds ~5 ms). Every read is at
+an offset never read before (its own 1 MiB block), so it crosses the link.
+
+Figures:
+  - thin link (rate=100M, burstiness=0.02: a token bucket with a 2 s burst,
+    the filter's default, would send a 1 MiB read after a pause at once, which
+    no real link does): the latency of 4 KiB reads made every 0.2-0.5 s,
+    p50 and p99 over the reads of every round, during an import (`vm import`,
+    bulk copier) against before it (target p99 <= 2x); the import's time is in
+    the row's detail.
+  - the test guest booted from a source 25 ms away, then imported: bytes the
+    source sent over both against the image's allocated bytes (target
+    <= 1.1x: nothing fetched twice).
+  - 25 ms per read request against none: uncached random 4 KiB reads (one at a
+    time) and sequential 1 MiB reads (one at a time, from offset 0), MiB/s
+    (report both; target sequential >= 0.5x).
+
+    .venv/bin/python bench/far_reads.py [--quick]
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import libvirt  # noqa: E402
+import libvirt_qemu  # noqa: E402
+from boot_marker import boot  # noqa: E402
+from common import (  # noqa: E402
+    KiB,
+    Lab,
+    MiB,
+    Row,
+    bench_main,
+    guest_image,
+    log,
+    percentile,
+    write_image,
+)
+
+from tests.support.far_source import FarSource, reads  # noqa: E402
+
+DISK_SIZE = 512 * MiB
+BLOCK = MiB  # the bridge's cache block: one read per block is a miss
+DRIVE = "/machine/peripheral/virtio-disk0/virtio-backend"  # libvirt's vda
+LINK = "100M"
+BURST = 0.02  # seconds of LINK sent at once after a pause (a real link has ~none)
+BEFORE_READS = 40
+
+
+def read_seconds(dom: libvirt.virDomain, offset: int, length: int) -> float:
+    """Time one read through the guest's drive, inside its QEMU."""
+    command = f'qemu-io -d {DRIVE} "read {offset} {length}"'
+    began = time.monotonic()
+    out = libvirt_qemu.qemuMonitorCommand(
+        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    )
+    took = time.monotonic() - began
+    if out.strip():  # qemu-io prints to QEMU's log; the monitor only gets errors
+        raise RuntimeError(f"{command}: {out.strip()}")
+    return took
+
+
+def _vm(lab: Lab, url: str, what: str) -> tuple[str, libvirt.virConnect, libvirt.virDomain]:
+    c = lab.client()
+    name = lab.vm_name(what)
+    c.vms.create(name, disks=[f"{url},format=raw,storage=tmp"], memory_mib=64)
+    c.vms.start(name)
+    conn = libvirt.open("qemu:///system")
+    return name, conn, conn.lookupByName(name)
+
+
+def thin_link(lab: Lab, image: Path, round_no: int) -> dict[str, list[float]]:
+    """4 KiB reads at fresh blocks before and during an import over LINK."""
+    rng = random.Random(round_no)
+    blocks = list(range(DISK_SIZE // BLOCK))
+    rng.shuffle(blocks)
+    pid_file = lab.path(f"thin-{round_no}.pid")
+    with FarSource(image, pid_file, rate=LINK, burst=BURST) as source:
+        name, conn, dom = _vm(lab, source.url, f"thin{round_no}")
+        c = lab.client()
+        try:
+            before = []
+            for _ in range(BEFORE_READS):
+                before.append(read_seconds(dom, blocks.pop() * BLOCK, 4 * KiB))
+                time.sleep(rng.uniform(0.2, 0.5))
+            began = time.monotonic()
+            job = c.vms.import_(name, to="final")
+            during = []
+            while blocks:
+                state = c.jobs.get(job.id)
+                if state.state not in ("pending", "running"):
+                    break
+                if not state.step.startswith("copy"):
+                    time.sleep(0.05)
+                    continue
+                took = read_seconds(dom, blocks.pop() * BLOCK, 4 * KiB)
+                if c.jobs.get(job.id).step.startswith("copy"):
+                    during.append(took)
+                time.sleep(rng.uniform(0.2, 0.5))
+            final = c.jobs.wait(job.id, timeout=900)
+            if final.state != "succeeded":
+                raise RuntimeError(f"import {final.state}: {final.error}")
+            took_import = time.monotonic() - began
+        finally:
+            conn.close()
+            lab.remove_vm(name)
+    return {"before": before, "during": during, "import": [took_import]}
+
+
+def throughput(lab: Lab, image: Path, delay: int, round_no: int) -> dict[str, float]:
+    """MiB/s of one-at-a-time random 4 KiB and sequential 1 MiB reads."""
+    rng = random.Random(round_no)
+    half = DISK_SIZE // BLOCK // 2
+    blocks = list(range(half, 2 * half))  # random reads in the upper half
+    rng.shuffle(blocks)
+    with FarSource(image, lab.path(f"d{delay}-{round_no}.pid"), delay_ms=delay) as source:
+        name, conn, dom = _vm(lab, source.url, f"d{delay}r{round_no}")
+        try:
+            rand = [read_seconds(dom, b * BLOCK, 4 * KiB) for b in blocks[:64]]
+            seq = [read_seconds(dom, i * MiB, MiB) for i in range(64)]  # the lower half
+        finally:
+            conn.close()
+            lab.remove_vm(name)
+    return {"random": 64 * 4 * KiB / MiB / sum(rand), "sequential": 64 / sum(seq)}
+
+
+def bytes_read(lab: Lab, round_no: int) -> dict[str, float]:
+    """The test guest booted from a source 25 ms away (to its pattern marker: it
+    has read its boot files and 64 MiB more), then imported: bytes the source
+    sent over both, against the image's allocated bytes."""
+    image = guest_image()
+    log_file = lab.path(f"bytes-{round_no}.log")
+    pid_file = lab.path(f"bytes-{round_no}.pid")
+    with FarSource(image, pid_file, delay_ms=25, log_file=log_file) as source:
+        name = lab.vm_name(f"bytes{round_no}")
+        boot(lab, name, source.url)
+        booted = sum(n for _, n in reads(log_file))
+        c = lab.client()
+        try:
+            final = c.vms.import_(name, to="final").wait(timeout=600)
+            if final.state != "succeeded":
+                raise RuntimeError(f"import {final.state}: {final.error}")
+        finally:
+            lab.remove_vm(name)
+        total = sum(n for _, n in reads(log_file))
+    return {"boot": booted, "total": total, "allocated": image.stat().st_blocks * 512}
+
+
+def run(quick: bool) -> list[Row]:
+    rounds = 1 if quick else 3
+    thin: dict[str, list[float]] = {"before": [], "during": [], "import": []}
+    rates: dict[tuple[int, str], list[float]] = {}
+    read: list[dict[str, float]] = []
+    with Lab("far-reads") as lab:
+        image = lab.path("data.raw")
+        write_image(image, DISK_SIZE, [(0, DISK_SIZE)])
+        for round_no in range(rounds):
+            for delay in (0, 25):
+                got = throughput(lab, image, delay, round_no)
+                log(
+                    f"round {round_no} {delay} ms: "
+                    + ", ".join(f"{k} {v:.2f} MiB/s" for k, v in got.items())
+                )
+                for kind, value in got.items():
+                    rates.setdefault((delay, kind), []).append(value)
+        for round_no in range(rounds):
+            got = thin_link(lab, image, round_no)
+            log(
+                f"round {round_no} {LINK}bit/s: import {got['import'][0]:.1f} s; "
+                + ", ".join(
+                    f"{k} p50 {percentile(v, 50) * 1000:.0f} ms"
+                    f" p99 {percentile(v, 99) * 1000:.0f} ms ({len(v)} reads)"
+                    for k, v in got.items()
+                    if k != "import" and v
+                )
+            )
+            for k, v in got.items():
+                thin[k] += v
+        for round_no in range(rounds):
+            got = bytes_read(lab, round_no)
+            log(
+                f"round {round_no}: boot read {got['boot'] / MiB:.0f} MiB, boot and import "
+                f"{got['total'] / MiB:.0f} MiB, allocated {got['allocated'] / MiB:.0f} MiB"
+            )
+            read.append(got)
+    rows = []
+    best = min(read, key=lambda r: r["total"])
+    rows.append(
+        Row(
+            "bytes read from the source, boot + import, 25 ms (x allocated)",
+            best["total"] / MiB,
+            "MiB",
+            reference=best["allocated"] / MiB,
+            target="<= 1.1x",
+            met=best["total"] / best["allocated"] <= 1.1,
+            detail={"boot_mib": [round(r["boot"] / MiB) for r in read]},
+        )
+    )
+    for kind, target in (("random", None), ("sequential", 0.5)):
+        value, reference = max(rates[(25, kind)]), max(rates[(0, kind)])
+        size = "4 KiB" if kind == "random" else "1 MiB"
+        rows.append(
+            Row(
+                f"guest {kind} {size} reads, 25 ms/request, MiB/s (x none)",
+                value,
+                "MiB/s",
+                reference=reference,
+                target=f">= {target}x" if target else "",
+                met=value / reference >= target if target else None,
+                detail={"runs": rates[(25, kind)], "reference_runs": rates[(0, kind)]},
+            )
+        )
+    for p in (50, 99):
+        value, reference = percentile(thin["during"], p), percentile(thin["before"], p)
+        rows.append(
+            Row(
+                f"guest 4 KiB read p{p} during an import, {LINK}bit/s link (x before)",
+                value * 1000,
+                "ms",
+                reference=reference * 1000,
+                target="<= 2x" if p == 99 else "",
+                met=value / reference <= 2 if p == 99 else None,
+                detail={"reads": {k: len(v) for k, v in thin.items()}, "import_s": thin["import"]},
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    bench_main("far_reads", run, __doc__)
