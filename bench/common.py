@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import libvirt  # noqa: E402
+import libvirt_qemu  # noqa: E402
 
 from tests.support import guest  # noqa: E402
 from tests.support.engine import Engine  # noqa: E402
@@ -45,6 +46,23 @@ LIBVIRT_LOGS = Path("/var/log/libvirt/qemu")
 KiB = 2**10
 MiB = 2**20
 GiB = 2**30
+
+
+# The guest's first disk (libvirt's vda) as QEMU's qemu-io command names it.
+DRIVE = "/machine/peripheral/virtio-disk0/virtio-backend"
+
+
+def read_seconds(dom: libvirt.virDomain, offset: int, length: int) -> float:
+    """Time one read of `length` bytes through the guest's drive, inside its QEMU."""
+    command = f'qemu-io -d {DRIVE} "read {offset} {length}"'
+    began = time.monotonic()
+    out = libvirt_qemu.qemuMonitorCommand(
+        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    )
+    took = time.monotonic() - began
+    if out.strip():  # qemu-io prints to QEMU's log; the monitor only gets errors
+        raise RuntimeError(f"{command}: {out.strip()}")
+    return took
 
 
 @dataclass

@@ -39,7 +39,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import libvirt  # noqa: E402
-import libvirt_qemu  # noqa: E402
 from boot_marker import boot  # noqa: E402
 from common import (  # noqa: E402
     KiB,
@@ -50,6 +49,7 @@ from common import (  # noqa: E402
     guest_image,
     log,
     percentile,
+    read_seconds,
     write_image,
 )
 
@@ -57,23 +57,11 @@ from tests.support.far_source import FarSource, reads  # noqa: E402
 
 DISK_SIZE = 512 * MiB
 BLOCK = MiB  # the bridge's cache block: one read per block is a miss
-DRIVE = "/machine/peripheral/virtio-disk0/virtio-backend"  # libvirt's vda
 LINK = "100M"
 BURST = 0.02  # seconds of LINK sent at once after a pause (a real link has ~none)
 BEFORE_READS = 40
 
 
-def read_seconds(dom: libvirt.virDomain, offset: int, length: int) -> float:
-    """Time one read through the guest's drive, inside its QEMU."""
-    command = f'qemu-io -d {DRIVE} "read {offset} {length}"'
-    began = time.monotonic()
-    out = libvirt_qemu.qemuMonitorCommand(
-        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-    )
-    took = time.monotonic() - began
-    if out.strip():  # qemu-io prints to QEMU's log; the monitor only gets errors
-        raise RuntimeError(f"{command}: {out.strip()}")
-    return took
 
 
 def _vm(lab: Lab, url: str, what: str) -> tuple[str, libvirt.virConnect, libvirt.virDomain]:

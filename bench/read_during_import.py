@@ -29,26 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import libvirt  # noqa: E402
-import libvirt_qemu  # noqa: E402
-from common import GiB, Lab, MiB, Row, bench_main, log, write_image  # noqa: E402
+from common import GiB, Lab, MiB, Row, bench_main, log, read_seconds, write_image  # noqa: E402
 
 DISK_SIZE = GiB
 CHUNK = 32 * MiB
 BEFORE_CHUNKS = 6
-DRIVE = "/machine/peripheral/virtio-disk0/virtio-backend"  # libvirt's vda
 
 
-def read_seconds(dom: libvirt.virDomain, offset: int) -> float:
-    """Time one 32 MiB read through the guest's drive, inside its QEMU."""
-    command = f'qemu-io -d {DRIVE} "read {offset} {CHUNK}"'
-    began = time.monotonic()
-    out = libvirt_qemu.qemuMonitorCommand(
-        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-    )
-    took = time.monotonic() - began
-    if out.strip():  # qemu-io prints to QEMU's log; the monitor only gets errors
-        raise RuntimeError(f"{command}: {out.strip()}")
-    return took
 
 
 def rate(seconds: list[float]) -> float:
@@ -64,7 +51,7 @@ def measure(lab: Lab, url: str, strategy: str) -> dict[str, list[float]]:
     conn = libvirt.open("qemu:///system")
     try:
         dom = conn.lookupByName(name)
-        before = [read_seconds(dom, i * CHUNK) for i in range(BEFORE_CHUNKS)]
+        before = [read_seconds(dom, i * CHUNK, CHUNK) for i in range(BEFORE_CHUNKS)]
         fresh = [i * CHUNK for i in range(DISK_SIZE // CHUNK - 1, BEFORE_CHUNKS - 1, -1)]
         job = c.vms.import_(name, to="final", strategy=strategy)
         during: list[float] = []
@@ -77,7 +64,7 @@ def measure(lab: Lab, url: str, strategy: str) -> dict[str, list[float]]:
                 time.sleep(0.01)
                 continue
             offset = fresh.pop(0)
-            took = read_seconds(dom, offset)
+            took = read_seconds(dom, offset, CHUNK)
             state = c.jobs.get(job.id)
             if state.state == "running" and state.step.startswith(("copy", "pull")):
                 during.append(took)  # the copy ran for the whole read
@@ -85,7 +72,7 @@ def measure(lab: Lab, url: str, strategy: str) -> dict[str, list[float]]:
         final = c.jobs.wait(job.id, timeout=600)
         if final.state != "succeeded":
             raise RuntimeError(f"{strategy} import {final.state}: {final.error}")
-        after = [read_seconds(dom, offset) for offset in read_at or [0]]
+        after = [read_seconds(dom, offset, CHUNK) for offset in read_at or [0]]
     finally:
         conn.close()
         lab.remove_vm(name)
