@@ -168,25 +168,25 @@ def run(quick: bool) -> list[Row]:
                 for kind, value in got.items():
                     rates.setdefault((delay, kind), []).append(value)
         for round_no in range(rounds):
-            got = thin_link(lab, image, round_no)
+            lat = thin_link(lab, image, round_no)
             log(
-                f"round {round_no} {LINK}bit/s: import {got['import'][0]:.1f} s; "
+                f"round {round_no} {LINK}bit/s: import {lat['import'][0]:.1f} s; "
                 + ", ".join(
                     f"{k} p50 {percentile(v, 50) * 1000:.0f} ms"
                     f" p99 {percentile(v, 99) * 1000:.0f} ms ({len(v)} reads)"
-                    for k, v in got.items()
+                    for k, v in lat.items()
                     if k != "import" and v
                 )
             )
-            for k, v in got.items():
+            for k, v in lat.items():
                 thin[k] += v
         for round_no in range(rounds):
-            got = bytes_read(lab, round_no)
+            counts = bytes_read(lab, round_no)
             log(
-                f"round {round_no}: boot read {got['boot'] / MiB:.0f} MiB, boot and import "
-                f"{got['total'] / MiB:.0f} MiB, allocated {got['allocated'] / MiB:.0f} MiB"
+                f"round {round_no}: boot read {counts['boot'] / MiB:.0f} MiB, boot and import "
+                f"{counts['total'] / MiB:.0f} MiB, allocated {counts['allocated'] / MiB:.0f} MiB"
             )
-            read.append(got)
+            read.append(counts)
     rows = []
     best = min(read, key=lambda r: r["total"])
     rows.append(

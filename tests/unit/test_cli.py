@@ -32,6 +32,7 @@ from thinair.db import refs
 from thinair.db.models import StorageDomain
 from thinair.db.session import Database
 from thinair.errors import InvalidInput, NotFound
+from thinair.states import JobState
 
 runner = CliRunner()
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -254,7 +255,7 @@ def test_host_memory_free_is_within_total(test_engine: Engine) -> None:
 def _job(**progress: object) -> models.Job:
     now = datetime.now(UTC)
     return models.Job(
-        id="j", kind="import", vm_id="v", state="running", step="copy vda",
+        id="j", kind="import", vm_id="v", state=JobState.RUNNING, step="copy vda",
         params={"disks": ["d"], "bandwidth": 5 * 2**20}, progress=progress, error=None,
         created_at=now, updated_at=now, finished_at=None,
     )  # fmt: skip
