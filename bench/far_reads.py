@@ -62,8 +62,6 @@ BURST = 0.02  # seconds of LINK sent at once after a pause (a real link has ~non
 BEFORE_READS = 40
 
 
-
-
 def _vm(lab: Lab, url: str, what: str) -> tuple[str, libvirt.virConnect, libvirt.virDomain]:
     c = lab.client()
     name = lab.vm_name(what)

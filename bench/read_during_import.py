@@ -36,8 +36,6 @@ CHUNK = 32 * MiB
 BEFORE_CHUNKS = 6
 
 
-
-
 def rate(seconds: list[float]) -> float:
     return len(seconds) * CHUNK / MiB / sum(seconds)
 
