@@ -180,7 +180,9 @@ GRAIN = 64 * 2**10  # what `covers` knows of: 64 KiB pieces of the source
 class ReadsWatch:
     """Whether a bridge is reading from its source right now, from its reads log
     (misses only: reads that cross the link): `busy()` is True while one of its
-    reads is unanswered and for `hold` seconds after the last one was answered.
+    reads is unanswered and, with `linger`, for `hold` seconds after the last
+    one was answered (a guest reads one block after another: on a thin link,
+    what a copier sends in that gap is queued ahead of the guest's next read).
     The log is read incrementally, at most every `period` seconds; a missing log
     (a bridge with no cache, or one not started yet) reads as idle. It also
     keeps which ranges the bridge fetched (`covers`): those are in its cache,
@@ -200,13 +202,13 @@ class ReadsWatch:
         self.checked = float("-inf")
         self.reads = 0  # reads seen starting
 
-    def busy(self) -> bool:
+    def busy(self, linger: bool = True) -> bool:
         with self.lock:
             now = time.monotonic()
             if now - self.checked >= self.period:
                 self.checked = now
                 self._scan(now)
-            return bool(self.open) or now - self.last < self.hold
+            return bool(self.open) or (linger and now - self.last < self.hold)
 
     def _scan(self, now: float) -> None:
         try:
