@@ -158,11 +158,13 @@ def test_the_copier_holds_back_while_the_guest_reads_through_the_bridge(
 
 
 def test_the_copier_reads_what_the_bridge_fetched_from_its_cache(
-    source: FarSource, image: Path, workdir: Path
+    source: FarSource, image: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing crosses the link twice: blocks the guest read through its bridge
     are copied from the bridge's cache, the rest from the source; the copy is
-    the source's bytes."""
+    the source's bytes. (Requests of 2 MiB, twice the cache's block: one the
+    guest read half of comes from the source.)"""
+    monkeypatch.setattr(nbd_copy, "REQUEST", 2 * MiB)
     socket, pid_file, log_file = workdir / "b.sock", workdir / "b.pid", workdir / "b.reads"
     nbdkit.start(source.url, socket, pid_file, 5, None, nbdkit.Cache(reads_log=log_file))
     try:
