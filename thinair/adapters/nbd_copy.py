@@ -41,18 +41,15 @@ from thinair.adapters.errors import AdapterError
 log = logging.getLogger(__name__)
 
 # Two connections: on these 2-core machines four made the copy 30% slower than
-# two (the threads contend for the GIL and the cores the servers need). 16
-# reads in flight on each carry a source 25 ms away at nbdcopy's speed (8 did
-# not: 0.53x). Reads of 1 MiB rather than 2: the buffers are memory the copy
-# touches first, and on these VMs memory that was free for a few seconds has
-# gone back to the host (virtio-balloon free page reporting) and costs about
-# ten times as much to touch again; with 32 MiB of buffers rather than 64 the
-# copy of 1 GiB took 0.96 s rather than 1.17-1.40 (nbdcopy 0.84), at 25 ms
-# 1.06 s rather than 1.18-1.44 (nbdcopy 0.96). 512 KiB reads cost more in
-# Python per byte than they save (1.15 s).
+# two (the threads contend for the GIL and the cores the servers need), and two
+# with 16 reads of 2 MiB in flight each keep up with nbdcopy's 4 x 64 x 256 KiB
+# on a source 25 ms away (8 in flight came to 0.75x). Reads of 1 MiB made the
+# copier alone faster when its buffers' memory had gone back to this VM's host
+# (0.96 s for 1 GiB against 1.17-1.40), but the import slower (1.33-1.50 s
+# against 1.12-1.43, in one run): 2 MiB stays.
 CONNECTIONS = 2
 IN_FLIGHT = 16  # per connection
-REQUEST = 2**20  # bytes per read
+REQUEST = 2 * 2**20  # bytes per read: large, so a slow link costs few round trips
 CHECKPOINT_BYTES = 64 * 2**20
 CHECKPOINT_SECONDS = 2.0
 CONNECT_TIMEOUT = 10.0
@@ -190,8 +187,7 @@ class _Pacer:
 
     A link with little bandwidth queues what is sent faster than it carries:
     32 reads of 2 MiB in flight on 100 Mbit/s are 5 s of queue, and a guest
-    read waits behind it (measured: 1.3 s for a 4 KiB read, 0.13 s alone;
-    the reads are of 1 MiB now, 2.5 s of queue).
+    read waits behind it (measured: 1.3 s for a 4 KiB read, 0.13 s alone).
     So the number in flight follows the reads' own latency, as LEDBAT does:
     while a read takes no more than `target` seconds longer than the fastest
     of its size seen (the link's own time, no queue), one more may go; past
