@@ -54,12 +54,14 @@ class Settings:
     # An NBD source's bridge keeps what it read in a local cache (nbdkit's cache
     # filter), fetching bridge_cache_block_kib at a time (a power of 2, >= 4), at
     # most bridge_cache_max_mib (least recently used blocks go first; 0: no
-    # limit); with bridge_readahead, nbdkit's readahead filter prefetches ahead
-    # of sequential reads into it (off: with 1 MiB blocks it did not pay).
+    # limit); with bridge_readahead, the engine fetches ahead of the guest's
+    # sequential reads into it, up to bridge_readahead_max_mib in one request
+    # (see thinair.engine.readahead).
     bridge_cache: bool = True
     bridge_cache_block_kib: int = 1024
     bridge_cache_max_mib: int = 2048
-    bridge_readahead: bool = False
+    bridge_readahead: bool = True
+    bridge_readahead_max_mib: int = 32
     # A cached bridge records what its source's first boot read (its first
     # working_set_seconds) and the next bridge to that source prefetches it
     # (off: with the cache, the test guest's boot had too few misses left for

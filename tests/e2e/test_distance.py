@@ -25,7 +25,7 @@ pytestmark = pytest.mark.guest
 BLOCK = 1024 * 1024  # the default bridge_cache_block_kib
 VARIANTS = {
     "passthrough": {"THINAIR_BRIDGE_CACHE": "off"},
-    "readahead": {"THINAIR_BRIDGE_READAHEAD": "on"},
+    "no-readahead": {"THINAIR_BRIDGE_READAHEAD": "off"},
     "default": {},
     "copy-on-read": {"THINAIR_COPY_ON_READ": "on"},
 }
@@ -47,7 +47,7 @@ def _top_layer_data(path: str) -> int:
     "variant",
     [
         pytest.param("passthrough", marks=pytest.mark.slow),
-        pytest.param("readahead", marks=pytest.mark.slow),
+        pytest.param("no-readahead", marks=pytest.mark.slow),
         "default",
         "copy-on-read",
     ],

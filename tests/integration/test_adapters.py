@@ -270,9 +270,8 @@ def test_nbdkit_argv_for_each_source() -> None:
         "retry-delay=1",
         "retry-exponential=no",
     ]
-    cache = nbdkit.Cache(block_kib=256, max_mib=64, readahead=True, reads_log=Path("/l"))
+    cache = nbdkit.Cache(block_kib=256, max_mib=64, reads_log=Path("/l"))
     assert nbdkit.source_args("nbd://h/e", 1, cache) == [
-        "--filter=readahead",
         "--filter=cache",
         "--filter=log",
         "--filter=retry",
@@ -292,10 +291,10 @@ def test_nbdkit_bridges_serve_each_kind_of_source(
     served: Callable[..., qemu_nbd.Server], bridge: Callable[..., str], workdir: Path
 ) -> None:
     server = served()
-    # NBD, plain and with the cache, readahead and reads log.
+    # NBD, plain and with the cache and reads log.
     assert _read(bridge(server.url), 0, 4096) == b"\x7e" * 4096
     log = workdir / "reads.log"
-    cached = bridge(server.url, nbdkit.Cache(block_kib=64, readahead=True, reads_log=log))
+    cached = bridge(server.url, nbdkit.Cache(block_kib=64, reads_log=log))
     assert _read(cached, 2 * MiB, 4096) == b"\x7e" * 4096
     assert log.exists() and "Read" in log.read_text()
     # A member of a tar file, read in place.

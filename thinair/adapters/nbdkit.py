@@ -16,13 +16,13 @@ after another). With a `Cache`, an NBD bridge keeps what it read in a local cach
 (the cache filter, `cache-on-read`) in blocks of `block_kib`: a miss fetches the
 whole block in one request, so the small reads after it cost no round trip, and
 no block crosses the link twice while the bridge runs (least recently used
-blocks go past `max_mib`). With `readahead`, the readahead filter also
-prefetches ahead of sequential reads into that cache. The cache is a deleted
-file in the bridge's directory. Below the cache, nbdkit's log filter writes
-every read that crosses the link (a miss) to `reads_log`: what a boot read, for
-thinair.engine.working_sets, and, while an import copies the source, whether
-the guest is reading from it right now (`ReadsWatch`), so that the copier lets
-the guest's reads go first.
+blocks go past `max_mib`). The cache is a deleted file in the bridge's
+directory. Below the cache, nbdkit's log filter writes every read that crosses
+the link (a miss) to `reads_log`: what a boot read, for
+thinair.engine.working_sets; where the guest's misses run one after another, so
+that thinair.engine.readahead fetches ahead of them; and, while an import copies
+the source, whether the guest is reading from it right now (`ReadsWatch`), so
+that the copier lets the guest's reads go first.
 A disk inside a tar file (an OVA's VMDK) is read the same way, through the tar
 filter over the file or curl plugin (see `source_args`), so it is never unpacked.
 The bridge runs detached (it must outlive the engine as long as the VM runs on
@@ -38,6 +38,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode
 
@@ -62,7 +63,6 @@ class Cache:
 
     block_kib: int = 1024  # a power of 2, >= 4
     max_mib: int = 2048  # 0: no limit
-    readahead: bool = False
     # Where to log what the cache fetches from the source (nbdkit's log filter
     # below the cache: misses only), for thinair.engine.working_sets and ReadsWatch.
     reads_log: Path | None = None
@@ -108,8 +108,7 @@ def source_args(uri: str, window: float, cache: Cache | None = None) -> list[str
     (libnbd's), an http(s) URL, or thinair's ``tar+file:///PATH#ENTRY`` and
     ``tar+http(s)://...#ENTRY`` for member ENTRY of a tar file. Remote reads go
     through the retry filter, retrying for up to `window` seconds. `cache`
-    applies to NBD sources only (over curl, nbdkit 1.32 serializes requests and
-    the readahead filter does nothing)."""
+    applies to NBD sources only (over curl, nbdkit 1.32 serializes requests)."""
     delay = 1
     retry = [
         f"retries={max(1, int(window / delay))}",
@@ -127,13 +126,13 @@ def source_args(uri: str, window: float, cache: Cache | None = None) -> list[str
         return [*tar[:1], "--filter=retry", "curl", f"url={uri}", *tar[1:], *retry]
     if cache is None:
         return ["--filter=retry", "nbd", *_plugin_args(uri), *retry]
-    # Outermost first: readahead's prefetches land in the cache, whose misses
-    # go through the retry filter to the source.
+    # Outermost first: the cache's misses go through the retry filter to the
+    # source. (nbdkit's readahead filter gave nothing here: its prefetches are
+    # `.cache` calls, which the cache filter serves one block per round trip.)
     params = ["cache-on-read=true", f"cache-min-block-size={cache.block_kib}K"]
     if cache.max_mib > 0:
         params.append(f"cache-max-size={cache.max_mib}M")
-    filters = ["--filter=readahead"] if cache.readahead else []
-    filters.append("--filter=cache")
+    filters = ["--filter=cache"]
     if cache.reads_log is not None:
         filters.append("--filter=log")
         params.append(f"logfile={cache.reads_log}")
@@ -169,12 +168,85 @@ def stop(socket: Path, pid_file: Path) -> None:
 
 
 # The log filter's lines for a read: "connection=C Read id=N ..." when it
-# starts, "connection=C ...Read id=N return=..." when it is answered.
+# starts, "connection=C ...Read id=N return=..." when it is answered; a client
+# connecting: "connection=C Connect export=NAME ..." (NAME quoted as a shell would).
 _LOGGED = re.compile(
     rb"connection=([0-9]+) (\.\.\.)?Read id=([0-9]+)"
     rb"(?: offset=0x([0-9a-f]+) count=0x([0-9a-f]+)| return=(-?[0-9]+))?"
 )
+_CONNECT = re.compile(rb"connection=([0-9]+) Connect export=(\S*)")
 GRAIN = 64 * 2**10  # what `covers` knows of: 64 KiB pieces of the source
+# The export name thinair.engine.readahead connects to a bridge with (the nbd
+# plugin ignores it): its reads are told from the guest's in the log.
+READAHEAD_EXPORT = "thinair-readahead"
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A read in a bridge's log: started (`answered` None) or answered."""
+
+    connection: bytes
+    id: bytes
+    at: float  # when (the log's clock, seconds since the epoch)
+    offset: int = 0
+    count: int = 0
+    answered: int | None = None  # its return value: 0, or -1 on an error
+
+
+def _when(line: bytes) -> float:
+    """The time a log line starts with ("2026-12-02 16:48:12.179352 ...")."""
+    try:
+        return datetime.fromisoformat(line[:26].decode()).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class LogTail:
+    """A bridge's reads log, read incrementally: `new()` parses what was written
+    since the last call. A log that shrank or was made again is a new one (a
+    bridge started again): `restarted` is set and it is read from its start. Reads made on a
+    connection opened with READAHEAD_EXPORT are in `own`."""
+
+    def __init__(self, reads_log: Path) -> None:
+        self.path = reads_log
+        self.offset = 0
+        self.partial = b""
+        self.own: set[bytes] = set()
+        self.restarted = False
+        self.inode: int | None = None
+
+    def new(self) -> list[Logged]:
+        self.restarted = False
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_size < self.offset or self.inode not in (None, st.st_ino):
+                    self.offset, self.partial, self.own = 0, b"", set()
+                    self.restarted = True
+                self.inode = st.st_ino
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        found = []
+        for line in lines:
+            m = _LOGGED.search(line)
+            if m is None:
+                c = _CONNECT.search(line)
+                if c is not None and c.group(2).strip(b"'\"") == READAHEAD_EXPORT.encode():
+                    self.own.add(c.group(1))
+                continue
+            at = _when(line)
+            if m.group(2):
+                ret = m.group(6)
+                found.append(Logged(m.group(1), m.group(3), at, answered=int(ret or b"-1")))
+            else:
+                offset, count = int(m.group(4) or b"0", 16), int(m.group(5) or b"0", 16)
+                found.append(Logged(m.group(1), m.group(3), at, offset, count))
+        return found
 
 
 class ReadsWatch:
@@ -190,12 +262,10 @@ class ReadsWatch:
     again (unless the cache let them go, past its size)."""
 
     def __init__(self, reads_log: Path, hold: float = 0.25, period: float = 0.02) -> None:
-        self.path = reads_log
         self.hold = hold
         self.period = period
         self.lock = threading.Lock()
-        self.offset = 0
-        self.partial = b""
+        self.tail = LogTail(reads_log)
         self.open: dict[tuple[bytes, bytes], tuple[int, int]] = {}  # unanswered reads
         self.fetched: set[int] = set()  # GRAIN pieces answered
         self.last = float("-inf")  # when a read was last seen going or answered
@@ -211,32 +281,17 @@ class ReadsWatch:
             return bool(self.open) or (linger and now - self.last < self.hold)
 
     def _scan(self, now: float) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.offset:  # a new log, a new cache
-                    self.offset, self.partial, self.open = 0, b"", {}
-                    self.fetched = set()
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return
-        if not data:
-            return
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        for line in lines:
-            m = _LOGGED.search(line)
-            if m is None:
-                continue
-            key = (m.group(1), m.group(3))
-            if m.group(2):
+        found = self.tail.new()
+        if self.tail.restarted:  # a new log, a new cache
+            self.open, self.fetched = {}, set()
+        for read in found:
+            key = (read.connection, read.id)
+            if read.answered is not None:
                 offset, count = self.open.pop(key, (0, 0))
-                if m.group(6) == b"0" and count:
+                if read.answered == 0 and count:
                     self.fetched.update(range(offset // GRAIN, -(-(offset + count) // GRAIN)))
             else:
-                offset, count = int(m.group(4) or b"0", 16), int(m.group(5) or b"0", 16)
-                self.open[key] = (offset, count)
+                self.open[key] = (read.offset, read.count)
                 self.reads += 1
             self.last = now
 

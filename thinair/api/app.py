@@ -31,6 +31,7 @@ from thinair.engine import exports, imports, reconcile, storage, vms
 from thinair.engine.build import build
 from thinair.engine.jobs import JobRunner
 from thinair.engine.outages import OutageWatcher
+from thinair.engine.readahead import Readahead
 from thinair.errors import NotFound
 from thinair.version import __version__
 
@@ -317,6 +318,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner.start_polling()
         ctx.outages = OutageWatcher(ctx)
         ctx.outages.start()
+        readahead = Readahead(ctx) if settings.bridge_cache and settings.bridge_readahead else None
+        if readahead is not None:
+            readahead.start()
         app.state.ctx = ctx
         # What start-up made lives as long as the engine: out of the collector's
         # way, a full collection walks only what requests make (a listing of
@@ -329,6 +333,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             make_url(settings.db_url).render_as_string(hide_password=True),
         )
         yield
+        if readahead is not None:
+            readahead.stop()
         ctx.outages.stop()
         runner.stop_polling()
         ctx.close()

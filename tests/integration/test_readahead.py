@@ -1,0 +1,189 @@
+"""The engine's readahead (thinair.engine.readahead) against a real cached
+bridge over a source 10 ms away: a guest reading one block after another gets
+the source's bytes, and most of its reads are served by what was fetched
+ahead, in few large requests; random reads, and any read from a near source,
+fetch nothing ahead; a bridge started again is followed again; its reads are
+told from the guest's."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.support.far_source import FarSource, reads
+from thinair.adapters import nbdkit
+from thinair.engine import readahead
+
+MiB = 2**20
+SIZE = 96 * MiB
+
+
+@pytest.fixture
+def image(workdir: Path) -> Path:
+    path = workdir / "source.raw"
+    with open(path, "wb") as f:
+        f.write(os.urandom(SIZE))
+    path.chmod(0o644)
+    return path
+
+
+@pytest.fixture
+def source(image: Path, workdir: Path) -> Iterator[FarSource]:
+    far = FarSource(image, workdir / "source.pid", delay_ms=10, log_file=workdir / "source.log")
+    far.start()
+    yield far
+    far.stop()
+
+
+class Bridge:
+    def __init__(self, source: FarSource, workdir: Path) -> None:
+        self.socket, self.pid_file = workdir / "b.sock", workdir / "b.pid"
+        self.log = workdir / "b.reads"
+        self.source = source
+
+    def start(self) -> None:
+        cache = nbdkit.Cache(reads_log=self.log)
+        nbdkit.start(self.source.url, self.socket, self.pid_file, 5, None, cache)
+
+    def guest(self) -> nbd.NBD:
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={self.socket}")
+        return h
+
+    def stop(self) -> None:
+        nbdkit.stop(self.socket, self.pid_file)
+        self.log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def bridge(source: FarSource, workdir: Path) -> Iterator[Bridge]:
+    b = Bridge(source, workdir)
+    b.start()
+    yield b
+    b.stop()
+
+
+def _sequential(h: nbd.NBD, image: Path, start: int, count: int) -> None:
+    with open(image, "rb") as f:
+        f.seek(start)
+        for i in range(count):
+            assert h.pread(MiB, start + i * MiB) == f.read(MiB), f"block {start // MiB + i}"
+
+
+def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir: Path) -> None:
+    follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB).start()
+    try:
+        guest = bridge.guest()
+        _sequential(guest, image, 0, 64)
+        guest.shutdown()
+    finally:
+        follower.stop()
+    seen = reads(workdir / "source.log")
+    assert sum(n for _, n in seen) <= SIZE  # nothing twice, nothing past the end
+    assert follower.fetched >= 48 * MiB, follower.fetched  # the guest's misses were few
+    assert len(seen) <= 24, seen  # against 64 without readahead
+    assert max(n for _, n in seen) > 4 * MiB  # the window grew
+    # The log tells its reads from the guest's.
+    tail = nbdkit.LogTail(bridge.log)
+    logged = [r for r in tail.new() if r.answered is None]
+    own = sum(r.count for r in logged if r.connection in tail.own)
+    assert 40 * MiB <= own <= follower.fetched  # what it asked for, less what the guest had
+    assert sum(r.count for r in logged if r.connection not in tail.own) <= 24 * MiB
+
+
+def test_without_it_each_block_is_a_round_trip(bridge: Bridge, image: Path, workdir: Path) -> None:
+    """The case above's reference: the same reads, no follower."""
+    guest = bridge.guest()
+    _sequential(guest, image, 0, 16)
+    guest.shutdown()
+    assert reads(workdir / "source.log") == [(i * MiB, MiB) for i in range(16)]
+
+
+def test_a_near_source_gets_no_readahead(image: Path, workdir: Path) -> None:
+    with FarSource(image, workdir / "near.pid", log_file=workdir / "source.log") as near:
+        bridge = Bridge(near, workdir)
+        bridge.start()
+        follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB).start()
+        try:
+            guest = bridge.guest()
+            _sequential(guest, image, 0, 16)
+            guest.shutdown()
+        finally:
+            follower.stop()
+            bridge.stop()
+    assert follower.fetched == 0
+    assert not follower.far
+
+
+def test_random_reads_fetch_nothing_ahead(bridge: Bridge, image: Path, workdir: Path) -> None:
+    blocks = list(range(0, SIZE // MiB, 2))  # never two neighbours
+    random.Random(4).shuffle(blocks)
+    follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB).start()
+    try:
+        guest = bridge.guest()
+        with open(image, "rb") as f:
+            for b in blocks[:24]:
+                f.seek(b * MiB + 4096)
+                assert guest.pread(4096, b * MiB + 4096) == f.read(4096)
+        guest.shutdown()
+        time.sleep(3 * readahead.POLL)
+    finally:
+        follower.stop()
+    assert follower.fetched == 0
+    assert len(reads(workdir / "source.log")) == 24
+
+
+def test_the_engine_follows_the_bridges_that_run(
+    bridge: Bridge, image: Path, workdir: Path
+) -> None:
+    """Readahead.find: a follower per bridge found under the bridges'
+    directory, with the engine's settings; a bridge gone ends its follower, and
+    the same bridge started again (an empty cache, a new log) gets a new one."""
+
+    class Ctx:  # what Readahead reads of the engine's context
+        class settings:  # noqa: N801
+            home = workdir
+            bridge_readahead_max_mib = 16
+
+    (workdir / "bridges").mkdir()
+    bridge.stop()
+    bridge.socket = workdir / "bridges" / "d1.sock"
+    bridge.pid_file, bridge.log = (
+        bridge.socket.with_suffix(".pid"),
+        bridge.socket.with_suffix(".reads"),
+    )
+    bridge.start()
+    engine = readahead.Readahead(Ctx())  # type: ignore[arg-type]
+    try:
+        engine.find()
+        assert list(engine.followers) == [bridge.socket]
+        first = engine.followers[bridge.socket]
+        assert first.most == 16 * MiB
+        guest = bridge.guest()
+        _sequential(guest, image, 0, 24)
+        guest.shutdown()
+        assert first.fetched > 0
+        assert max(n for _, n in reads(workdir / "source.log")) <= 16 * MiB
+        began = time.monotonic()
+        bridge.stop()  # the follower holds no connection open that nbdkit would wait for
+        assert time.monotonic() - began < 3
+        first.thread.join(2)
+        assert not first.alive()
+        engine.find()
+        assert engine.followers == {}
+        bridge.start()
+        engine.find()
+        again = engine.followers[bridge.socket]
+        assert again is not first
+        guest = bridge.guest()
+        _sequential(guest, image, 0, 16)  # fetched again: the cache is new
+        guest.shutdown()
+        assert again.fetched > 0
+    finally:
+        engine.stop()

@@ -1,0 +1,214 @@
+"""Readahead: a cached bridge fetches ahead of the guest's sequential reads.
+
+Over distance, a guest reading a file one block after another pays one round
+trip per block of its bridge's cache (1 MiB per 25 ms is 40 MiB/s), whatever
+the link carries. nbdkit 1.32 has no readahead that helps: its readahead filter
+prefetches with `.cache` calls, which the cache filter serves one block per
+round trip, under the one lock it takes for every block. So the engine follows
+each cached bridge's reads log (below the cache: misses only) and, where a miss
+starts at the end of an earlier one (a sequential run), reads the next `window`
+bytes through the bridge in one request, on a connection of its own: the cache
+filter fetches them from the source in one request (its runs of missing blocks
+go as one read) and keeps them, so the guest's next reads hit. The window
+starts at FIRST and grows x4 each time the guest reads on past the end of what
+was fetched ahead, up to `most`; it is kept to what the link carried in
+WINDOW_SECONDS, because the fetch holds the cache's lock and every guest read,
+hits included, waits behind it (on a 100 Mbit/s link a 32 MiB fetch would be
+2.7 s of a stalled guest). Random reads fetch nothing ahead.
+
+Its connection opens the export READAHEAD_EXPORT, so the log tells its reads
+from the guest's. An import's copier counts them as the guest's (they are done
+for it) and reads what they fetched from the bridge's cache, not over the link
+again. One follower thread per bridge, found by its files under
+THINAIR_HOME/bridges: a bridge started again (its log starts over), an engine
+started again, a VM gone (its bridge's socket gone) need nothing else. An
+optimization only: a read ahead that fails costs the time it took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import nbd
+
+from thinair.adapters import nbd_client, nbdkit
+from thinair.adapters.nbd_address import NbdAddress
+from thinair.engine.context import EngineContext
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+FIRST = 8 * MiB
+GROWTH = 2
+WINDOW_SECONDS = 0.5
+NEAR = 0.008  # seconds: a miss this quick is from a source as near as the cache
+POLL = 0.005  # seconds between looks at a log that is being written to
+IDLE_POLL = 0.05  # ... at one that has been quiet for IDLE seconds
+IDLE = 2.0
+FIND = 1.0  # seconds between looks for bridges started or gone
+CONNECT_TIMEOUT = 5.0
+
+
+class Follower:
+    """Reads ahead of one bridge's guest (see the module's docstring)."""
+
+    def __init__(self, socket: Path, reads_log: Path, most: int) -> None:
+        self.socket = socket
+        self.tail = nbdkit.LogTail(reads_log)
+        self.most = max(most, MiB)
+        self.first = min(FIRST, self.most)
+        self.stopping = threading.Event()
+        self.ends: deque[int] = deque(maxlen=16)  # where the guest's last misses ended
+        self.behind, self.ahead = 0, 0  # the last read ahead: [behind, ahead)
+        self.window = self.first
+        self.cap = self.most  # what the link carries in WINDOW_SECONDS
+        self.measured = False  # the cap is from a read ahead (not the guest's misses)
+        self.took: deque[float] = deque(maxlen=4)  # the guest's last misses, seconds each
+        self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # own misses unanswered
+        self.fetched = 0  # bytes read ahead, for the log and tests
+        self.thread = threading.Thread(target=self._run, name="readahead", daemon=True)
+
+    def start(self) -> Follower:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def _run(self) -> None:
+        quiet_since, seen = time.monotonic(), 0
+        while not self.stopping.is_set() and self.socket.exists():
+            start = self.step()
+            now = time.monotonic()
+            if start is not None:
+                self._fetch(start)
+            if start is not None or self.tail.offset != seen:
+                quiet_since, seen = now, self.tail.offset
+            self.stopping.wait(POLL if now - quiet_since < IDLE else IDLE_POLL)
+        if self.fetched:
+            log.info("read ahead %d MiB for the guest of %s", self.fetched // MiB, self.socket)
+
+    def step(self) -> int | None:
+        """Look at what the log says since the last look: where to read ahead
+        from, if a sequential run goes on past what is cached."""
+        found = self.tail.new()
+        if self.tail.restarted:  # a bridge started again: an empty cache
+            self.ends.clear()
+            self.sent.clear()
+            self.behind, self.ahead, self.window = 0, 0, self.first
+        start = None
+        for read in found:
+            self._measure(read)
+            if read.connection in self.tail.own or read.answered is not None or not read.count:
+                continue
+            end = read.offset + read.count
+            if self.ahead and self.behind <= read.offset <= self.ahead:
+                # The guest read on to (or, first, into) what was fetched ahead.
+                self.window = min(self.window * GROWTH, self.most)
+                start = max(end, self.ahead)
+            elif read.offset in self.ends:  # a new run
+                self.window = self.first
+                start = end
+            self.ends.append(end)
+        return start if self.far else None
+
+    @property
+    def far(self) -> bool:
+        """The guest's last misses all took NEAR or more (two at least: the
+        first read from a near source may be slow, its file not yet in memory)."""
+        return len(self.took) >= 2 and min(self.took) >= NEAR
+
+    def _measure(self, read: nbdkit.Logged) -> None:
+        """How far the source is and what the link carries, from the log's
+        times of each miss (the time the source took, not the time a read
+        waited for the cache's lock): the guest's tell whether the source is
+        near (see `far`: then no read ahead pays), this follower's own what the
+        link carries (the guest's small ones until then: they count the round
+        trip in)."""
+        key = (read.connection, read.id)
+        if read.answered is None:
+            self.sent[key] = read
+            return
+        began = self.sent.pop(key, None)
+        if began is None or read.answered != 0 or read.at <= began.at or not began.count:
+            return
+        took = read.at - began.at
+        own = read.connection in self.tail.own
+        if not own:
+            self.took.append(took)
+        if own or not self.measured:
+            self.measured = self.measured or own
+            rate = began.count / took
+            self.cap = max(MiB, min(self.most, int(rate * WINDOW_SECONDS)))
+
+    def _fetch(self, start: int) -> None:
+        """Read [start, start + window) through the bridge, on a connection
+        opened for it: one left open would keep the bridge from exiting when it
+        is stopped (nbdkit waits for its clients)."""
+        url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
+        try:
+            h = nbd_client.connect(url, CONNECT_TIMEOUT)
+            try:
+                length = min(self.window, self.cap, h.get_size() - start)
+                if length <= 0:
+                    return
+                began = time.monotonic()
+                h.pread(length, start)
+                took = time.monotonic() - began
+            finally:
+                with contextlib.suppress(nbd.Error):
+                    h.shutdown()
+        except (nbd.Error, nbd_client.NBDProbeError) as e:
+            log.debug("reading ahead at %d through %s: %s", start, self.socket, e)
+            return
+        self.behind, self.ahead = start, start + length
+        self.fetched += length
+        log.debug("read ahead %d MiB at %d MiB in %.3f s", length // MiB, start // MiB, took)
+
+
+class Readahead:
+    """A thread of the engine: a Follower for every cached bridge that runs."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.dir = ctx.settings.home / "bridges"
+        self.most = ctx.settings.bridge_readahead_max_mib * MiB
+        self.followers: dict[Path, Follower] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="readahead-find", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for follower in self.followers.values():
+            follower.stop()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.find()
+            except OSError as e:  # the home going away under a test, say
+                log.warning("looking for bridges to read ahead for: %s", e)
+            self._stopping.wait(FIND)
+
+    def find(self) -> None:
+        """Follow the bridges that run, forget those that ended."""
+        for socket, follower in list(self.followers.items()):
+            if not follower.alive():
+                del self.followers[socket]
+        for reads_log in self.dir.glob("*.reads"):
+            socket = reads_log.with_suffix(".sock")
+            if socket not in self.followers and socket.exists():
+                self.followers[socket] = Follower(socket, reads_log, self.most).start()
