@@ -52,6 +52,11 @@ IDLE_POLL = 0.05  # ... at one that has been quiet for IDLE seconds
 IDLE = 2.0
 FIND = 1.0  # seconds between looks for bridges started or gone
 CONNECT_TIMEOUT = 5.0
+# Seconds the connection stays open after a read ahead. Opening one takes the
+# cache's lock (its handshake asks the size), behind the guest's reads; one
+# left open for good would keep the bridge from exiting when it is stopped
+# (nbdkit waits for its clients).
+HOLD = 0.5
 
 
 class Follower:
@@ -71,6 +76,7 @@ class Follower:
         self.took: deque[float] = deque(maxlen=4)  # the guest's last misses, seconds each
         self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # own misses unanswered
         self.fetched = 0  # bytes read ahead, for the log and tests
+        self.handle: nbd.NBD | None = None  # open while a run goes on (see HOLD)
         self.thread = threading.Thread(target=self._run, name="readahead", daemon=True)
 
     def start(self) -> Follower:
@@ -85,15 +91,21 @@ class Follower:
         return self.thread.is_alive()
 
     def _run(self) -> None:
-        quiet_since, seen = time.monotonic(), 0
-        while not self.stopping.is_set() and self.socket.exists():
-            start = self.step()
-            now = time.monotonic()
-            if start is not None:
-                self._fetch(start)
-            if start is not None or self.tail.offset != seen:
-                quiet_since, seen = now, self.tail.offset
-            self.stopping.wait(POLL if now - quiet_since < IDLE else IDLE_POLL)
+        quiet_since, seen, fetched_at = time.monotonic(), 0, 0.0
+        try:
+            while not self.stopping.is_set() and self.socket.exists():
+                start = self.step()
+                now = time.monotonic()
+                if start is not None:
+                    self._fetch(start)
+                    fetched_at = time.monotonic()
+                elif now - fetched_at > HOLD:
+                    self._disconnect()
+                if start is not None or self.tail.offset != seen:
+                    quiet_since, seen = now, self.tail.offset
+                self.stopping.wait(POLL if now - quiet_since < IDLE else IDLE_POLL)
+        finally:
+            self._disconnect()
         if self.fetched:
             log.info("read ahead %d MiB for the guest of %s", self.fetched // MiB, self.socket)
 
@@ -151,28 +163,30 @@ class Follower:
             self.cap = max(MiB, min(self.most, int(rate * WINDOW_SECONDS)))
 
     def _fetch(self, start: int) -> None:
-        """Read [start, start + window) through the bridge, on a connection
-        opened for it: one left open would keep the bridge from exiting when it
-        is stopped (nbdkit waits for its clients)."""
-        url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
+        """Read [start, start + window) through the bridge."""
         try:
-            h = nbd_client.connect(url, CONNECT_TIMEOUT)
-            try:
-                length = min(self.window, self.cap, h.get_size() - start)
-                if length <= 0:
-                    return
-                began = time.monotonic()
-                h.pread(length, start)
-                took = time.monotonic() - began
-            finally:
-                with contextlib.suppress(nbd.Error):
-                    h.shutdown()
+            if self.handle is None:
+                url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
+                self.handle = nbd_client.connect(url, CONNECT_TIMEOUT)
+            length = min(self.window, self.cap, self.handle.get_size() - start)
+            if length <= 0:
+                return
+            began = time.monotonic()
+            self.handle.pread(length, start)
+            took = time.monotonic() - began
         except (nbd.Error, nbd_client.NBDProbeError) as e:
             log.debug("reading ahead at %d through %s: %s", start, self.socket, e)
+            self._disconnect()  # connect again next time (a bridge started again)
             return
         self.behind, self.ahead = start, start + length
         self.fetched += length
         log.debug("read ahead %d MiB at %d MiB in %.3f s", length // MiB, start // MiB, took)
+
+    def _disconnect(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(nbd.Error):
+                self.handle.shutdown()
+            self.handle = None
 
 
 class Readahead:
