@@ -10,11 +10,15 @@ starts at the end of an earlier one (a sequential run), reads the next `window`
 bytes through the bridge in one request, on a connection of its own: the cache
 filter fetches them from the source in one request (its runs of missing blocks
 go as one read) and keeps them, so the guest's next reads hit. The window
-starts at FIRST and grows x4 each time the guest reads on past the end of what
+starts at FIRST and doubles each time the guest reads on to the end of what
 was fetched ahead, up to `most`; it is kept to what the link carried in
 WINDOW_SECONDS, because the fetch holds the cache's lock and every guest read,
 hits included, waits behind it (on a 100 Mbit/s link a 32 MiB fetch would be
-2.7 s of a stalled guest). Random reads fetch nothing ahead.
+2.7 s of a stalled guest). It reads only what the source's allocation map
+says is data (asked once per bridge), never zeros. Random reads fetch nothing
+ahead, and neither does a source as near as the cache (the guest's misses take
+less than NEAR): there the guest's own reads are as quick, and a read ahead
+only makes them wait.
 
 Its connection opens the export READAHEAD_EXPORT, so the log tells its reads
 from the guest's. An import's copier counts them as the guest's (they are done
@@ -27,6 +31,7 @@ optimization only: a read ahead that fails costs the time it took.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import threading
@@ -38,6 +43,7 @@ import nbd
 
 from thinair.adapters import nbd_client, nbdkit
 from thinair.adapters.nbd_address import NbdAddress
+from thinair.adapters.nbd_copy import CopyError, data_extents
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,7 @@ class Follower:
         self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # own misses unanswered
         self.fetched = 0  # bytes read ahead, for the log and tests
         self.handle: nbd.NBD | None = None  # open while a run goes on (see HOLD)
+        self.data: list[tuple[int, int]] | None = None  # the source's data: [start, end)
         self.thread = threading.Thread(target=self._run, name="readahead", daemon=True)
 
     def start(self) -> Follower:
@@ -167,14 +174,21 @@ class Follower:
         try:
             if self.handle is None:
                 url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
-                self.handle = nbd_client.connect(url, CONNECT_TIMEOUT)
-            length = min(self.window, self.cap, self.handle.get_size() - start)
-            if length <= 0:
+                self.handle = nbd_client.connect(url, CONNECT_TIMEOUT, allocation_map=True)
+            if self.data is None:
+                size = self.handle.get_size()
+                self.data = [
+                    (e.offset, e.offset + e.length) for e in data_extents(self.handle, 0, size)
+                ]
+            # Only data: what reads as zeros would cross the link for nothing.
+            i = bisect.bisect_right(self.data, (start, float("inf"))) - 1
+            if i < 0 or start >= self.data[i][1]:
                 return
+            length = min(self.window, self.cap, self.data[i][1] - start)
             began = time.monotonic()
             self.handle.pread(length, start)
             took = time.monotonic() - began
-        except (nbd.Error, nbd_client.NBDProbeError) as e:
+        except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
             log.debug("reading ahead at %d through %s: %s", start, self.socket, e)
             self._disconnect()  # connect again next time (a bridge started again)
             return
