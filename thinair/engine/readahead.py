@@ -5,8 +5,8 @@ trip per block of its bridge's cache (1 MiB per 25 ms is 40 MiB/s), whatever
 the link carries. nbdkit 1.32 has no readahead that helps: its readahead filter
 prefetches with `.cache` calls, which the cache filter serves one block per
 round trip, under the one lock it takes for every block. So the engine follows
-each cached bridge's reads log (below the cache: misses only) and, where a miss
-starts at the end of an earlier one (a sequential run), reads the next `window`
+each cached bridge's reads log (below the cache: misses only) and, where RUN
+misses came one after another (a sequential run), reads the next `window`
 bytes through the bridge in one request, on a connection of its own: the cache
 filter fetches them from the source in one request (its runs of missing blocks
 go as one read) and keeps them, so the guest's next reads hit. The window
@@ -36,7 +36,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import nbd
@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 
 MiB = 2**20
 FIRST = 8 * MiB
+# Misses one after another that make a run: three blocks in a row. Two would
+# also be found among random reads (one in 30 of them lands right after one of
+# the last 16, here 1 MiB blocks of 512 MiB), and on a thin link a read ahead
+# makes the guest's next read wait for it.
+RUN = 3
+ENDS = 16  # the guest's last misses remembered
 GROWTH = 2
 WINDOW_SECONDS = 0.5
 NEAR = 0.008  # seconds: a miss this quick is from a source as near as the cache
@@ -74,7 +80,8 @@ class Follower:
         self.most = max(most, MiB)
         self.first = min(FIRST, self.most)
         self.stopping = threading.Event()
-        self.ends: deque[int] = deque(maxlen=16)  # where the guest's last misses ended
+        # Where the guest's last misses ended, and how many misses in a row led there.
+        self.ends: OrderedDict[int, int] = OrderedDict()
         self.behind, self.ahead = 0, 0  # the last read ahead: [behind, ahead)
         self.window = self.first
         self.cap = self.most  # what the link carries in WINDOW_SECONDS
@@ -134,10 +141,15 @@ class Follower:
                 # The guest read on to (or, first, into) what was fetched ahead.
                 self.window = min(self.window * GROWTH, self.most)
                 start = max(end, self.ahead)
-            elif read.offset in self.ends:  # a new run
+                self.ends[end] = RUN
+                continue
+            run = self.ends.pop(read.offset, 0) + 1
+            if run >= RUN and not self.behind < end <= self.ahead:  # a new run
                 self.window = self.first
                 start = end
-            self.ends.append(end)
+            self.ends[end] = run
+            while len(self.ends) > ENDS:
+                self.ends.popitem(last=False)
         return start if self.far else None
 
     @property
