@@ -72,6 +72,14 @@ class Settings:
     # (libvirt's copy_on_read), so nothing the guest reads crosses the link twice.
     copy_on_read: bool = False
 
+    def __post_init__(self) -> None:
+        # One read ahead is one NBD request: nbdkit takes at most 64 MiB.
+        if not 1 <= self.bridge_readahead_max_mib <= 64:
+            raise ValueError(
+                f"setting bridge_readahead_max_mib: {self.bridge_readahead_max_mib} "
+                "is not between 1 and 64"
+            )
+
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.home / 'thinair.db'}"

@@ -47,3 +47,10 @@ def test_on_off_settings() -> None:
     assert Settings.load({"THINAIR_COPY_ON_READ": "0"}).copy_on_read is False
     with pytest.raises(ValueError, match="not on or off"):
         Settings.load({"THINAIR_COPY_ON_READ": "maybe"})
+
+
+def test_readahead_size_is_checked() -> None:
+    assert Settings.load({"THINAIR_BRIDGE_READAHEAD_MAX_MIB": "8"}).bridge_readahead_max_mib == 8
+    for bad in ("0", "65"):
+        with pytest.raises(ValueError, match="between 1 and 64"):
+            Settings.load({"THINAIR_BRIDGE_READAHEAD_MAX_MIB": bad})

@@ -204,8 +204,8 @@ def _when(line: bytes) -> float:
 class LogTail:
     """A bridge's reads log, read incrementally: `new()` parses what was written
     since the last call. A log that shrank or was made again is a new one (a
-    bridge started again): `restarted` is set and it is read from its start. Reads made on a
-    connection opened with READAHEAD_EXPORT are in `own`."""
+    bridge started again): `restarted` is set and it is read from its start.
+    The connections opened with READAHEAD_EXPORT are in `own`."""
 
     def __init__(self, reads_log: Path) -> None:
         self.path = reads_log
