@@ -105,6 +105,22 @@ def test_without_it_each_block_is_a_round_trip(bridge: Bridge, image: Path, work
     assert reads(workdir / "source.log") == [(i * MiB, MiB) for i in range(16)]
 
 
+def _followed(source: FarSource, image: Path, workdir: Path, count: int) -> readahead.Follower:
+    """A bridge of its own to `source`, followed while a guest reads its first
+    `count` blocks one after another; the follower, stopped."""
+    bridge = Bridge(source, workdir)
+    bridge.start()
+    follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB).start()
+    try:
+        guest = bridge.guest()
+        _sequential(guest, image, 0, count)
+        guest.shutdown()
+    finally:
+        follower.stop()
+        bridge.stop()
+    return follower
+
+
 def test_holes_are_not_read_ahead(workdir: Path) -> None:
     """Zeros (holes in the source's allocation map) would cross the link for
     nothing: a window ends where the data does."""
@@ -115,16 +131,7 @@ def test_holes_are_not_read_ahead(workdir: Path) -> None:
     image.chmod(0o644)
     log_file = workdir / "sparse.log"
     with FarSource(image, workdir / "sparse.pid", delay_ms=10, log_file=log_file) as far:
-        bridge = Bridge(far, workdir)
-        bridge.start()
-        follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB).start()
-        try:
-            guest = bridge.guest()
-            _sequential(guest, image, 0, 24)
-            guest.shutdown()
-        finally:
-            follower.stop()
-            bridge.stop()
+        follower = _followed(far, image, workdir, 24)
     assert follower.fetched > 0
     beyond = [(o, n) for o, n in reads(log_file) if o + n > 16 * MiB]
     assert all(n == MiB for _, n in beyond), beyond  # only the guest's own misses
@@ -132,16 +139,7 @@ def test_holes_are_not_read_ahead(workdir: Path) -> None:
 
 def test_a_near_source_gets_no_readahead(image: Path, workdir: Path) -> None:
     with FarSource(image, workdir / "near.pid", log_file=workdir / "source.log") as near:
-        bridge = Bridge(near, workdir)
-        bridge.start()
-        follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB).start()
-        try:
-            guest = bridge.guest()
-            _sequential(guest, image, 0, 16)
-            guest.shutdown()
-        finally:
-            follower.stop()
-            bridge.stop()
+        follower = _followed(near, image, workdir, 16)
     assert follower.fetched == 0
     assert not follower.far
 
