@@ -110,6 +110,17 @@ def _reads_log(ctx: EngineContext, disk_id: str) -> Path:
     return _dir(ctx) / f"{disk_id}.reads"
 
 
+def logged(ctx: EngineContext) -> list[tuple[Path, Path]]:
+    """(socket, reads log) of every cached bridge that runs (its socket is
+    there), for thinair.engine.readahead."""
+    found = []
+    for reads in _dir(ctx).glob("*.reads"):
+        socket = _paths(ctx, reads.stem)[0]
+        if socket.exists():
+            found.append((socket, reads))
+    return found
+
+
 def _prefetch(ctx: EngineContext, disk_id: str, url: str) -> None:
     """A new cached bridge fetches its source's boot working set first; the first
     time, that set may be in the log of another disk's bridge to the same source."""

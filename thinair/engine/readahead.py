@@ -44,6 +44,7 @@ import nbd
 from thinair.adapters import nbd_client, nbdkit
 from thinair.adapters.nbd_address import NbdAddress
 from thinair.adapters.nbd_copy import CopyError, data_extents
+from thinair.engine import bridges
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class Readahead:
     """A thread of the engine: a Follower for every cached bridge that runs."""
 
     def __init__(self, ctx: EngineContext) -> None:
-        self.dir = ctx.settings.home / "bridges"
+        self.ctx = ctx
         self.most = ctx.settings.bridge_readahead_max_mib * MiB
         self.followers: dict[Path, Follower] = {}
         self._stopping = threading.Event()
@@ -248,7 +249,6 @@ class Readahead:
         for socket, follower in list(self.followers.items()):
             if not follower.alive():
                 del self.followers[socket]
-        for reads_log in self.dir.glob("*.reads"):
-            socket = reads_log.with_suffix(".sock")
-            if socket not in self.followers and socket.exists():
+        for socket, reads_log in bridges.logged(self.ctx):
+            if socket not in self.followers:
                 self.followers[socket] = Follower(socket, reads_log, self.most).start()
