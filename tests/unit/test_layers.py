@@ -55,7 +55,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "thinair.engine.storage",
         ),
     ),
-    # What the flows share besides VMs: hosts, bridges, OVAs, the outage watcher.
+    # What the flows share besides VMs: hosts, bridges, OVAs, the outage watcher,
+    # the bridges' readahead.
     (
         "engine services",
         (
@@ -63,6 +64,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "thinair.engine.bridges",
             "thinair.engine.ova",
             "thinair.engine.outages",
+            "thinair.engine.readahead",
         ),
     ),
     # What every flow needs of a VM.
