@@ -78,6 +78,8 @@ def test_source_problem_says_why(source: FarSource, image: Path, workdir: Path) 
 def test_working_set_recorded_then_prefetched(
     source: FarSource, image: Path, workdir: Path
 ) -> None:
+    """The second bridge fetches the first one's boot reads, the blocks that
+    touch in one request to the source each, and its guest's reads are hits."""
     ctx = EngineContext(Settings(home=workdir / "home", libvirt_uri="test:///default"))
     first = (workdir / "first.sock", workdir / "first.pid", workdir / "first.reads")
     second = (workdir / "second.sock", workdir / "second.pid", workdir / "second.reads")
@@ -85,7 +87,7 @@ def test_working_set_recorded_then_prefetched(
         nbdkit.start(source.url, *first[:2], 2, None, nbdkit.Cache(reads_log=first[2]))
         h = nbd.NBD()
         h.connect_uri(f"nbd+unix:///?socket={first[0]}")
-        for offset in (5 * MiB + 7, 2 * MiB, 5 * MiB + 4096, 11 * MiB):
+        for offset in (5 * MiB + 7, 2 * MiB, 5 * MiB + 4096, 11 * MiB, 6 * MiB + 1, 3 * MiB):
             h.pread(512, offset)
         h.shutdown()
         assert working_sets.record(ctx, source.url, first[2])
@@ -93,6 +95,8 @@ def test_working_set_recorded_then_prefetched(
             (5 * MiB, MiB),
             (2 * MiB, MiB),
             (11 * MiB, MiB),
+            (6 * MiB, MiB),
+            (3 * MiB, MiB),
         ]
         assert not working_sets.record(ctx, source.url, first[2])  # kept once
         before = len(reads(workdir / "source.log"))
@@ -101,12 +105,16 @@ def test_working_set_recorded_then_prefetched(
         assert thread is not None
         thread.join(30)
         fetched = reads(workdir / "source.log")[before:]
-        assert sorted(fetched) == [(2 * MiB, MiB), (5 * MiB, MiB), (11 * MiB, MiB)]
+        assert sorted(fetched) == [(2 * MiB, 2 * MiB), (5 * MiB, 2 * MiB), (11 * MiB, MiB)]
+        tail = nbdkit.LogTail(second[2])
+        logged = [r for r in tail.new() if r.answered is None]
+        assert logged and all(r.connection in tail.own for r in logged)  # not the guest's
         h = nbd.NBD()
         h.connect_uri(f"nbd+unix:///?socket={second[0]}")
         assert h.pread(4096, 11 * MiB + 8192) == bytes([11]) * 4096
+        assert h.pread(4096, 3 * MiB) == bytes([3]) * 4096
         h.shutdown()
-        assert len(reads(workdir / "source.log")) == before + 3  # the read was a hit
+        assert len(reads(workdir / "source.log")) == before + 3  # the reads were hits
     finally:
         nbdkit.stop(*first[:2])
         nbdkit.stop(*second[:2])

@@ -121,24 +121,21 @@ def open_reader(url: str, timeout: float) -> IO[bytes]:
 
 
 def prefetch(url: str, ranges: list[tuple[int, int]], in_flight: int, timeout: float) -> None:
-    """Ask the server at `url` to fetch the (offset, length) `ranges`, in that
-    order, `in_flight` requests at a time: NBD_CMD_CACHE where the server has it
-    (nbdkit's cache filter then reads ahead into its cache), else reads whose
-    data is dropped. Ranges past the end are cut. NBDProbeError on failure."""
+    """Read the (offset, length) `ranges` of the export at `url`, in that order,
+    `in_flight` requests at a time, and drop the data: what a caching server
+    (an NBD bridge) then holds. Reads, not NBD_CMD_CACHE: nbdkit 1.32's cache
+    filter serves a cache request one block per round trip to its source, and a
+    read of a run of missing blocks in one. Ranges past the end are cut.
+    NBDProbeError on failure."""
     h = connect(url, timeout)
     try:
         size = h.get_size()
-        use_cache = h.can_cache()
         pending = list(reversed(ranges))
         while pending or h.aio_in_flight() > 0:
             while pending and h.aio_in_flight() < in_flight:
                 offset, length = pending.pop()
                 length = min(length, size - offset)
-                if length <= 0:
-                    continue
-                if use_cache:
-                    h.aio_cache(length, offset)
-                else:
+                if length > 0:
                     h.aio_pread(nbd.Buffer(length), offset)
             h.poll(-1)
         h.shutdown()

@@ -176,8 +176,9 @@ _LOGGED = re.compile(
 )
 _CONNECT = re.compile(rb"connection=([0-9]+) Connect export=(\S*)")
 GRAIN = 64 * 2**10  # what `covers` knows of: 64 KiB pieces of the source
-# The export name thinair.engine.readahead connects to a bridge with (the nbd
-# plugin ignores it): its reads are told from the guest's in the log.
+# The export name thinair.engine.readahead and the working set's prefetch connect
+# to a bridge with (the nbd plugin ignores it): their reads are told from the
+# guest's in the log.
 READAHEAD_EXPORT = "thinair-readahead"
 
 

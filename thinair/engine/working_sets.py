@@ -8,8 +8,12 @@ retry filter: cache misses only, in the order fetched). The blocks of a disk's
 first `working_set_seconds` are kept for its source in
 THINAIR_HOME/working-sets/, when its bridge stops or when another VM's bridge to
 the same source starts. A new bridge to a source with a working set then
-prefetches it, many blocks in flight on a connection of its own, into its cache,
-from the moment the VM is created: the guest's boot reads then hit the cache.
+prefetches it into its cache, from the moment the VM is created, on a connection
+of its own (the readahead's export: the log tells its reads from the guest's):
+the blocks that touch merged into runs, one read each (the cache filter fetches
+a run of missing blocks in one request to the source, and holds its lock while
+it does), the runs in the order the first boot read them. The guest's boot reads
+then hit the cache.
 An optimization only: a prefetch that fails costs nothing but the time.
 """
 
@@ -25,13 +29,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from thinair.adapters import nbd_client
+from thinair.adapters import nbd_client, nbdkit
 from thinair.adapters.nbd_address import NbdAddress
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT = 16
+IN_FLIGHT = 4  # the cache filter serves one at a time: enough to keep it busy
+RUN_MOST = 32 * 2**20  # bytes per read (the readahead's largest)
 
 _READ = re.compile(
     r"^(\S+ \S+) connection=\d+ Read id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)", re.M
@@ -99,13 +104,31 @@ def record(ctx: EngineContext, url: str, reads_log: Path) -> bool:
     return True
 
 
+def runs(wanted: list[tuple[int, int]], most: int = RUN_MOST) -> list[tuple[int, int]]:
+    """The ranges of `wanted` (in the order first read) merged where they touch
+    or overlap, at most `most` bytes each, each run placed where the first of
+    its ranges was read."""
+    ranked = sorted(enumerate(wanted), key=lambda item: item[1][0])
+    merged: list[list[int]] = []  # [first read, start, end]
+    for rank, (offset, length) in ranked:
+        if merged and offset <= merged[-1][2]:
+            last = merged[-1]
+            last[0], last[2] = min(last[0], rank), max(last[2], offset + length)
+        else:
+            merged.append([rank, offset, offset + length])
+    found = []
+    for _, start, end in sorted(merged):
+        found += [(at, min(most, end - at)) for at in range(start, end, most)]
+    return found
+
+
 def prefetch(ctx: EngineContext, url: str, socket: Path) -> threading.Thread | None:
     """Fetch the working set of `url` through the bridge at `socket`, in a thread."""
     wanted = blocks(ctx, url)
     if not wanted:
         return None
     thread = threading.Thread(
-        target=_prefetch, args=(url, socket, wanted), name="prefetch", daemon=True
+        target=_prefetch, args=(url, socket, runs(wanted)), name="prefetch", daemon=True
     )
     thread.start()
     return thread
@@ -114,12 +137,13 @@ def prefetch(ctx: EngineContext, url: str, socket: Path) -> threading.Thread | N
 def _prefetch(url: str, socket: Path, wanted: list[tuple[int, int]]) -> None:
     began = time.monotonic()
     try:
-        nbd_client.prefetch(NbdAddress.unix(str(socket)).url(), wanted, IN_FLIGHT, timeout=30)
+        bridge = NbdAddress.unix(str(socket), export=nbdkit.READAHEAD_EXPORT).url()
+        nbd_client.prefetch(bridge, wanted, IN_FLIGHT, timeout=30)
     except nbd_client.NBDProbeError as e:
         log.info("prefetch of %s stopped: %s", url, e)
         return
     log.info(
-        "prefetched the working set of %s (%d blocks) in %.2f s",
+        "prefetched the working set of %s (%d runs) in %.2f s",
         url,
         len(wanted),
         time.monotonic() - began,
