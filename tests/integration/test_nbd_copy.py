@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,80 @@ def test_digests_catch_a_copy_that_differs(workdir: Path, counted: list[_Counted
     mismatch = nbd_copy.verify(str(dest), str(digests))
     assert mismatch is not None and mismatch.offset <= bad < mismatch.offset + mismatch.length
     assert nbd_copy.first_difference(server.url, str(dest), mismatch.offset, mismatch.length) == bad
+
+
+def test_a_write_that_lands_wrong_fails_the_copy_before_it_counts(
+    workdir: Path, counted: list[_Counted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request's write puts one wrong byte on the disk (a bad buffer, a
+    misdirected write): the read-back check fails the copy with that range,
+    and no checkpoint ever covers it."""
+    src = workdir / "src.raw"
+    _image(src, 64 * MiB, 4, 3 * MiB)
+    server = _Counted(src, workdir)
+    counted.append(server)
+    bad = 32 * MiB + 3 * 4096 + 777  # inside the third extent
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if offset <= bad < offset + len(data):
+            wrong = bytearray(data)
+            wrong[bad - offset] ^= 0x01
+            return real_pwrite(fd, wrong, offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(nbd_copy.os, "pwrite", pwrite)
+    checkpoints: list[nbd_copy.Checkpoint] = []
+    with pytest.raises(nbd_copy.CopyMismatch) as caught:
+        nbd_copy.copy(
+            server.url,
+            str(workdir / "dest.raw"),
+            str(workdir / "digests"),
+            on_checkpoint=checkpoints.append,
+        )
+    assert caught.value.offset <= bad < caught.value.offset + caught.value.length
+    assert all(c.done_to <= caught.value.offset for c in checkpoints)
+
+
+def test_a_resume_checks_what_an_older_engine_left_unchecked(
+    workdir: Path, counted: list[_Counted]
+) -> None:
+    """A checkpoint whose digests were not all read back (`verified` below
+    `digest_bytes`, as an engine that checked later wrote them) over a
+    destination that no longer holds what was read: the resume says where."""
+    src = workdir / "src.raw"
+    allocated = _image(src, 128 * MiB, 8, 4 * MiB)
+    server = _Counted(src, workdir)
+    counted.append(server)
+    dest, digests = workdir / "dest.raw", workdir / "digests"
+    checkpoints: list[nbd_copy.Checkpoint] = []
+    copied = [0]
+
+    def note(done: int, _total: int) -> None:
+        copied[0] = done
+
+    with pytest.raises(nbd_copy.CopyStopped):
+        nbd_copy.copy(
+            server.url,
+            str(dest),
+            str(digests),
+            bandwidth=32 * MiB,
+            on_progress=note,
+            on_checkpoint=checkpoints.append,
+            should_stop=lambda: copied[0] >= allocated // 2,
+        )
+    last = checkpoints[-1]
+    assert last.verified == last.digest_bytes > 0
+    bad = 3 * 4096 + 5  # inside the first extent, below any checkpoint
+    assert bad < last.done_to
+    with open(dest, "r+b") as f:
+        f.seek(bad)
+        byte = f.read(1)
+        f.seek(bad)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(nbd_copy.CopyMismatch) as caught:
+        nbd_copy.copy(server.url, str(dest), str(digests), start=replace(last, verified=0))
+    assert caught.value.offset <= bad < caught.value.offset + caught.value.length
 
 
 def test_a_source_gone_for_good_fails_with_the_cause(

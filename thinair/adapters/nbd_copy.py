@@ -9,12 +9,13 @@ holes left as holes) and adds:
 - a checkpoint: every offset below `done_to` is on the destination and synced,
   and a digest of each request it read is in the digest file, so a copy killed
   at any instant resumes from its last checkpoint;
-- a digest per request (XXH3-128), checked against
-  the destination read back, in a thread of its own, as the copy goes on.
+- a digest per request (XXH3-128), checked against the destination read back
+  as soon as the request's write-back to disk is done; a request counts as
+  copied (and goes into a checkpoint) only once it is checked.
 
 libnbd's Python bindings serialize blocking calls on one handle, so each
-connection runs its own thread with asynchronous reads in flight; the digest and
-os.pwrite release the GIL on large buffers, so the threads overlap.
+connection runs its own thread with asynchronous reads in flight; the digest,
+os.pwrite and os.preadv release the GIL on large buffers, so the threads overlap.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ _STATE_ZERO = 2  # NBD base:allocation: the range reads as zeros
 # the write-back of each request as soon as it is written and, a few requests
 # later, waits for it: without that, the page cache fills with dirty pages and
 # the kernel throttles every writer (measured here: 3x slower than nbdcopy).
-# The verifier drops the pages once it has read them back.
+# Then it reads the request back, checks its digest and drops its pages, as
+# nbdcopy drops them: the kernel reuses the same few pages for the whole copy.
+# Checked later (by a thread of its own, after each checkpoint), the pages
+# lingered and the copy cost half as much system time again as nbdcopy
+# (1 GiB: 1.33 s against nbdcopy's 0.93 s; checked at once: 0.94 s).
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
@@ -91,6 +96,15 @@ class CopyError(AdapterError):
     pass
 
 
+class CopyMismatch(CopyError):
+    """The copy read back does not hold what the copier read."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+        super().__init__(f"the copy differs from what was read in [{offset}, {offset + length})")
+
+
 class CopyStopped(Exception):
     """should_stop() said so; the checkpoint before it is valid."""
 
@@ -103,10 +117,12 @@ class Extent:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    done_to: int  # everything below is copied, synced and digested
+    done_to: int  # everything below is copied, synced, digested and read back
     digest_bytes: int  # the digest file's length at that point
     copied: int  # data bytes copied below done_to
-    verified: int = 0  # the digest file's bytes whose requests were read back and match
+    # The digest file's bytes whose requests were read back and match: all of
+    # them, but in a checkpoint of an engine that checked them later.
+    verified: int = 0
 
 
 def _connect(url: str, timeout: float, meta: bool = True) -> nbd.NBD:
@@ -328,21 +344,41 @@ def _worker(
     retry: list[tuple[int, Extent]] = []  # reads to issue again, on a new connection
     failing_since: float | None = None
     last_error = ""
-    written_back: list[Extent] = []  # oldest first
+    written_back: list[tuple[int, Extent, bytes]] = []  # (index, request, digest), oldest first
+    scratch = memoryview(bytearray(REQUEST))  # what a request reads back as
     parts: list[tuple[int, Extent, memoryview, int]] = []  # in pending, next part to read
     reading: set[int] = set()  # requests with a read on the wire (one slot of the pacer's each)
     near: nbd.NBD | None = None  # a connection to `cached`'s URL, once needed
     cached_off = [False]
 
-    def write(req: Extent, view: memoryview) -> None:
+    def write(index: int, req: Extent, view: memoryview) -> None:
+        """Write the request, start its write-back; settle the oldest one."""
+        digest = _digest(view)
         written = 0
         while written < req.length:
             written += os.pwrite(fd, view[written:], req.offset + written)
         _sync_range(fd, req.offset, req.length, _WRITE)
-        written_back.append(req)
+        progress(req.length)
+        written_back.append((index, req, digest))
         if len(written_back) > WRITEBACK_WINDOW:
-            old = written_back.pop(0)
-            _sync_range(fd, old.offset, old.length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+            settle()
+
+    def settle() -> None:
+        """Wait for the oldest request's write-back, read it back and check
+        it, drop its pages: then it is done."""
+        index, req, digest = written_back.pop(0)
+        _sync_range(fd, req.offset, req.length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+        back = scratch[: req.length]
+        got = 0
+        while got < req.length:
+            n = os.preadv(fd, [back[got:]], req.offset + got)
+            if n == 0:
+                raise CopyMismatch(req.offset, req.length)  # cut short
+            got += n
+        if _digest(back) != digest:
+            raise CopyMismatch(req.offset, req.length)
+        os.posix_fadvise(fd, req.offset, req.length, os.POSIX_FADV_DONTNEED)
+        plan.complete(index, digest)
 
     def issue() -> bool:
         item = retry.pop() if retry else plan.take()
@@ -376,10 +412,7 @@ def _worker(
             log.info("reading %s from %s: %s; from the source instead", req, cached[0], e)
             cached_off[0] = True
             return False
-        view = memoryview(data)
-        write(req, view)
-        plan.complete(index, _digest(view))
-        progress(req.length)
+        write(index, req, memoryview(data))
         return True
 
     def send(index: int, req: Extent, view: memoryview, start: int) -> None:
@@ -412,10 +445,8 @@ def _worker(
                     failing_since = failing_since or time.monotonic()
                     return 1
                 failing_since = None
-                write(req, view)
-                plan.complete(index, _digest(view))
-                progress(req.length)
-            except BaseException as e:  # ENOSPC, most likely
+                write(index, req, view)
+            except BaseException as e:  # ENOSPC, or a copy that reads back wrong
                 plan.fail(e)
             finally:
                 free.append(view.obj)  # type: ignore[arg-type]
@@ -500,6 +531,8 @@ def _worker(
                 more = False
                 retry.clear()
             if not pending:
+                while written_back:  # nothing in flight: nothing better to do
+                    settle()
                 if not more and not retry:
                     break
                 if failing_since is None:
@@ -517,78 +550,18 @@ def _worker(
     except BaseException as e:
         plan.fail(e)
     finally:
+        # What was written is checked, and counts, however the copy ends: a
+        # stopped or failed copy resumes from after it.
+        try:
+            while written_back:
+                settle()
+        except BaseException as e:
+            plan.fail(e)
         with contextlib.suppress(nbd.Error):
             h.shutdown()
         if near is not None:
             with contextlib.suppress(nbd.Error):
                 near.shutdown()
-
-
-class CopyMismatch(CopyError):
-    """The copy read back does not hold what the copier read."""
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
-        super().__init__(f"the copy differs from what was read in [{offset}, {offset + length})")
-
-
-class _Verifier:
-    """Reads back, in a thread of its own, each request that a checkpoint made
-    durable and checks its digest, while the copy goes on: by the copy's end
-    little is left to check. The read goes through the page cache (the pages
-    are clean: synced, not yet dropped): it proves that the copier put the
-    bytes it read where they belong, not that the disk keeps them; a read from
-    the disk itself cost more than the whole copy here (1.2 s per GiB)."""
-
-    def __init__(self, dest: str, digest_file: str, verified: int) -> None:
-        self.dest = dest
-        self.digest_file = digest_file
-        self.verified = verified  # digest-file bytes checked
-        self.up_to = verified
-        self.cond = threading.Condition()
-        self.closing = False
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="copy-verify", daemon=True)
-        self.thread.start()
-
-    def advance(self, up_to: int) -> None:
-        with self.cond:
-            self.up_to = up_to
-            self.cond.notify_all()
-
-    def finish(self) -> int:
-        """Wait until everything handed over is checked; the bytes checked."""
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.verified
-
-    def stop(self) -> None:
-        with self.cond:
-            self.closing = True
-            self.up_to = self.verified
-            self.cond.notify_all()
-        self.thread.join()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    self.cond.wait_for(lambda: self.up_to > self.verified or self.closing)
-                    start, end = self.verified, self.up_to
-                    if start >= end and self.closing:
-                        return
-                mismatch = verify(self.dest, self.digest_file, start, end)
-                if mismatch is not None:
-                    raise CopyMismatch(mismatch.offset, mismatch.length)
-                with self.cond:
-                    self.verified = end
-        except BaseException as e:
-            self.error = e
 
 
 def copy(
@@ -617,12 +590,17 @@ def copy(
     whether it holds a range: the guest's bridge and its cache), a request
     it holds is read there, so that nothing crosses the link twice.
     Returns the final checkpoint,
-    everything verified; raises CopyStopped when should_stop() says so,
+    everything read back and checked; raises CopyStopped when should_stop() says so,
     CopyMismatch when the copy read back differs, and CopyError on a source or
     destination failure (the last checkpoint stays valid)."""
+    start = start or Checkpoint(0, 0, 0)
+    if start.verified < start.digest_bytes:  # a checkpoint of an engine that checked later
+        mismatch = verify(dest, digest_file, start.verified, start.digest_bytes)
+        if mismatch is not None:
+            raise CopyMismatch(mismatch.offset, mismatch.length)
+        start = replace(start, verified=start.digest_bytes)
     first = _connect(url, CONNECT_TIMEOUT)
     size = first.get_size()
-    start = start or Checkpoint(0, 0, 0)
     extents = list(data_extents(first, start.done_to, size))
     total = start.copied + sum(e.length for e in extents)
     handles = [first]
@@ -646,16 +624,13 @@ def copy(
         with copied_lock:
             copied[0] += nbytes
 
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o644)  # read: each request is read back
     digests = open(digest_file, "ab")  # noqa: SIM115 (closed below)
-    verifier: _Verifier | None = None
     try:
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
         digests.truncate(start.digest_bytes)
         digests.seek(start.digest_bytes)
-        verifier = _Verifier(dest, digest_file, start.verified)
-        verifier.advance(start.digest_bytes)
         running = threading.Semaphore(0)  # released by each worker as it ends
 
         def work(h: nbd.NBD) -> None:
@@ -682,8 +657,6 @@ def copy(
             alive = ended < len(threads)
             if should_stop and should_stop():
                 plan.fail(CopyStopped())
-            if verifier.error is not None:
-                plan.fail(verifier.error)
             if on_progress:
                 on_progress(copied[0], total)
             now = time.monotonic()
@@ -693,8 +666,7 @@ def copy(
                 or now - last_time >= CHECKPOINT_SECONDS
             ):
                 before = checkpoint
-                checkpoint = _checkpoint(plan, fd, digests, checkpoint, verifier.verified)
-                verifier.advance(checkpoint.digest_bytes)
+                checkpoint = _checkpoint(plan, fd, digests, checkpoint)
                 done_bytes, last_time = checkpoint.copied, now
                 if on_checkpoint and checkpoint != before:
                     on_checkpoint(checkpoint)
@@ -704,29 +676,22 @@ def copy(
             raise plan.error
         if checkpoint.done_to != size:  # pragma: no cover - a bug, not a condition
             raise CopyError(f"copy ended at {checkpoint.done_to} of {size}")
-        checkpoint = replace(checkpoint, verified=verifier.finish())
         if pacer.held:
             log.info("the copy of %s held back %.1f s for the guest's reads", url, pacer.held)
-        if on_checkpoint:
-            on_checkpoint(checkpoint)
         if on_progress:
             on_progress(total, total)
         return checkpoint
     finally:
-        if verifier is not None:
-            verifier.stop()
         os.close(fd)
         digests.close()
 
 
-def _checkpoint(
-    plan: _Plan, fd: int, digests: BinaryIO, last: Checkpoint, verified: int
-) -> Checkpoint:
-    """Sync what is done, then record its digests: the data is on disk before
-    anything says it is."""
+def _checkpoint(plan: _Plan, fd: int, digests: BinaryIO, last: Checkpoint) -> Checkpoint:
+    """Sync what is done (each request written back, read back and checked),
+    then record its digests: the data is on disk before anything says it is."""
     done_to, newly = plan.advance()
     if not newly and done_to == last.done_to:
-        return replace(last, verified=verified)
+        return last
     os.fdatasync(fd)
     for req, digest in newly:
         digests.write(_RECORD.pack(req.offset, req.length, digest))
@@ -736,7 +701,7 @@ def _checkpoint(
         done_to=done_to,
         digest_bytes=digests.tell(),
         copied=last.copied + sum(req.length for req, _ in newly),
-        verified=verified,
+        verified=digests.tell(),
     )
 
 
