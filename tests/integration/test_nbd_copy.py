@@ -67,6 +67,29 @@ def counted(workdir: Path) -> Iterator[list[_Counted]]:
             s.stop()
 
 
+def _stopped_half_way(
+    server: _Counted, dest: Path, digests: Path, allocated: int, bandwidth: int
+) -> nbd_copy.Checkpoint:
+    """A copy stopped once half the data is copied; its last checkpoint."""
+    checkpoints: list[nbd_copy.Checkpoint] = []
+    copied = [0]
+
+    def note(done: int, _total: int) -> None:
+        copied[0] = done
+
+    with pytest.raises(nbd_copy.CopyStopped):
+        nbd_copy.copy(
+            server.url,
+            str(dest),
+            str(digests),
+            bandwidth=bandwidth,
+            on_progress=note,
+            on_checkpoint=checkpoints.append,
+            should_stop=lambda: copied[0] >= allocated // 2,
+        )
+    return checkpoints[-1]
+
+
 def test_copies_the_data_and_leaves_holes(workdir: Path, counted: list[_Counted]) -> None:
     src = workdir / "src.raw"
     allocated = _image(src, 256 * MiB, 8, 5 * MiB + 123)
@@ -97,23 +120,7 @@ def test_resumes_from_its_checkpoint(workdir: Path, counted: list[_Counted]) -> 
     server = _Counted(src, workdir)
     counted.append(server)
     dest, digests = workdir / "dest.raw", workdir / "digests"
-    checkpoints: list[nbd_copy.Checkpoint] = []
-    copied = [0]
-
-    def note(done: int, _total: int) -> None:
-        copied[0] = done
-
-    with pytest.raises(nbd_copy.CopyStopped):
-        nbd_copy.copy(
-            server.url,
-            str(dest),
-            str(digests),
-            bandwidth=64 * MiB,
-            on_progress=note,
-            on_checkpoint=checkpoints.append,
-            should_stop=lambda: copied[0] >= allocated // 2,
-        )
-    last = checkpoints[-1]
+    last = _stopped_half_way(server, dest, digests, allocated, 64 * MiB)
     assert 0 < last.copied < allocated
     done = nbd_copy.copy(server.url, str(dest), str(digests), start=last)
     read = server.stop()
@@ -202,23 +209,7 @@ def test_a_resume_checks_what_an_older_engine_left_unchecked(
     server = _Counted(src, workdir)
     counted.append(server)
     dest, digests = workdir / "dest.raw", workdir / "digests"
-    checkpoints: list[nbd_copy.Checkpoint] = []
-    copied = [0]
-
-    def note(done: int, _total: int) -> None:
-        copied[0] = done
-
-    with pytest.raises(nbd_copy.CopyStopped):
-        nbd_copy.copy(
-            server.url,
-            str(dest),
-            str(digests),
-            bandwidth=32 * MiB,
-            on_progress=note,
-            on_checkpoint=checkpoints.append,
-            should_stop=lambda: copied[0] >= allocated // 2,
-        )
-    last = checkpoints[-1]
+    last = _stopped_half_way(server, dest, digests, allocated, 32 * MiB)
     assert last.verified == last.digest_bytes > 0
     bad = 3 * 4096 + 5  # inside the first extent, below any checkpoint
     assert bad < last.done_to
