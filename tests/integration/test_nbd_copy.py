@@ -69,8 +69,8 @@ def counted(workdir: Path) -> Iterator[list[_Counted]]:
 
 def _stopped_half_way(
     server: _Counted, dest: Path, digests: Path, allocated: int, bandwidth: int
-) -> nbd_copy.Checkpoint:
-    """A copy stopped once half the data is copied; its last checkpoint."""
+) -> list[nbd_copy.Checkpoint]:
+    """A copy stopped once half the data is copied; its checkpoints."""
     checkpoints: list[nbd_copy.Checkpoint] = []
     copied = [0]
 
@@ -87,7 +87,7 @@ def _stopped_half_way(
             on_checkpoint=checkpoints.append,
             should_stop=lambda: copied[0] >= allocated // 2,
         )
-    return checkpoints[-1]
+    return checkpoints
 
 
 def test_copies_the_data_and_leaves_holes(workdir: Path, counted: list[_Counted]) -> None:
@@ -113,18 +113,23 @@ def test_copies_the_data_and_leaves_holes(workdir: Path, counted: list[_Counted]
 
 
 def test_resumes_from_its_checkpoint(workdir: Path, counted: list[_Counted]) -> None:
-    """Stopped half way, then run again from the last checkpoint: the copy is
-    whole and the source was read about once."""
+    """Stopped half way, then run again from a checkpoint: the copy is whole and
+    the source was read about once. The checkpoints on the way are not synced
+    (they name this boot), the last is; one on the way is as good to resume
+    from, the host having stayed up (a process killed loses nothing it wrote)."""
     src = workdir / "src.raw"
     allocated = _image(src, 512 * MiB, 16, 8 * MiB)
     server = _Counted(src, workdir)
     counted.append(server)
     dest, digests = workdir / "dest.raw", workdir / "digests"
-    last = _stopped_half_way(server, dest, digests, allocated, 64 * MiB)
-    assert 0 < last.copied < allocated
-    done = nbd_copy.copy(server.url, str(dest), str(digests), start=last)
+    *on_the_way, last = _stopped_half_way(server, dest, digests, allocated, 64 * MiB)
+    assert on_the_way and {c.boot for c in on_the_way} == {nbd_copy.boot_id()}
+    assert last.boot == ""
+    start = on_the_way[-1]
+    assert 0 < start.copied < allocated
+    done = nbd_copy.copy(server.url, str(dest), str(digests), start=start)
     read = server.stop()
-    assert done.copied == allocated and done.verified == done.digest_bytes
+    assert done.copied == allocated and done.verified == done.digest_bytes and done.boot == ""
     assert qemu_img.compare(str(src), str(dest), "raw", "raw")
     assert read <= 1.1 * allocated, f"read {read / allocated:.2f}x the allocated bytes"
 
@@ -209,7 +214,7 @@ def test_a_resume_checks_what_an_older_engine_left_unchecked(
     server = _Counted(src, workdir)
     counted.append(server)
     dest, digests = workdir / "dest.raw", workdir / "digests"
-    last = _stopped_half_way(server, dest, digests, allocated, 32 * MiB)
+    last = _stopped_half_way(server, dest, digests, allocated, 32 * MiB)[-1]
     assert last.verified == last.digest_bytes > 0
     bad = 3 * 4096 + 5  # inside the first extent, below any checkpoint
     assert bad < last.done_to
@@ -221,6 +226,45 @@ def test_a_resume_checks_what_an_older_engine_left_unchecked(
     with pytest.raises(nbd_copy.CopyMismatch) as caught:
         nbd_copy.copy(server.url, str(dest), str(digests), start=replace(last, verified=0))
     assert caught.value.offset <= bad < caught.value.offset + caught.value.length
+
+
+@pytest.mark.parametrize("lost", ["data", "records"])
+def test_a_resume_after_the_host_went_down_keeps_what_reads_back(
+    workdir: Path, counted: list[_Counted], lost: str
+) -> None:
+    """An unsynced checkpoint of another boot (the host went down since): what
+    the page cache had not written is lost, data (reads as zeros) or digest
+    records (the file cut short, mid-record). The resume keeps the requests
+    that read back as recorded, copies again from the first that does not, and
+    reads from the source only what it copies again."""
+    src = workdir / "src.raw"
+    allocated = _image(src, 256 * MiB, 8, 8 * MiB)
+    server = _Counted(src, workdir)
+    counted.append(server)
+    dest, digests = workdir / "dest.raw", workdir / "digests"
+    on_the_way = _stopped_half_way(server, dest, digests, allocated, 8 * MiB)[:-1]
+    start = replace(on_the_way[-1], boot="a boot before this one")
+    records = list(nbd_copy._RECORD.iter_unpack(digests.read_bytes()[: start.digest_bytes]))
+    assert len(records) >= 4
+    offset, length, _ = records[2]  # the third request: the first two survive
+    if lost == "data":
+        with open(dest, "r+b") as f:
+            f.seek(offset + length // 2)
+            f.write(bytes(4096))
+    else:
+        with open(digests, "r+b") as f:
+            f.truncate(2 * nbd_copy._RECORD.size + 7)
+    server.stop()  # counted again from zero: a new server
+    server.socket.unlink()
+    server = _Counted(src, workdir)
+    counted.append(server)
+    done = nbd_copy.copy(server.url, str(dest), str(digests), start=start)
+    read = server.stop()
+    assert done.copied == allocated and done.boot == ""
+    assert qemu_img.compare(str(src), str(dest), "raw", "raw")
+    kept = records[0][1] + records[1][1]
+    assert read <= allocated - kept, "what survived was read again"
+    assert read >= allocated - kept - length, f"read {read}: the loss was not copied again"
 
 
 def test_a_source_gone_for_good_fails_with_the_cause(

@@ -394,7 +394,7 @@ def _bulk_copy(
 
     def on_checkpoint(checkpoint: nbd_copy.Checkpoint) -> None:
         state.checkpoint = checkpoint
-        import_state.save(ctx, state)
+        import_state.save(ctx, state, synced=not checkpoint.boot)
         crash_point("import-checkpoint", name)
 
     def on_progress(done: int, total: int) -> None:
