@@ -273,3 +273,20 @@ def test_a_long_step_fits(pg_url: str, workdir: Path) -> None:
     with ctx.db.session() as s:
         assert s.get_one(Job, job_id).step == step
     ctx.close()
+
+
+def test_progress_alone_is_committed_without_waiting_for_the_wal(pg_url: str) -> None:
+    """A session that need not be durable commits with synchronous_commit off,
+    for its own transaction only."""
+    db = Database(pg_url)
+    db.upgrade()
+    job_id = f"sync-{os.getpid()}"
+    with db.session(durable=False) as s:
+        assert s.connection().exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
+        s.add(Job(id=job_id, kind="k", state="running", step="copy", params={}, progress={"x": 1}))
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.progress == {"x": 1}
+        assert s.connection().exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+        s.delete(job)
+    db.dispose()

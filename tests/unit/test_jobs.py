@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from thinair.config import Settings
+from thinair.db.models import Job
+from thinair.db.session import Database
 from thinair.engine.context import EngineContext
 from thinair.engine.job_params import ConvertParams, ImportParams
 from thinair.engine.jobs import JobHandle, JobRunner
@@ -92,3 +94,28 @@ def test_params_are_checked(runner: JobRunner) -> None:
     assert "cancel" not in ended.params and not ended.cancel_requested
     with pytest.raises(TypeError, match="ImportParams"):
         runner.submit(KIND, None, ConvertParams())
+
+
+def test_progress_alone_is_written_without_a_sync(tmp_path: Path) -> None:
+    """A session that need not be durable commits (another connection sees it)
+    without a sync at commit; the connection it used syncs again afterwards."""
+    url = f"sqlite:///{tmp_path / 'db'}"
+    db = Database(url)
+    db.upgrade()
+    with db.session(durable=False) as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar_one() == 1  # NORMAL
+        s.add(Job(id="j1", kind="k", state="running", step="copy", params={}, progress={"x": 1}))
+    other = Database(url)
+    with other.session() as s:
+        job = s.get(Job, "j1")
+        assert job is not None and job.progress == {"x": 1}
+    other.dispose()
+    with db.session() as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL
+    with pytest.raises(RuntimeError), db.session(durable=False) as s:
+        s.add(Job(id="j2", kind="k", state="running", step="copy", params={}, progress={}))
+        raise RuntimeError("half way")
+    with db.session() as s:
+        assert s.get(Job, "j2") is None  # rolled back
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar_one() == 2
+    db.dispose()

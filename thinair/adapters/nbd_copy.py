@@ -11,9 +11,10 @@ holes left as holes) and adds:
   instant resumes from its last checkpoint. Only the last checkpoint is synced:
   one taken on the way is not (a sync per checkpoint made the copy 1.3-1.5x
   slower here: each one flushes the host's write cache, and the writes queue
-  behind it), so it records the boot it was taken in; a process killed loses
-  nothing it wrote (the page cache has it), and after the host went down the
-  copy resumes from the first request that does not read back as recorded;
+  behind it), so it records the boot it was taken in, and the digest file is
+  its record (a caller need keep only the first of a run); a process killed
+  loses nothing it wrote (the page cache has it), and after the host went down
+  the copy resumes from the first request that does not read back as recorded;
 - a digest per request (XXH3-128), checked against the destination read back
   as soon as the request's write-back to disk is done; a request counts as
   copied (and goes into a checkpoint) only once it is checked.
@@ -603,8 +604,7 @@ def copy(
     CopyMismatch when the copy read back differs, and CopyError on a source or
     destination failure (the last checkpoint stays valid)."""
     start = start or Checkpoint(0, 0, 0)
-    if start.boot and start.boot != boot_id():  # the host went down since
-        start = _read_back_prefix(dest, digest_file, start)
+    start = _resume_point(dest, digest_file, start)
     if start.verified < start.digest_bytes:  # a checkpoint of an engine that checked later
         mismatch = verify(dest, digest_file, start.verified, start.digest_bytes)
         if mismatch is not None:
@@ -722,25 +722,35 @@ def _checkpoint(
     )
 
 
-def _read_back_prefix(dest: str, digest_file: str, last: Checkpoint) -> Checkpoint:
-    """What of an unsynced checkpoint `last` survived the host going down: the
-    requests that read back as recorded, up to the first that does not (lost
-    with the page cache, or its record lost). The copy resumes from there; the
-    source is not read again for what survived."""
+def _resume_point(dest: str, digest_file: str, start: Checkpoint) -> Checkpoint:
+    """Where a copy from `start` resumes. An unsynced checkpoint may be behind
+    its digest file: a caller need not keep every checkpoint (each is appended
+    there first), only the first unsynced one of a run, which names its boot.
+    In that boot every record in the file stands (each was read back before it
+    was written). If the host went down since, the records that read back as
+    recorded do, up to the first that does not (lost with the page cache, or
+    its record lost); the copy resumes from there, and the source is not read
+    again for what survived."""
+    if not start.boot:
+        return start
     try:
         with open(digest_file, "rb") as f:
-            data = f.read(last.digest_bytes)
-        records = list(_RECORD.iter_unpack(data[: len(data) - len(data) % _RECORD.size]))
+            data = f.read()
     except FileNotFoundError:
-        records = []
+        data = b""
+    records = list(_RECORD.iter_unpack(data[: len(data) - len(data) % _RECORD.size]))
+    this_boot = start.boot == boot_id()
     kept = Checkpoint(0, 0, 0)
-    for (offset, length, _), ok in zip(records, _reads_back(dest, records), strict=False):
+    checks = (True for _ in records) if this_boot else _reads_back(dest, records)
+    for (offset, length, _), ok in zip(records, checks, strict=False):
         if not ok:
-            return replace(kept, done_to=offset)
+            return replace(kept, done_to=offset, verified=kept.digest_bytes)
         kept = Checkpoint(offset + length, kept.digest_bytes + _RECORD.size, kept.copied + length)
-    if kept.digest_bytes == last.digest_bytes:  # every record survived, and the holes after them
-        kept = replace(kept, done_to=last.done_to)
-    return replace(kept, verified=kept.digest_bytes)
+    if kept.digest_bytes < start.digest_bytes:
+        return replace(kept, verified=kept.digest_bytes)  # records lost: resume after the last
+    # all of them, and the holes after them
+    done_to = max(kept.done_to, start.done_to)
+    return replace(kept, done_to=done_to, verified=kept.digest_bytes, boot=start.boot)
 
 
 @dataclass(frozen=True)

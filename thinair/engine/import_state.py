@@ -9,8 +9,8 @@ rollback, remove and the reconciler delete both.
 
 Phases, in order; each is written (and synced) before the step it names starts
 to matter:
-- copy: the bulk copy into `dest` is under way up to `checkpoint` (written
-  unsynced on the way: nbd_copy says how a resume after a host crash checks it);
+- copy: the bulk copy into `dest` is under way from `checkpoint` on (the
+  copier's digest file says how far: see nbd_copy);
 - verified: the bulk copy holds every source byte, checked against the digests;
 - mirror: QEMU is merging the temporary disk's clusters (the guest's writes)
   into `dest`; a mirror that did not finish is started again (it copies every
@@ -72,20 +72,15 @@ def load(ctx: EngineContext, disk_id: str) -> DiskImport | None:
     return DiskImport(**data)
 
 
-def save(ctx: EngineContext, state: DiskImport, synced: bool = True) -> None:
-    """Write the record: a new file renamed over the old one, synced unless it
-    only moves an unsynced checkpoint on (which is checked when used: see
-    nbd_copy; a sync each time would flush the host's write cache under the copy)."""
+def save(ctx: EngineContext, state: DiskImport) -> None:
+    """Write the record durably: a new file, synced, renamed over the old one."""
     final = path(ctx, state.disk_id)
     tmp = final.with_suffix(".tmp")
     with open(tmp, "w") as f:
         json.dump(asdict(state), f)
         f.flush()
-        if synced:
-            os.fsync(f.fileno())
+        os.fsync(f.fileno())
     os.replace(tmp, final)
-    if not synced:
-        return
     dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

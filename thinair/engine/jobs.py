@@ -282,7 +282,8 @@ class JobRunner:
         flow is the params' only writer; a cancel goes to its own column, which
         this UPDATE does not name, so neither can erase the other."""
         merged = None
-        with self.ctx.db.session() as s:
+        # Progress alone may be lost with the host: it is written without a sync.
+        with self.ctx.db.session(durable=step is not None or params is not None) as s:
             job = s.get(Job, job_id)
             if job is None:
                 return None
