@@ -276,10 +276,15 @@ class ReadsWatch:
     def busy(self, linger: bool = True) -> bool:
         with self.lock:
             now = time.monotonic()
-            if now - self.checked >= self.period:
-                self.checked = now
-                self._scan(now)
+            self._look(now)
             return bool(self.open) or (linger and now - self.last < self.hold)
+
+    def _look(self, now: float) -> None:
+        """Read what the log gained, at most every `period` (asked per request
+        of a copy: py-spy found 3% of an import's samples reopening the log)."""
+        if now - self.checked >= self.period:
+            self.checked = now
+            self._scan(now)
 
     def _scan(self, now: float) -> None:
         found = self.tail.new()
@@ -299,6 +304,6 @@ class ReadsWatch:
     def covers(self, offset: int, length: int) -> bool:
         """Whether the bridge fetched all of [offset, offset + length)."""
         with self.lock:
-            self._scan(time.monotonic())
+            self._look(time.monotonic())
             first, end = offset // GRAIN, -(-(offset + length) // GRAIN)
             return all(i in self.fetched for i in range(first, end))
