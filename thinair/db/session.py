@@ -34,6 +34,17 @@ def normalize_url(url: str) -> str:
     return url
 
 
+@contextmanager
+def _committed(s: Session) -> Iterator[None]:
+    """Commit on success, roll back on error."""
+    try:
+        yield
+        s.commit()
+    except BaseException:
+        s.rollback()
+        raise
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = normalize_url(url)
@@ -90,13 +101,8 @@ class Database:
         too (measured: its disk busy half again as long). The database stays
         consistent; only such commits may be missing after a power loss."""
         if durable:
-            with self._sessions() as s:
-                try:
-                    yield s
-                    s.commit()
-                except BaseException:
-                    s.rollback()
-                    raise
+            with self._sessions() as s, _committed(s):
+                yield s
             return
         sqlite = self.engine.dialect.name == "sqlite"
         with self.engine.connect() as conn:
@@ -109,15 +115,13 @@ class Database:
                 conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             try:
                 # control_fully: the session's commit is the connection's.
-                with Session(
-                    bind=conn, expire_on_commit=False, join_transaction_mode="control_fully"
-                ) as s:
-                    try:
-                        yield s
-                        s.commit()
-                    except BaseException:
-                        s.rollback()
-                        raise
+                with (
+                    Session(
+                        bind=conn, expire_on_commit=False, join_transaction_mode="control_fully"
+                    ) as s,
+                    _committed(s),
+                ):
+                    yield s
             finally:
                 if sqlite:
                     conn.exec_driver_sql(f"PRAGMA synchronous={int(was)}")
