@@ -62,6 +62,10 @@ class Settings:
     bridge_cache_max_mib: int = 2048
     bridge_readahead: bool = True
     bridge_readahead_max_mib: int = 32
+    # ... and, while the guest leaves the link idle, fetches the rest of a far
+    # source's data into it, up to 3/4 of bridge_cache_max_mib (see
+    # thinair.engine.readahead).
+    bridge_prefetch: bool = True
     # A cached bridge records what its source's first boot read (its first
     # working_set_seconds) and the next bridge to that source prefetches it
     # (off: with the cache, the test guest's boot had too few misses left for

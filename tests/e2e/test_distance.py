@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -122,3 +123,49 @@ def test_second_vm_prefetches_the_first_ones_boot(
         assert info["pattern_md5"] == guest.expected_pattern_md5()
         assert len(reads(log)) - prefetched <= first - wanted + first // 4  # nearly all hits
         c.vms.rollback("i15-second")
+
+
+def test_a_far_vm_is_prefetched_and_its_import_reads_nothing_twice(
+    engine: Engine, domains: tuple[Path, Path], workdir: Path
+) -> None:
+    """On the default settings, the source's data that the guest does not read
+    (here nothing boots: the firmware reads the first sector) comes into the
+    bridge's cache in the background, every block once, holes never; the
+    import then reads it from there, not over the link again, and the disk it
+    leaves is the source's bytes."""
+    image = workdir / "data.raw"
+    data = [(0, 24), (40, 64)]  # MiB
+    with open(image, "wb") as f:
+        for start, end in data:
+            f.seek(start * BLOCK)
+            f.write(os.urandom((end - start) * BLOCK))
+        f.truncate(96 * BLOCK)
+    image.chmod(0o644)
+    wanted = {b for start, end in data for b in range(start, end)}
+    c = engine.client()
+    log = workdir / "source.log"
+    with FarSource(image, workdir / "source.pid", delay_ms=10, log_file=log) as source:
+        vm = c.vms.create("i15-pre", disks=[f"{source.url},format=raw,storage=tmp"], memory_mib=64)
+        probed = len(reads(log))  # the create's probe read the header directly
+        c.vms.start("i15-pre")
+        deadline = time.monotonic() + 60
+        while not wanted <= set(_blocks(reads(log)[probed:])):
+            assert time.monotonic() < deadline, "the source's data was not prefetched"
+            time.sleep(0.2)
+        prefetched = len(reads(log))
+        final = c.vms.import_("i15-pre", to="final").wait(timeout=300)
+        assert final.state == "succeeded", final.error
+        seen = reads(log)[probed:]
+        assert reads(log)[prefetched:] == []  # the import read the cache only
+    blocks = _blocks(seen)
+    assert len(blocks) == len(set(blocks)), "a block crossed the link twice"
+    assert set(blocks) == wanted | {0}  # no hole (block 0: the firmware's read)
+    c.vms.stop("i15-pre", force=True)
+    volume = c.vms.get("i15-pre").disks[0].volume_path
+    assert volume != vm.disks[0].volume_path
+    subprocess.run(["qemu-img", "compare", "-U", volume, str(image)], check=True)
+    c.vms.remove("i15-pre")
+
+
+def _blocks(seen: list[tuple[int, int]]) -> list[int]:
+    return [b for off, n in seen for b in range(off // BLOCK, (off + n + BLOCK - 1) // BLOCK)]

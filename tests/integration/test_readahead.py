@@ -176,6 +176,9 @@ def test_the_engine_follows_the_bridges_that_run(
         class settings:  # noqa: N801
             home = workdir
             bridge_readahead_max_mib = 16
+            bridge_readahead = True
+            bridge_prefetch = False
+            bridge_cache_max_mib = 2048
 
     (workdir / "bridges").mkdir()
     bridge.stop()
@@ -213,3 +216,182 @@ def test_the_engine_follows_the_bridges_that_run(
         assert again.fetched > 0
     finally:
         engine.stop()
+
+
+def _covered(seen: list[tuple[int, int]]) -> list[int]:
+    """The 1 MiB blocks the source sent, each as often as it sent it."""
+    return [b for off, n in seen for b in range(off // MiB, (off + n + MiB - 1) // MiB)]
+
+
+def _wait_prefetched(follower: readahead.Follower, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not follower.prefetch_done:
+        assert time.monotonic() < deadline, f"prefetched {follower.prefetched} bytes only"
+        time.sleep(0.05)
+
+
+def test_a_quiet_guest_gets_the_whole_source_prefetched(
+    bridge: Bridge, image: Path, workdir: Path
+) -> None:
+    """Once the guest is quiet, the rest of the source's data comes into the
+    cache, each block once; then the guest's reads anywhere are hits."""
+    prefetch = readahead.Prefetch()
+    follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, prefetch).start()
+    try:
+        guest = bridge.guest()
+        with open(image, "rb") as f:
+            for b in (40, 7):  # two misses: the follower learns that the source is far
+                f.seek(b * MiB)
+                assert guest.pread(4096, b * MiB) == f.read(4096)
+            _wait_prefetched(follower)
+            before = len(reads(workdir / "source.log"))
+            for b in random.Random(5).sample(range(SIZE // MiB), 16):
+                f.seek(b * MiB + 512)
+                assert guest.pread(8192, b * MiB + 512) == f.read(8192)
+        guest.shutdown()
+    finally:
+        follower.stop()
+    seen = reads(workdir / "source.log")
+    assert len(seen) == before  # all hits
+    blocks = _covered(seen)
+    assert sorted(blocks) == list(range(SIZE // MiB))  # all of it, each block once
+    assert follower.prefetched >= SIZE - 2 * MiB
+    assert max(n for _, n in seen) > MiB  # in pieces bigger than a block
+
+
+def test_the_prefetch_waits_for_the_guest_and_for_an_import(
+    bridge: Bridge, image: Path, workdir: Path
+) -> None:
+    """Nothing is prefetched while the guest keeps reading from the source, nor
+    while an import copies it (`paused`); it starts once both are over."""
+    importing = [True]
+    prefetch = readahead.Prefetch(paused=lambda: importing[0])
+    follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, prefetch).start()
+    try:
+        guest = bridge.guest()
+        rng = random.Random(6)
+        blocks = rng.sample(range(SIZE // MiB), 20)
+        for b in blocks[:10]:  # a miss every 0.2 s: never QUIET
+            guest.pread(4096, b * MiB)
+            time.sleep(0.2)
+        assert follower.prefetched == 0
+        importing[0] = False
+        for b in blocks[10:]:
+            guest.pread(4096, b * MiB)
+            time.sleep(0.2)
+        assert follower.prefetched == 0
+        importing[0] = True
+        time.sleep(2 * readahead.QUIET)
+        assert follower.prefetched == 0  # quiet, but an import copies the source
+        importing[0] = False
+        _wait_prefetched(follower)
+        guest.shutdown()
+    finally:
+        follower.stop()
+    assert sorted(_covered(reads(workdir / "source.log"))) == list(range(SIZE // MiB))
+
+
+def test_the_prefetch_leaves_the_cache_room_and_reads_no_holes(workdir: Path) -> None:
+    """A prefetch stops before the cache would drop what it holds (`budget`),
+    and never reads what the allocation map says reads as zeros."""
+    image = workdir / "sparse.raw"
+    with open(image, "wb") as f:
+        for at in (0, 40 * MiB, 80 * MiB):  # three runs of 8 MiB of data
+            f.seek(at)
+            f.write(os.urandom(8 * MiB))
+        f.truncate(SIZE)
+    image.chmod(0o644)
+    log_file = workdir / "sparse.log"
+    with FarSource(image, workdir / "sparse.pid", delay_ms=10, log_file=log_file) as far:
+        bridge = Bridge(far, workdir)
+        bridge.start()
+        try:
+            whole = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, readahead.Prefetch())
+            whole.start()
+            try:
+                guest = bridge.guest()
+                guest.pread(4096, 41 * MiB)
+                guest.pread(4096, 60 * MiB)  # a hole: zeros, read by the guest only
+                _wait_prefetched(whole)
+                guest.shutdown()
+            finally:
+                whole.stop()
+            data = {b for at in (0, 40, 80) for b in range(at, at + 8)}
+            assert set(_covered(reads(log_file))) == data | {60}
+        finally:
+            bridge.stop()
+        bridge.start()  # an empty cache
+        try:
+            log_file.write_text("")
+            some = readahead.Prefetch(budget=12 * MiB)
+            part = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, some).start()
+            try:
+                guest = bridge.guest()
+                guest.pread(4096, 85 * MiB)
+                guest.pread(4096, 2 * MiB)
+                _wait_prefetched(part)
+                guest.shutdown()
+            finally:
+                part.stop()
+            fetched = sum(n for _, n in reads(log_file))
+            assert 8 * MiB <= fetched <= 12 * MiB
+        finally:
+            bridge.stop()
+
+
+def test_the_engine_pauses_a_prefetch_while_the_disk_is_imported(workdir: Path) -> None:
+    """Readahead.find gives each follower the engine's prefetch: paused while
+    the disk has an import record (its copier reads the source), with 3/4 of
+    the cache as its budget."""
+
+    class Ctx:
+        class settings:  # noqa: N801
+            home = workdir
+            bridge_readahead_max_mib = 32
+            bridge_readahead = False
+            bridge_prefetch = True
+            bridge_cache_max_mib = 1024
+
+    (workdir / "bridges").mkdir()
+    (workdir / "bridges" / "d7.sock").touch()  # what find() looks for: a socket, a log
+    (workdir / "bridges" / "d7.reads").touch()
+    engine = readahead.Readahead(Ctx())  # type: ignore[arg-type]
+    try:
+        engine.find()
+        follower = engine.followers[workdir / "bridges" / "d7.sock"]
+        assert follower.prefetch is not None and not follower.ahead_on
+        assert follower.prefetch.budget == 768 * MiB
+        assert not follower.prefetch.paused()
+        (workdir / "imports" / "d7.json").write_text("{}")
+        assert follower.prefetch.paused()
+    finally:
+        (workdir / "bridges" / "d7.sock").unlink()
+        engine.stop()
+
+
+def test_a_near_source_gets_no_prefetch(image: Path, workdir: Path) -> None:
+    """A source as near as the cache: the guest's misses say so, or, for a
+    guest that read nothing yet, the prefetch's one first read does."""
+    with FarSource(image, workdir / "near.pid", log_file=workdir / "source.log") as near:
+        for guest_reads in (2, 0):
+            bridge = Bridge(near, workdir)  # a new one: its log knows no misses
+            bridge.start()
+            try:
+                follower = readahead.Follower(
+                    bridge.socket, bridge.log, 32 * MiB, readahead.Prefetch()
+                ).start()
+                try:
+                    guest = bridge.guest()
+                    for b in range(guest_reads):
+                        guest.pread(4096, (10 + 5 * b) * MiB)
+                    time.sleep(4 * readahead.QUIET)
+                    guest.shutdown()
+                finally:
+                    follower.stop()
+            finally:
+                bridge.stop()
+            if guest_reads:
+                assert follower.prefetched == 0, follower.took
+            else:
+                assert 0 < follower.prefetched <= 8 * MiB  # its first read only
+            assert not follower.prefetch_done

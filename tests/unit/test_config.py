@@ -49,6 +49,11 @@ def test_on_off_settings() -> None:
         Settings.load({"THINAIR_COPY_ON_READ": "maybe"})
 
 
+def test_the_prefetch_is_on_by_default() -> None:
+    assert Settings.load({}).bridge_prefetch
+    assert not Settings.load({"THINAIR_BRIDGE_PREFETCH": "off"}).bridge_prefetch
+
+
 def test_readahead_size_is_checked() -> None:
     assert Settings.load({"THINAIR_BRIDGE_READAHEAD_MAX_MIB": "8"}).bridge_readahead_max_mib == 8
     for bad in ("0", "65"):

@@ -318,7 +318,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner.start_polling()
         ctx.outages = OutageWatcher(ctx)
         ctx.outages.start()
-        readahead = Readahead(ctx) if settings.bridge_cache and settings.bridge_readahead else None
+        follow = settings.bridge_readahead or settings.bridge_prefetch
+        readahead = Readahead(ctx) if settings.bridge_cache and follow else None
         if readahead is not None:
             readahead.start()
         app.state.ctx = ctx

@@ -27,6 +27,16 @@ again. One follower thread per bridge, found by its files under
 THINAIR_HOME/bridges: a bridge started again (its log starts over), an engine
 started again, a VM gone (its bridge's socket gone) need nothing else. An
 optimization only: a read ahead that fails costs the time it took.
+
+With a `Prefetch`, a follower also fetches the rest of the source's data into
+the cache, at the lowest priority: one read of what the link carries in
+PREFETCH_SECONDS at a time, from the start of the data to its end, only while
+the guest's bridge has no read of its own out and had none for QUIET seconds,
+and only from a far source. Then the guest's later reads are local, and an
+import of the disk reads them from the cache, not over the link again. It
+stops where the cache would start to drop blocks (`budget`) and while an
+import of the disk copies the source (`paused`: the copier reads what the
+cache holds from it, the rest from the source).
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbd
@@ -44,7 +56,7 @@ import nbd
 from thinair.adapters import nbd_client, nbdkit
 from thinair.adapters.nbd_address import NbdAddress
 from thinair.adapters.nbd_copy import CopyError, data_extents
-from thinair.engine import bridges
+from thinair.engine import bridges, import_state
 from thinair.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
@@ -70,12 +82,33 @@ CONNECT_TIMEOUT = 5.0
 # left open for good would keep the bridge from exiting when it is stopped
 # (nbdkit waits for its clients).
 HOLD = 0.5
+# The prefetch: each read is what the link carries in PREFETCH_SECONDS (it
+# holds the cache's lock, so that is what a guest read that comes meanwhile
+# waits at most), and it reads only once the guest has had no miss for QUIET.
+PREFETCH_SECONDS = 0.1
+QUIET = 0.5
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """The whole source fetched into the cache in the background (see the
+    module's docstring)."""
+
+    budget: int = 0  # bytes the cache may fetch in all before it drops blocks; 0: no limit
+    paused: Callable[[], bool] = lambda: False  # an import of the disk copies it
 
 
 class Follower:
     """Reads ahead of one bridge's guest (see the module's docstring)."""
 
-    def __init__(self, socket: Path, reads_log: Path, most: int) -> None:
+    def __init__(
+        self,
+        socket: Path,
+        reads_log: Path,
+        most: int,
+        prefetch: Prefetch | None = None,
+        ahead: bool = True,
+    ) -> None:
         self.socket = socket
         self.tail = nbdkit.LogTail(reads_log)
         self.most = max(most, MiB)
@@ -88,10 +121,21 @@ class Follower:
         self.cap = self.most  # what the link carries in WINDOW_SECONDS
         self.measured = False  # the cap is from a read ahead (not the guest's misses)
         self.took: deque[float] = deque(maxlen=4)  # the guest's last misses, seconds each
+        self.own_took: deque[float] = deque(maxlen=4)  # ... and this follower's own
         self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # own misses unanswered
         self.fetched = 0  # bytes read ahead, for the log and tests
         self.handle: nbd.NBD | None = None  # open while a run goes on (see HOLD)
         self.data: list[tuple[int, int]] | None = None  # the source's data: [start, end)
+        self.ahead_on = ahead  # read ahead of sequential runs
+        self.prefetch = prefetch
+        self.cursor = 0  # where the prefetch goes on from
+        self.prefetched = 0  # bytes the prefetch asked for, for the log and tests
+        self.prefetch_done = False
+        self.prefetch_began = 0.0
+        self.missed = 0  # bytes the cache fetched from the source since the bridge started
+        # When the log last showed a read of the guest (monotonic): the start,
+        # so that a guest starting up reads first.
+        self.guest_at = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="readahead", daemon=True)
 
     def start(self) -> Follower:
@@ -114,6 +158,8 @@ class Follower:
                 if start is not None:
                     self._fetch(start)
                     fetched_at = time.monotonic()
+                elif self._prefetch_due(now) and self._prefetch_next():
+                    fetched_at = time.monotonic()
                 elif now - fetched_at > HOLD:
                     self._disconnect()
                 if start is not None or self.tail.offset != seen:
@@ -123,6 +169,8 @@ class Follower:
             self._disconnect()
         if self.fetched:
             log.info("read ahead %d MiB for the guest of %s", self.fetched // MiB, self.socket)
+        if self.prefetched and not self.prefetch_done:
+            log.info("prefetched %d MiB for %s", self.prefetched // MiB, self.socket)
 
     def step(self) -> int | None:
         """Look at what the log says since the last look: where to read ahead
@@ -132,9 +180,14 @@ class Follower:
             self.ends.clear()
             self.sent.clear()
             self.behind, self.ahead, self.window = 0, 0, self.first
+            self.cursor, self.missed, self.prefetch_done = 0, 0, False
         start = None
         for read in found:
             self._measure(read)
+            if read.answered is None:
+                self.missed += read.count
+            if read.connection not in self.tail.own:
+                self.guest_at = time.monotonic()
             if read.connection in self.tail.own or read.answered is not None or not read.count:
                 continue
             end = read.offset + read.count
@@ -151,7 +204,7 @@ class Follower:
             self.ends[end] = run
             while len(self.ends) > ENDS:
                 self.ends.popitem(last=False)
-        return start if self.far else None
+        return start if self.far and self.ahead_on else None
 
     @property
     def far(self) -> bool:
@@ -175,31 +228,34 @@ class Follower:
             return
         took = read.at - began.at
         own = read.connection in self.tail.own
-        if not own:
-            self.took.append(took)
+        (self.own_took if own else self.took).append(took)
         if own or not self.measured:
             self.measured = self.measured or own
             rate = began.count / took
             self.cap = max(MiB, min(self.most, int(rate * WINDOW_SECONDS)))
 
+    def _connect(self) -> tuple[nbd.NBD, list[tuple[int, int]]]:
+        """The follower's own connection to the bridge, and the source's data."""
+        if self.handle is None:
+            url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
+            self.handle = nbd_client.connect(url, CONNECT_TIMEOUT, allocation_map=True)
+        if self.data is None:
+            size = self.handle.get_size()
+            extents = data_extents(self.handle, 0, size)
+            self.data = [(e.offset, e.offset + e.length) for e in extents]
+        return self.handle, self.data
+
     def _fetch(self, start: int) -> None:
         """Read [start, start + window) through the bridge."""
         try:
-            if self.handle is None:
-                url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
-                self.handle = nbd_client.connect(url, CONNECT_TIMEOUT, allocation_map=True)
-            if self.data is None:
-                size = self.handle.get_size()
-                self.data = [
-                    (e.offset, e.offset + e.length) for e in data_extents(self.handle, 0, size)
-                ]
+            handle, data = self._connect()
             # Only data: what reads as zeros would cross the link for nothing.
-            i = bisect.bisect_right(self.data, (start, float("inf"))) - 1
-            if i < 0 or start >= self.data[i][1]:
+            i = bisect.bisect_right(data, (start, float("inf"))) - 1
+            if i < 0 or start >= data[i][1]:
                 return
-            length = min(self.window, self.cap, self.data[i][1] - start)
+            length = min(self.window, self.cap, data[i][1] - start)
             began = time.monotonic()
-            self.handle.pread(length, start)
+            handle.pread(length, start)
             took = time.monotonic() - began
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
             log.debug("reading ahead at %d through %s: %s", start, self.socket, e)
@@ -208,6 +264,65 @@ class Follower:
         self.behind, self.ahead = start, start + length
         self.fetched += length
         log.debug("read ahead %d MiB at %d MiB in %.3f s", length // MiB, start // MiB, took)
+
+    def _prefetch_due(self, now: float) -> bool:
+        """Whether the prefetch may read now: the guest has nothing out and
+        was quiet for QUIET, the source is far, no import copies it. Far: as
+        the guest's misses say, or, before it had two (a guest that reads
+        little: firmware finding nothing to boot), as the prefetch's own first
+        read says."""
+        if self.prefetch is None or self.prefetch_done:
+            return False
+        if len(self.took) >= 2 or self.own_took:
+            if not (self.far or len(self.took) < 2 and min(self.own_took) >= NEAR):
+                return False
+        elif self.prefetched:
+            return False  # its first read is not in the log yet
+        if now - self.guest_at < QUIET:
+            return False
+        if any(connection not in self.tail.own for connection, _ in self.sent):
+            return False  # a miss of the guest is out (a slow one)
+        return not self.prefetch.paused()
+
+    def _prefetch_next(self) -> bool:
+        """Read the next piece of the source's data through the bridge; False
+        if nothing was read."""
+        assert self.prefetch is not None
+        try:
+            handle, data = self._connect()
+            i = bisect.bisect_right(data, (self.cursor, float("inf"))) - 1
+            if i < 0 or self.cursor >= data[i][1]:
+                i += 1  # in a hole, or past an extent's end: the next extent
+                if i == len(data):
+                    self._prefetched("the whole source's data")
+                    return False
+                self.cursor = data[i][0]
+            left = data[i][1] - self.cursor
+            length = min(max(int(self.cap * PREFETCH_SECONDS / WINDOW_SECONDS), MiB), left)
+            budget = self.prefetch.budget
+            if budget and self.missed + length > budget:
+                self._prefetched("as much as the cache holds")
+                return False
+            if not self.prefetched:
+                self.prefetch_began = time.monotonic()
+            handle.pread(length, self.cursor)
+        except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
+            log.debug("prefetching at %d through %s: %s", self.cursor, self.socket, e)
+            self._disconnect()
+            return False
+        self.cursor += length
+        self.prefetched += length
+        return True
+
+    def _prefetched(self, what: str) -> None:
+        self.prefetch_done = True
+        log.info(
+            "prefetched %s for %s: %d MiB in %.1f s",
+            what,
+            self.socket,
+            self.prefetched // MiB,
+            time.monotonic() - self.prefetch_began if self.prefetched else 0.0,
+        )
 
     def _disconnect(self) -> None:
         if self.handle is not None:
@@ -222,6 +337,10 @@ class Readahead:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
         self.most = ctx.settings.bridge_readahead_max_mib * MiB
+        self.ahead = ctx.settings.bridge_readahead
+        # Three quarters of the cache: what the guest read stays in it.
+        self.budget = ctx.settings.bridge_cache_max_mib * MiB * 3 // 4
+        self.prefetch = ctx.settings.bridge_prefetch
         self.followers: dict[Path, Follower] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="readahead-find", daemon=True)
@@ -251,4 +370,9 @@ class Readahead:
                 del self.followers[socket]
         for socket, reads_log in bridges.logged(self.ctx):
             if socket not in self.followers:
-                self.followers[socket] = Follower(socket, reads_log, self.most).start()
+                prefetch = None
+                if self.prefetch:
+                    record = import_state.path(self.ctx, socket.stem)  # the socket is the disk's
+                    prefetch = Prefetch(self.budget, record.exists)
+                follower = Follower(socket, reads_log, self.most, prefetch, self.ahead)
+                self.followers[socket] = follower.start()
