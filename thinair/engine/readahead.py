@@ -30,9 +30,14 @@ optimization only: a read ahead that fails costs the time it took.
 
 With a `Prefetch`, a follower also fetches the rest of the source's data into
 the cache, at the lowest priority: one read of what the link carries in
-PREFETCH_SECONDS at a time, from the start of the data to its end, only while
-the guest's bridge has no read of its own out and had none for QUIET seconds,
-and only from a far source. Then the guest's later reads are local, and an
+PREFETCH_SECONDS at a time (whole cache blocks), then as long again with the
+link left idle (REST), from the start of the data to its end, only while the
+guest's bridge has no read of its own out and had none for QUIET seconds, and
+only from a far source (as the guest's misses say, or, before it had two, the
+prefetch's own first read of one block). A guest read that comes while a piece
+is out waits for it (the cache's lock, and the link); REST halves how often
+that happens (100 Mbit/s, a read every 0.5-1.5 s: a median read as with no
+prefetch, against 2.4x without REST). Then the guest's later reads are local, and an
 import of the disk reads them from the cache, not over the link again. It
 stops where the cache would start to drop blocks (`budget`) and while an
 import of the disk copies the source (`paused`: the copier reads what the
@@ -87,6 +92,7 @@ HOLD = 0.5
 # waits at most), and it reads only once the guest has had no miss for QUIET.
 PREFETCH_SECONDS = 0.1
 QUIET = 0.5
+REST = 1.0  # after each piece, the link is left idle for as long as it took
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class Prefetch:
     module's docstring)."""
 
     budget: int = 0  # bytes the cache may fetch in all before it drops blocks; 0: no limit
+    block: int = MiB  # the cache's block
     paused: Callable[[], bool] = lambda: False  # an import of the disk copies it
 
 
@@ -132,6 +139,7 @@ class Follower:
         self.prefetched = 0  # bytes the prefetch asked for, for the log and tests
         self.prefetch_done = False
         self.prefetch_began = 0.0
+        self.prefetch_next_at = 0.0  # not before (see REST)
         self.missed = 0  # bytes the cache fetched from the source since the bridge started
         # When the log last showed a read of the guest (monotonic): the start,
         # so that a guest starting up reads first.
@@ -278,7 +286,7 @@ class Follower:
                 return False
         elif self.prefetched:
             return False  # its first read is not in the log yet
-        if now - self.guest_at < QUIET:
+        if now - self.guest_at < QUIET or now < self.prefetch_next_at:
             return False
         if any(connection not in self.tail.own for connection, _ in self.sent):
             return False  # a miss of the guest is out (a slow one)
@@ -297,15 +305,25 @@ class Follower:
                     self._prefetched("the whole source's data")
                     return False
                 self.cursor = data[i][0]
-            left = data[i][1] - self.cursor
-            length = min(max(int(self.cap * PREFETCH_SECONDS / WINDOW_SECONDS), MiB), left)
+            # Whole cache blocks (the cache fetches a block at a time: a read that
+            # ends inside one more block would hold the lock for it too).
+            block = self.prefetch.block
+            blocks = max(1, int(self.cap * PREFETCH_SECONDS / WINDOW_SECONDS) // block)
+            if len(self.took) < 2 and not self.own_took:
+                blocks = 1  # the first read tells whether the source is far: a miss's size
+            end = min(self.cursor - self.cursor % block + blocks * block, data[i][1])
+            length = end - self.cursor
             budget = self.prefetch.budget
             if budget and self.missed + length > budget:
                 self._prefetched("as much as the cache holds")
                 return False
             if not self.prefetched:
                 self.prefetch_began = time.monotonic()
+            began = time.monotonic()
             handle.pread(length, self.cursor)
+            took = time.monotonic() - began
+            self.prefetch_next_at = time.monotonic() + took * REST
+            log.debug("prefetched %d KiB at %d in %.3f s", length // 1024, self.cursor, took)
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
             log.debug("prefetching at %d through %s: %s", self.cursor, self.socket, e)
             self._disconnect()
@@ -373,6 +391,7 @@ class Readahead:
                 prefetch = None
                 if self.prefetch:
                     record = import_state.path(self.ctx, socket.stem)  # the socket is the disk's
-                    prefetch = Prefetch(self.budget, record.exists)
+                    block = self.ctx.settings.bridge_cache_block_kib * 1024
+                    prefetch = Prefetch(self.budget, block, record.exists)
                 follower = Follower(socket, reads_log, self.most, prefetch, self.ahead)
                 self.followers[socket] = follower.start()
