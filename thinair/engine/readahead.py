@@ -34,7 +34,7 @@ PREFETCH_SECONDS at a time (whole cache blocks), then as long again with the
 link left idle (REST), from the start of the data to its end, only while the
 guest's bridge has no read of its own out and had none for QUIET seconds, and
 only from a far source (as the guest's misses say, or, before it had two, the
-prefetch's own first read of one block). A guest read that comes while a piece
+prefetch's own first miss, one block). A guest read that comes while a piece
 is out waits for it (the cache's lock, and the link); REST halves how often
 that happens (100 Mbit/s, a read every 0.5-1.5 s: a median read as with no
 prefetch, against 2.4x without REST). Then the guest's later reads are local, and an
@@ -281,11 +281,11 @@ class Follower:
         read says."""
         if self.prefetch is None or self.prefetch_done:
             return False
-        if len(self.took) >= 2 or self.own_took:
-            if not (self.far or len(self.took) < 2 and min(self.own_took) >= NEAR):
+        if len(self.took) >= 2:
+            if not self.far:
                 return False
-        elif self.prefetched:
-            return False  # its first read is not in the log yet
+        elif self.own_took and min(self.own_took) < NEAR:
+            return False
         if now - self.guest_at < QUIET or now < self.prefetch_next_at:
             return False
         if any(connection not in self.tail.own for connection, _ in self.sent):
@@ -310,7 +310,9 @@ class Follower:
             block = self.prefetch.block
             blocks = max(1, int(self.cap * PREFETCH_SECONDS / WINDOW_SECONDS) // block)
             if len(self.took) < 2 and not self.own_took:
-                blocks = 1  # the first read tells whether the source is far: a miss's size
+                # One block until a read was a miss (not one the guest had
+                # fetched): its time tells whether the source is far.
+                blocks = 1
             end = min(self.cursor - self.cursor % block + blocks * block, data[i][1])
             length = end - self.cursor
             budget = self.prefetch.budget
