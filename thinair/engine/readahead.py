@@ -37,11 +37,11 @@ only from a far source (as the guest's misses say, or, before it had two, the
 prefetch's own first miss, one block). A guest read that comes while a piece
 is out waits for it (the cache's lock, and the link); REST halves how often
 that happens (100 Mbit/s, a read every 0.5-1.5 s: a median read as with no
-prefetch, against 2.4x without REST). Then the guest's later reads are local, and an
-import of the disk reads them from the cache, not over the link again. It
-stops where the cache would start to drop blocks (`budget`) and while an
-import of the disk copies the source (`paused`: the copier reads what the
-cache holds from it, the rest from the source).
+prefetch, against 2.4x without REST). Then the guest's later reads are
+local, and an import of the disk reads them from the cache, not over the link
+again. It stops where the cache would start to drop blocks (`budget`), and
+while an import of the disk copies the source (`paused`: the copier reads
+what the cache holds from it, the rest from the source).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class Follower:
         was quiet for QUIET, the source is far, no import copies it. Far: as
         the guest's misses say, or, before it had two (a guest that reads
         little: firmware finding nothing to boot), as the prefetch's own first
-        read says."""
+        miss says."""
         if self.prefetch is None or self.prefetch_done:
             return False
         if len(self.took) >= 2:
@@ -329,6 +329,7 @@ class Follower:
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
             log.debug("prefetching at %d through %s: %s", self.cursor, self.socket, e)
             self._disconnect()
+            self.prefetch_next_at = time.monotonic() + CONNECT_TIMEOUT  # a source gone, say
             return False
         self.cursor += length
         self.prefetched += length
