@@ -14,9 +14,10 @@ in order (each also runs alone as bench/<name>.py):
   8. distance            start to boot marker with 10/25/50 ms per read vs none
                          (about 9 min alone, 3 with --quick)
   9. far_reads           the guest's read latency during an import on a 100 Mbit/s
-                         link vs before it; its read throughput at 25 ms vs none;
-                         bytes read over boot + import vs allocated (about 11 min
-                         alone, 4 with --quick)
+                         link vs before it, and while the prefetch runs vs off;
+                         its read throughput at 25 ms vs none, uncached and
+                         prefetched; bytes read over boot + prefetch + import vs
+                         allocated (about 14 min alone, 6 with --quick)
 A benchmark that fails is reported in the table (and the exit status); the
 others still run. One JSON line per run goes to bench/results/history.jsonl.
 
