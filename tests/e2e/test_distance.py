@@ -2,7 +2,9 @@
 right bytes (its own check of the pattern and of the disk's head against the
 source), and the source sees what each piece should make it see: with the
 bridge's cache, reads in whole cache blocks and no block read twice; with
-copy-on-read, the temporary disk holds what the guest read."""
+copy-on-read, the temporary disk holds what the guest read; with the prefetch
+(on by default), the rest of the source's data comes over once, and an import
+then reads nothing over the link again."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ BLOCK = 1024 * 1024  # the default bridge_cache_block_kib
 VARIANTS = {
     "passthrough": {"THINAIR_BRIDGE_CACHE": "off"},
     "no-readahead": {"THINAIR_BRIDGE_READAHEAD": "off"},
+    "no-prefetch": {"THINAIR_BRIDGE_PREFETCH": "off"},
     "default": {},
     "copy-on-read": {"THINAIR_COPY_ON_READ": "on"},
 }
@@ -49,6 +52,7 @@ def _top_layer_data(path: str) -> int:
     [
         pytest.param("passthrough", marks=pytest.mark.slow),
         pytest.param("no-readahead", marks=pytest.mark.slow),
+        pytest.param("no-prefetch", marks=pytest.mark.slow),
         "default",
         "copy-on-read",
     ],
