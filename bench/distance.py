@@ -16,8 +16,8 @@ other variants are shown at 25 and 50 ms against the same reference. At 25 ms,
 with THINAIR_WORKING_SET=on, two VMs boot in turn from one source: the second
 one's bridge prefetches the first one's boot working set (target <= 1.1x the
 local-source boot: a copy of the image in a local file, no NBD, booted in every
-round; the 0 ms NBD reference is slower than that here, since the readahead does
-nothing for a near source).
+round; the 0 ms NBD boot gets no readahead, its misses being too quick, and was
+at times slower than the delayed boots).
 
     .venv/bin/python bench/distance.py [--quick]
 """
