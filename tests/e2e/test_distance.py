@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import Engine
 from tests.e2e.conftest import wait_console
 from tests.support import guest
-from tests.support.far_source import FarSource, reads
+from tests.support.far_source import FarSource, blocks_sent, reads
 
 pytestmark = pytest.mark.guest
 
@@ -85,8 +85,8 @@ def test_latency_hiding_reads_the_right_bytes(
         assert any(length < BLOCK for _, length in seen)  # the guest's own small reads
     else:
         assert all(off % BLOCK == 0 and length % BLOCK == 0 for off, length in seen), seen[:20]
-        blocks = [b for off, length in seen for b in range(off // BLOCK, (off + length) // BLOCK)]
-        assert len(blocks) == len(set(blocks)), "a block crossed the link twice"
+        sent = blocks_sent(seen, BLOCK)
+        assert len(sent) == len(set(sent)), "a block crossed the link twice"
     overlay = vm.disks[0].volume_path
     if variant == "copy-on-read":
         assert _top_layer_data(overlay) >= guest.PATTERN_SIZE
@@ -153,7 +153,7 @@ def test_a_far_vm_is_prefetched_and_its_import_reads_nothing_twice(
         probed = len(reads(log))  # the create's probe read the header directly
         c.vms.start("i15-pre")
         deadline = time.monotonic() + 60
-        while not wanted <= set(_blocks(reads(log)[probed:])):
+        while not wanted <= set(blocks_sent(reads(log)[probed:], BLOCK)):
             assert time.monotonic() < deadline, "the source's data was not prefetched"
             time.sleep(0.2)
         prefetched = len(reads(log))
@@ -161,15 +161,11 @@ def test_a_far_vm_is_prefetched_and_its_import_reads_nothing_twice(
         assert final.state == "succeeded", final.error
         seen = reads(log)[probed:]
         assert reads(log)[prefetched:] == []  # the import read the cache only
-    blocks = _blocks(seen)
-    assert len(blocks) == len(set(blocks)), "a block crossed the link twice"
-    assert set(blocks) == wanted | {0}  # no hole (block 0: the firmware's read)
+    sent = blocks_sent(seen, BLOCK)
+    assert len(sent) == len(set(sent)), "a block crossed the link twice"
+    assert set(sent) == wanted | {0}  # no hole (block 0: the firmware's read)
     c.vms.stop("i15-pre", force=True)
     volume = c.vms.get("i15-pre").disks[0].volume_path
     assert volume != vm.disks[0].volume_path
     subprocess.run(["qemu-img", "compare", "-U", volume, str(image)], check=True)
     c.vms.remove("i15-pre")
-
-
-def _blocks(seen: list[tuple[int, int]]) -> list[int]:
-    return [b for off, n in seen for b in range(off // BLOCK, (off + n + BLOCK - 1) // BLOCK)]

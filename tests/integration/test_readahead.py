@@ -16,7 +16,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.support.far_source import FarSource, reads
+from tests.support.far_source import FarSource, blocks_sent, reads
 from thinair.adapters import nbdkit
 from thinair.engine import readahead
 
@@ -218,11 +218,6 @@ def test_the_engine_follows_the_bridges_that_run(
         engine.stop()
 
 
-def _covered(seen: list[tuple[int, int]]) -> list[int]:
-    """The 1 MiB blocks the source sent, each as often as it sent it."""
-    return [b for off, n in seen for b in range(off // MiB, (off + n + MiB - 1) // MiB)]
-
-
 def _wait_prefetched(follower: readahead.Follower, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not follower.prefetch_done:
@@ -257,7 +252,7 @@ def test_a_quiet_guest_gets_the_whole_source_prefetched(
         follower.stop()
     seen = reads(workdir / "source.log")
     assert len(seen) == before  # all hits
-    blocks = _covered(seen)
+    blocks = blocks_sent(seen)
     assert sorted(blocks) == list(range(SIZE // MiB))  # all of it, each block once
     assert follower.prefetched >= SIZE - 2 * MiB
     assert max(n for _, n in seen) > MiB  # in pieces bigger than a block
@@ -292,7 +287,7 @@ def test_the_prefetch_waits_for_the_guest_and_for_an_import(
         guest.shutdown()
     finally:
         follower.stop()
-    assert sorted(_covered(reads(workdir / "source.log"))) == list(range(SIZE // MiB))
+    assert sorted(blocks_sent(reads(workdir / "source.log"))) == list(range(SIZE // MiB))
 
 
 def test_the_prefetch_leaves_the_cache_room_and_reads_no_holes(workdir: Path) -> None:
@@ -321,7 +316,7 @@ def test_the_prefetch_leaves_the_cache_room_and_reads_no_holes(workdir: Path) ->
             finally:
                 whole.stop()
             data = {b for at in (0, 40, 80) for b in range(at, at + 8)}
-            assert set(_covered(reads(log_file))) == data | {60}
+            assert set(blocks_sent(reads(log_file))) == data | {60}
         finally:
             bridge.stop()
         bridge.start()  # an empty cache

@@ -102,3 +102,8 @@ def reads(log_file: Path) -> list[tuple[int, int]]:
     """(offset, length) of every read request in a source's log, in order."""
     text = log_file.read_text() if log_file.exists() else ""
     return [(int(m.group(1), 16), int(m.group(2), 16)) for m in _READ.finditer(text)]
+
+
+def blocks_sent(seen: list[tuple[int, int]], size: int = 2**20) -> list[int]:
+    """The `size` blocks that reads (offset, length) touched, each as often as read."""
+    return [b for off, n in seen for b in range(off // size, (off + n + size - 1) // size)]

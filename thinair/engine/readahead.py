@@ -279,18 +279,23 @@ class Follower:
         the guest's misses say, or, before it had two (a guest that reads
         little: firmware finding nothing to boot), as the prefetch's own first
         miss says."""
-        if self.prefetch is None or self.prefetch_done:
-            return False
-        if len(self.took) >= 2:
-            if not self.far:
-                return False
-        elif self.own_took and min(self.own_took) < NEAR:
+        if self.prefetch is None or self.prefetch_done or self._far_for_prefetch() is False:
             return False
         if now - self.guest_at < QUIET or now < self.prefetch_next_at:
             return False
         if any(connection not in self.tail.own for connection, _ in self.sent):
             return False  # a miss of the guest is out (a slow one)
         return not self.prefetch.paused()
+
+    def _far_for_prefetch(self) -> bool | None:
+        """Whether the source is far, for the prefetch: as the guest's misses
+        say (two at least), else as the prefetch's own misses do; None while
+        neither says (the prefetch reads one block at a time until one does)."""
+        if len(self.took) >= 2:
+            return self.far
+        if self.own_took:
+            return min(self.own_took) >= NEAR
+        return None
 
     def _prefetch_next(self) -> bool:
         """Read the next piece of the source's data through the bridge; False
@@ -305,13 +310,12 @@ class Follower:
                     self._prefetched("the whole source's data")
                     return False
                 self.cursor = data[i][0]
-            # Whole cache blocks (the cache fetches a block at a time: a read that
-            # ends inside one more block would hold the lock for it too).
+            # Whole cache blocks (the cache fetches whole blocks anyway), one
+            # until a read was a miss (not one the guest had fetched): its time
+            # tells whether the source is far.
             block = self.prefetch.block
             blocks = max(1, int(self.cap * PREFETCH_SECONDS / WINDOW_SECONDS) // block)
-            if len(self.took) < 2 and not self.own_took:
-                # One block until a read was a miss (not one the guest had
-                # fetched): its time tells whether the source is far.
+            if self._far_for_prefetch() is None:
                 blocks = 1
             end = min(self.cursor - self.cursor % block + blocks * block, data[i][1])
             length = end - self.cursor
@@ -319,12 +323,13 @@ class Follower:
             if budget and self.missed + length > budget:
                 self._prefetched("as much as the cache holds")
                 return False
-            if not self.prefetched:
-                self.prefetch_began = time.monotonic()
             began = time.monotonic()
+            if not self.prefetched:
+                self.prefetch_began = began
             handle.pread(length, self.cursor)
-            took = time.monotonic() - began
-            self.prefetch_next_at = time.monotonic() + took * REST
+            ended = time.monotonic()
+            took = ended - began
+            self.prefetch_next_at = ended + took * REST
             log.debug("prefetched %d KiB at %d in %.3f s", length // 1024, self.cursor, took)
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
             log.debug("prefetching at %d through %s: %s", self.cursor, self.socket, e)
