@@ -9,13 +9,21 @@ each cached bridge's reads log (below the cache: misses only) and, where RUN
 misses came one after another (a sequential run), reads the next `window`
 bytes through the bridge in one request, on a connection of its own: the cache
 filter fetches them from the source in one request (its runs of missing blocks
-go as one read) and keeps them, so the guest's next reads hit. The window
-starts at FIRST and doubles each time the guest reads on to the end of what
-was fetched ahead, up to `most`; it is kept to what the link carried in
-WINDOW_SECONDS, because the fetch holds the cache's lock and every guest read,
-hits included, waits behind it (on a 100 Mbit/s link a 32 MiB fetch would be
-2.7 s of a stalled guest). It reads only what the source's allocation map
-says is data (asked once per bridge), never zeros. Random reads fetch nothing
+go as one read) and keeps them, so the guest's next reads hit. Each window
+is `most` bytes in whole cache blocks (a part of a block is a request of its
+own to the source: a round trip more), kept to what the link carries in
+WINDOW_SECONDS (the fastest of the follower's last reads; until it has one,
+the guest's misses, which count the round trip in), because the fetch holds
+the cache's lock and every guest read, hits included, waits behind it (on a
+100 Mbit/s link a 32 MiB fetch would be 2.7 s of a stalled guest). That lock
+bounds what a read ahead gives: the guest waits for each fetch, so a
+sequential reader gets at most the bridge's fetch rate against its own local
+one (here 32 MiB came through the bridge in about 180 ms, the source's part
+of it 34 ms, and the guest read as much from the cache in about 170 ms: 64
+MiB from 25 ms away came to 0.44-0.48x the speed with no delay, whether the
+windows started at 8 MiB and doubled or were `most` from the first). It
+reads only what the source's allocation map says is data (asked once per
+bridge), never zeros. Random reads fetch nothing
 ahead, and neither does a source as near as the cache (the guest's misses take
 less than NEAR): there the guest's own reads are as quick, and a read ahead
 only makes them wait.
@@ -67,14 +75,12 @@ from thinair.engine.context import EngineContext
 log = logging.getLogger(__name__)
 
 MiB = 2**20
-FIRST = 8 * MiB
 # Misses one after another that make a run: three blocks in a row. Two would
 # also be found among random reads (one in 30 of them lands right after one of
 # the last 16, here 1 MiB blocks of 512 MiB), and on a thin link a read ahead
 # makes the guest's next read wait for it.
 RUN = 3
 ENDS = 16  # the guest's last misses remembered
-GROWTH = 2
 WINDOW_SECONDS = 0.5
 NEAR = 0.008  # seconds: a miss this quick is from a source as near as the cache
 POLL = 0.005  # seconds between looks at a log that is being written to
@@ -101,7 +107,6 @@ class Prefetch:
     module's docstring)."""
 
     budget: int = 0  # bytes the cache may fetch in all before it drops blocks; 0: no limit
-    block: int = MiB  # the cache's block
     paused: Callable[[], bool] = lambda: False  # an import of the disk copies it
 
 
@@ -115,22 +120,23 @@ class Follower:
         most: int,
         prefetch: Prefetch | None = None,
         ahead: bool = True,
+        block: int = MiB,
     ) -> None:
         self.socket = socket
         self.tail = nbdkit.LogTail(reads_log)
-        self.most = max(most, MiB)
-        self.first = min(FIRST, self.most)
+        self.block = block  # the cache's: what is read ahead is whole blocks
+        self.most = max(most - most % block, block)
         self.stopping = threading.Event()
         # Where the guest's last misses ended, and how many misses in a row led there.
         self.ends: OrderedDict[int, int] = OrderedDict()
         self.behind, self.ahead = 0, 0  # the last read ahead: [behind, ahead)
-        self.window = self.first
         self.cap = self.most  # what the link carries in WINDOW_SECONDS
-        self.measured = False  # the cap is from a read ahead (not the guest's misses)
         self.took: deque[float] = deque(maxlen=4)  # the guest's last misses, seconds each
         self.own_took: deque[float] = deque(maxlen=4)  # ... and this follower's own
+        self.own_rates: deque[float] = deque(maxlen=4)  # bytes/s of its own last misses
         self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # own misses unanswered
         self.fetched = 0  # bytes read ahead, for the log and tests
+        self.windows = 0  # reads ahead, for tests
         self.handle: nbd.NBD | None = None  # open while a run goes on (see HOLD)
         self.data: list[tuple[int, int]] | None = None  # the source's data: [start, end)
         self.ahead_on = ahead  # read ahead of sequential runs
@@ -187,7 +193,7 @@ class Follower:
         if self.tail.restarted:  # a bridge started again: an empty cache
             self.ends.clear()
             self.sent.clear()
-            self.behind, self.ahead, self.window = 0, 0, self.first
+            self.behind, self.ahead = 0, 0
             self.cursor, self.missed, self.prefetch_done = 0, 0, False
         start = None
         for read in found:
@@ -201,13 +207,11 @@ class Follower:
             end = read.offset + read.count
             if self.ahead and self.behind <= read.offset <= self.ahead:
                 # The guest read on to (or, first, into) what was fetched ahead.
-                self.window = min(self.window * GROWTH, self.most)
                 start = max(end, self.ahead)
                 self.ends[end] = RUN
                 continue
             run = self.ends.pop(read.offset, 0) + 1
             if run >= RUN and not self.behind < end <= self.ahead:  # a new run
-                self.window = self.first
                 start = end
             self.ends[end] = run
             while len(self.ends) > ENDS:
@@ -237,10 +241,18 @@ class Follower:
         took = read.at - began.at
         own = read.connection in self.tail.own
         (self.own_took if own else self.took).append(took)
-        if own or not self.measured:
-            self.measured = self.measured or own
-            rate = began.count / took
-            self.cap = max(MiB, min(self.most, int(rate * WINDOW_SECONDS)))
+        if own:
+            # The fastest of the last few: a one-block read is mostly round
+            # trip, and taken alone it would shrink the next window to what
+            # a round trip carries (40 MiB/s at 25 ms: 20 MiB windows).
+            self.own_rates.append(began.count / took)
+            self._cap(max(self.own_rates))
+        elif not self.own_rates:
+            self._cap(began.count / took)
+
+    def _cap(self, rate: float) -> None:
+        cap = int(rate * WINDOW_SECONDS)
+        self.cap = max(self.block, min(self.most, cap - cap % self.block))
 
     def _connect(self) -> tuple[nbd.NBD, list[tuple[int, int]]]:
         """The follower's own connection to the bridge, and the source's data."""
@@ -254,14 +266,17 @@ class Follower:
         return self.handle, self.data
 
     def _fetch(self, start: int) -> None:
-        """Read [start, start + window) through the bridge."""
+        """Read [start, start + most) through the bridge (less on a thin link),
+        in whole blocks: a part of one is a request of its own to the source,
+        and a round trip more."""
         try:
             handle, data = self._connect()
             # Only data: what reads as zeros would cross the link for nothing.
             i = bisect.bisect_right(data, (start, float("inf"))) - 1
             if i < 0 or start >= data[i][1]:
                 return
-            length = min(self.window, self.cap, data[i][1] - start)
+            start = max(start - start % self.block, data[i][0])
+            length = min(self.cap, data[i][1] - start)
             began = time.monotonic()
             handle.pread(length, start)
             took = time.monotonic() - began
@@ -271,6 +286,7 @@ class Follower:
             return
         self.behind, self.ahead = start, start + length
         self.fetched += length
+        self.windows += 1
         log.debug("read ahead %d MiB at %d MiB in %.3f s", length // MiB, start // MiB, took)
 
     def _prefetch_due(self, now: float) -> bool:
@@ -313,7 +329,7 @@ class Follower:
             # Whole cache blocks (the cache fetches whole blocks anyway), one
             # until a read was a miss (not one the guest had fetched): its time
             # tells whether the source is far.
-            block = self.prefetch.block
+            block = self.block
             blocks = max(1, int(self.cap * PREFETCH_SECONDS / WINDOW_SECONDS) // block)
             if self._far_for_prefetch() is None:
                 blocks = 1
@@ -363,6 +379,7 @@ class Readahead:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
         self.most = ctx.settings.bridge_readahead_max_mib * MiB
+        self.block = ctx.settings.bridge_cache_block_kib * 1024
         self.ahead = ctx.settings.bridge_readahead
         # Three quarters of the cache: what the guest read stays in it.
         self.budget = ctx.settings.bridge_cache_max_mib * MiB * 3 // 4
@@ -399,7 +416,6 @@ class Readahead:
                 prefetch = None
                 if self.prefetch:
                     record = import_state.path(self.ctx, socket.stem)  # the socket is the disk's
-                    block = self.ctx.settings.bridge_cache_block_kib * 1024
-                    prefetch = Prefetch(self.budget, block, record.exists)
-                follower = Follower(socket, reads_log, self.most, prefetch, self.ahead)
+                    prefetch = Prefetch(self.budget, record.exists)
+                follower = Follower(socket, reads_log, self.most, prefetch, self.ahead, self.block)
                 self.followers[socket] = follower.start()
