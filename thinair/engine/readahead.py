@@ -6,7 +6,7 @@ the link carries. nbdkit 1.32 has no readahead that helps: its readahead filter
 prefetches with `.cache` calls, which the cache filter serves one block per
 round trip, under the one lock it takes for every block. So the engine follows
 each cached bridge's reads log (below the cache: misses only) and, where RUN
-misses came one after another (a sequential run), reads the next `window`
+misses came one after another (a sequential run), reads the next window of
 bytes through the bridge in one request, on a connection of its own: the cache
 filter fetches them from the source in one request (its runs of missing blocks
 go as one read) and keeps them, so the guest's next reads hit. Each window
