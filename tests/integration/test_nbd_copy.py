@@ -5,9 +5,12 @@ its digests catch a copy that differs from what it read."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -34,12 +37,15 @@ def _image(path: Path, size: int, extents: int, extent: int) -> int:
 class _Counted:
     """nbdkit serving an image read-only, counting the bytes its clients read."""
 
-    def __init__(self, image: Path, workdir: Path) -> None:
+    def __init__(self, image: Path, workdir: Path, pausable: bool = False) -> None:
         self.socket = workdir / "counted.sock"
         self.stats = workdir / "stats.txt"
+        self.control = workdir / "pause.sock"  # with `pausable`: nbdkit's pause filter
+        pause = ["--filter=pause", f"pause-control={self.control}"] if pausable else []
         self.proc = subprocess.Popen(
             ["nbdkit", "-r", "-f", "--exit-with-parent", "-U", str(self.socket)]
-            + ["--filter=stats", "file", str(image), f"statsfile={self.stats}"],
+            + ["--filter=stats", *pause[:1], "file", str(image), f"statsfile={self.stats}"]
+            + pause[1:],
         )
         deadline = time.monotonic() + 10
         while not self.socket.exists():
@@ -47,7 +53,16 @@ class _Counted:
             time.sleep(0.02)
         self.url = f"nbd+unix:///?socket={self.socket}"
 
+    def pause(self, command: bytes) -> None:
+        """b"p": every request from now on waits (answers nothing); b"r": they go on."""
+        with socket.socket(socket.AF_UNIX) as control:
+            control.connect(str(self.control))
+            control.sendall(command)
+
     def stop(self) -> int:
+        if self.control.exists():  # requests held by the pause filter keep nbdkit up
+            with contextlib.suppress(OSError):
+                self.pause(b"r")
         self.proc.terminate()
         self.proc.wait(10)
         text = self.stats.read_text()
@@ -333,3 +348,70 @@ def test_a_source_that_restarts_is_ridden_out(workdir: Path, counted: list[_Coun
     )
     assert restarted and done.verified == done.digest_bytes
     assert qemu_img.compare(str(src), str(dest), "raw", "raw")
+
+
+def test_a_source_that_stops_answering_is_read_again(
+    workdir: Path, counted: list[_Counted], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server takes the reads and answers none (as a qemu-nbd whose curl
+    driver lost them did here) for 3 s: the copier gives the connection up
+    after `stall` seconds, reads again on new ones, and the copy is whole."""
+    src = workdir / "src.raw"
+    _image(src, 128 * MiB, 8, 8 * MiB)
+    server = _Counted(src, workdir, pausable=True)
+    counted.append(server)
+    paused: list[threading.Timer] = []
+
+    def pause(done: int, _total: int) -> None:
+        if done > 16 * MiB and not paused:
+            server.pause(b"p")
+            paused.append(threading.Timer(3, server.pause, (b"r",)))
+            paused[0].start()
+
+    dest = workdir / "dest.raw"
+    done = nbd_copy.copy(
+        server.url,
+        str(dest),
+        str(workdir / "digests"),
+        bandwidth=32 * MiB,
+        on_progress=pause,
+        window=30,
+        stall=1,
+    )
+    paused[0].join()
+    assert "no reply to" in caplog.text
+    assert done.verified == done.digest_bytes
+    assert qemu_img.compare(str(src), str(dest), "raw", "raw")
+
+
+def test_a_source_that_never_answers_again_fails_the_copy(
+    workdir: Path, counted: list[_Counted]
+) -> None:
+    """No reply for good: the copy fails with the cause once the window is
+    over, instead of waiting for ever; what it copied is its checkpoint."""
+    src = workdir / "src.raw"
+    _image(src, 128 * MiB, 8, 8 * MiB)
+    server = _Counted(src, workdir, pausable=True)
+    counted.append(server)
+    checkpoints: list[nbd_copy.Checkpoint] = []
+    paused: list[bool] = []
+
+    def pause(done: int, _total: int) -> None:
+        if done > 16 * MiB and not paused:
+            server.pause(b"p")
+            paused.append(True)
+
+    began = time.monotonic()
+    with pytest.raises(nbd_copy.CopyError, match=r"no reply to .* \(for 3 s\)"):
+        nbd_copy.copy(
+            server.url,
+            str(workdir / "dest.raw"),
+            str(workdir / "digests"),
+            bandwidth=32 * MiB,
+            on_progress=pause,
+            on_checkpoint=checkpoints.append,
+            window=3,
+            stall=1,
+        )
+    assert time.monotonic() - began < 30
+    assert checkpoints and checkpoints[-1].copied > 0

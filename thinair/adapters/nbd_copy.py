@@ -60,6 +60,11 @@ REQUEST = 2 * 2**20  # bytes per read: large, so a slow link costs few round tri
 CHECKPOINT_BYTES = 64 * 2**20
 CHECKPOINT_SECONDS = 2.0
 CONNECT_TIMEOUT = 10.0
+# Seconds with reads on the wire and no reply at all before the connection is
+# taken for dead and its reads are sent again on a new one. QEMU 7.2's curl
+# driver (a qemu-nbd decoding a qcow2 chain over HTTP) was seen here to leave
+# concurrent reads unanswered for good until another read came in.
+STALL = 15.0
 # A record of the digest file: offset, length, digest of the bytes read there.
 _RECORD = struct.Struct("<QI16s")
 
@@ -349,11 +354,13 @@ def _worker(
     progress: Callable[[int], None],
     window: float,
     cached: tuple[str, Callable[[int, int], bool]] | None = None,
+    stall: float = STALL,
 ) -> None:
     """One connection: keep IN_FLIGHT reads going; write and digest each one.
     Reads land in buffers of our own, reused (no copy, no allocation per read).
-    A read that fails, or a connection that drops (a source server restarting),
-    is retried on a new connection for up to `window` seconds."""
+    A read that fails, a connection that drops (a source server restarting) or
+    one that answers nothing for `stall` seconds, is retried on a new
+    connection for up to `window` seconds."""
     # Buffers are made as reads go out (up to IN_FLIGHT), of anonymous memory
     # that the kernel maps as the reads land: 16 bytearrays of 2 MiB made up
     # front were 32 MiB zeroed, GIL held, before the first read went out.
@@ -367,6 +374,8 @@ def _worker(
     reading: set[int] = set()  # requests with a read on the wire (one slot of the pacer's each)
     near: nbd.NBD | None = None  # a connection to `cached`'s URL, once needed
     cached_off = [False]
+    last_reply = time.monotonic()  # or when the wire last went from idle to busy
+    stalled = False  # h answered nothing for `stall` seconds
 
     def write(index: int, req: Extent, view: memoryview) -> None:
         """Write the request, start its write-back; settle the oldest one."""
@@ -430,15 +439,17 @@ def _worker(
     def send(index: int, req: Extent, view: memoryview, start: int) -> None:
         """Read [start, ...) of the request: all of it, or on a thin link one
         part of PART bytes (the next goes once it is in)."""
+        nonlocal last_reply
         part = req.length - start
         if pacer.thin():
             part = min(part, PART)
         sent = time.monotonic()
 
         def done(err: Any) -> int:
-            nonlocal failing_since, last_error
+            nonlocal failing_since, last_error, last_reply
             if index not in reading:
                 return 1  # given up on already (its connection died)
+            last_reply = time.monotonic()
             reading.discard(index)
             pacer.release()
             if not err.value:
@@ -464,6 +475,8 @@ def _worker(
                 free.append(view.obj)  # type: ignore[arg-type]
             return 1
 
+        if not reading:
+            last_reply = sent
         reading.add(index)
         try:
             into = nbd.Buffer.from_buffer(view[start : start + part])
@@ -484,16 +497,20 @@ def _worker(
         reading.clear()
 
     def reconnect() -> nbd.NBD:
-        """A new connection, once the in-flight reads are back (failed)."""
-        nonlocal failing_since
+        """A new connection, once the in-flight reads are back (failed) or
+        given up on. The old one is dropped, not shut down: a shutdown waits
+        for the server to close it, which one that answers nothing never does."""
+        nonlocal failing_since, stalled
         failing_since = failing_since or time.monotonic()
         with contextlib.suppress(nbd.Error):
-            h.shutdown()
+            h.aio_disconnect(0)
         while True:
             if plan.error is not None:
                 raise CopyStopped()
             try:
-                return _connect(url, CONNECT_TIMEOUT, meta=False)
+                new = _connect(url, CONNECT_TIMEOUT, meta=False)
+                stalled = False
+                return new
             except CopyError as e:
                 if time.monotonic() - failing_since > window:
                     raise CopyError(f"{last_error or e} (for {window:g} s)") from e
@@ -559,6 +576,15 @@ def _worker(
             if h.aio_is_dead() or h.aio_is_closed():
                 failing_since = failing_since or time.monotonic()
                 give_up_in_flight()
+            elif reading and time.monotonic() - last_reply > stall:
+                n = len(reading)
+                last_error = f"no reply to {n} read{'s' if n > 1 else ''} in {stall:g} s"
+                log.warning("%s: %s; reading again on a new connection", url, last_error)
+                failing_since = failing_since or time.monotonic()
+                stalled = True
+                with contextlib.suppress(nbd.Error):
+                    h.aio_disconnect(0)  # before the buffers go back: nothing lands in them
+                give_up_in_flight()
     except BaseException as e:
         plan.fail(e)
     finally:
@@ -570,7 +596,13 @@ def _worker(
         except BaseException as e:
             plan.fail(e)
         with contextlib.suppress(nbd.Error):
-            h.shutdown()
+            if reading or stalled:  # a shutdown would wait for replies that may not come
+                h.aio_disconnect(0)
+            else:
+                h.shutdown()
+        # Freed now, its socket closed, though a traceback of this frame (a
+        # failed copy's error) lives on: libnbd 1.14's bindings have no close().
+        del h
         if near is not None:
             with contextlib.suppress(nbd.Error):
                 near.shutdown()
@@ -589,14 +621,15 @@ def copy(
     window: float = 30.0,
     guest_busy: Callable[[bool], bool] | None = None,
     cached: tuple[str, Callable[[int, int], bool]] | None = None,
+    stall: float = STALL,
 ) -> Checkpoint:
     """Copy the export at `url` into the file `dest` (created sparse with the
     export's size if missing), from `start` on (a checkpoint of an earlier run,
     whose data and digests are kept), and check the copy read back against the
     digests of what was read. Calls on_progress(copied, total) as data lands and
     on_checkpoint once each checkpoint is written (synced: the last one). A
-    source that fails or drops the connection is retried for up to `window`
-    seconds. While
+    source that fails, drops the connection or answers nothing for `stall`
+    seconds is retried for up to `window` seconds. While
     `guest_busy(linger)` says a guest reads from the same source, no new read
     goes (see _Pacer).
     With `cached` (an NBD URL holding some of the same bytes nearer, and
@@ -647,15 +680,26 @@ def copy(
         digests.seek(start.digest_bytes)
         running = threading.Semaphore(0)  # released by each worker as it ends
 
-        def work(h: nbd.NBD) -> None:
+        # Each worker owns its connection: one it drops is freed, its socket
+        # closed, so a server that takes a set number of clients (qemu-nbd
+        # --shared) has room for the new one.
+        owned: list[nbd.NBD | None] = list(handles)
+        del first, handles
+
+        def take(i: int) -> nbd.NBD:
+            h, owned[i] = owned[i], None
+            assert h is not None
+            return h
+
+        def work(i: int) -> None:
             try:
-                _worker(url, h, plan, fd, throttle, pacer, progress, window, cached)
+                _worker(url, take(i), plan, fd, throttle, pacer, progress, window, cached, stall)
             finally:
                 running.release()
 
         threads = [
-            threading.Thread(target=work, args=(h,), name=f"copy-{i}", daemon=True)
-            for i, h in enumerate(handles)
+            threading.Thread(target=work, args=(i,), name=f"copy-{i}", daemon=True)
+            for i in range(len(owned))
         ]
         for t in threads:
             t.start()
