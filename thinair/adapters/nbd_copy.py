@@ -63,8 +63,9 @@ CONNECT_TIMEOUT = 10.0
 # Seconds with reads on the wire and no reply at all before the connection is
 # taken for dead and its reads are sent again on a new one. QEMU 7.2's curl
 # driver (a qemu-nbd decoding a qcow2 chain over HTTP) was seen here to leave
-# concurrent reads unanswered for good until another read came in.
-STALL = 15.0
+# concurrent reads unanswered for good until another read came in. Long enough
+# for one read of REQUEST bytes on a link of 0.6 Mbit/s.
+STALL = 30.0
 # A record of the digest file: offset, length, digest of the bytes read there.
 _RECORD = struct.Struct("<QI16s")
 
@@ -601,8 +602,9 @@ def _worker(
             else:
                 h.shutdown()
         # Freed now, its socket closed, though a traceback of this frame (a
-        # failed copy's error) lives on: libnbd 1.14's bindings have no close().
-        del h
+        # failed copy's error) lives on: libnbd 1.14's bindings have no close(),
+        # so the name is rebound to a handle that never connects.
+        h = nbd.NBD()
         if near is not None:
             with contextlib.suppress(nbd.Error):
                 near.shutdown()
