@@ -723,7 +723,8 @@ StrategyOpt = Annotated[
         "--strategy",
         help="bulk: copy the source's data at full speed into the final volume, then "
         "merge the guest's writes into it (the default for an external disk); mirror: "
-        "QEMU copies the whole disk, then switches (what moving a local disk does); "
+        "QEMU copies the whole disk, then switches (what moving a local disk does; over "
+        "HTTP it reads through QEMU's curl driver, which QEMU 7.2 can leave stalled); "
         "stream: the same as bulk (QEMU's block pull is not durable).",
     ),
 ]
