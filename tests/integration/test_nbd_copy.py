@@ -302,25 +302,40 @@ def test_a_source_gone_for_good_fails_with_the_cause(
     _image(src, 128 * MiB, 8, 8 * MiB)
     server = _Counted(src, workdir)
     counted.append(server)
-    checkpoints: list[nbd_copy.Checkpoint] = []
 
     def kill_server(done: int, _total: int) -> None:
         if done > 16 * MiB and server.proc.poll() is None:
             server.proc.kill()
 
+    _fails_with_a_checkpoint(server, workdir, kill_server, "for 2 s", window=2)
+
+
+def _fails_with_a_checkpoint(
+    server: _Counted,
+    workdir: Path,
+    on_progress: Callable[[int, int], None],
+    match: str,
+    window: float,
+    stall: float = nbd_copy.STALL,
+) -> None:
+    """A copy of `server` at 32 MiB/s, with `on_progress` (which takes the
+    source away), fails with `match` within 30 s and keeps a checkpoint with
+    data in it: what a rerun resumes from."""
+    checkpoints: list[nbd_copy.Checkpoint] = []
     began = time.monotonic()
-    with pytest.raises(nbd_copy.CopyError, match="for 2 s"):
+    with pytest.raises(nbd_copy.CopyError, match=match):
         nbd_copy.copy(
             server.url,
             str(workdir / "dest.raw"),
             str(workdir / "digests"),
             bandwidth=32 * MiB,
-            on_progress=kill_server,
+            on_progress=on_progress,
             on_checkpoint=checkpoints.append,
-            window=2,
+            window=window,
+            stall=stall,
         )
     assert time.monotonic() - began < 30
-    assert checkpoints and checkpoints[-1].copied > 0  # what a rerun resumes from
+    assert checkpoints and checkpoints[-1].copied > 0
 
 
 def _copied_whole(
@@ -399,7 +414,6 @@ def test_a_source_that_never_answers_again_fails_the_copy(
     _image(src, 128 * MiB, 8, 8 * MiB)
     server = _Counted(src, workdir, pausable=True)
     counted.append(server)
-    checkpoints: list[nbd_copy.Checkpoint] = []
     paused: list[bool] = []
 
     def pause(done: int, _total: int) -> None:
@@ -407,17 +421,6 @@ def test_a_source_that_never_answers_again_fails_the_copy(
             server.pause(b"p")
             paused.append(True)
 
-    began = time.monotonic()
-    with pytest.raises(nbd_copy.CopyError, match=r"no reply to .* \(for 3 s\)"):
-        nbd_copy.copy(
-            server.url,
-            str(workdir / "dest.raw"),
-            str(workdir / "digests"),
-            bandwidth=32 * MiB,
-            on_progress=pause,
-            on_checkpoint=checkpoints.append,
-            window=3,
-            stall=1,
-        )
-    assert time.monotonic() - began < 30
-    assert checkpoints and checkpoints[-1].copied > 0
+    _fails_with_a_checkpoint(
+        server, workdir, pause, r"no reply to .* \(for 3 s\)", window=3, stall=1
+    )

@@ -376,7 +376,6 @@ def _worker(
     near: nbd.NBD | None = None  # a connection to `cached`'s URL, once needed
     cached_off = [False]
     last_reply = time.monotonic()  # or when the wire last went from idle to busy
-    stalled = False  # h answered nothing for `stall` seconds
 
     def write(index: int, req: Extent, view: memoryview) -> None:
         """Write the request, start its write-back; settle the oldest one."""
@@ -501,7 +500,7 @@ def _worker(
         """A new connection, once the in-flight reads are back (failed) or
         given up on. The old one is dropped, not shut down: a shutdown waits
         for the server to close it, which one that answers nothing never does."""
-        nonlocal failing_since, stalled
+        nonlocal failing_since
         failing_since = failing_since or time.monotonic()
         with contextlib.suppress(nbd.Error):
             h.aio_disconnect(0)
@@ -509,9 +508,7 @@ def _worker(
             if plan.error is not None:
                 raise CopyStopped()
             try:
-                new = _connect(url, CONNECT_TIMEOUT, meta=False)
-                stalled = False
-                return new
+                return _connect(url, CONNECT_TIMEOUT, meta=False)
             except CopyError as e:
                 if time.monotonic() - failing_since > window:
                     raise CopyError(f"{last_error or e} (for {window:g} s)") from e
@@ -582,10 +579,7 @@ def _worker(
                 last_error = f"no reply to {n} read{'s' if n > 1 else ''} in {stall:g} s"
                 log.warning("%s: %s; reading again on a new connection", url, last_error)
                 failing_since = failing_since or time.monotonic()
-                stalled = True
-                with contextlib.suppress(nbd.Error):
-                    h.aio_disconnect(0)  # before the buffers go back: nothing lands in them
-                give_up_in_flight()
+                give_up_in_flight()  # h is dropped (reconnect) before a buffer is reused
     except BaseException as e:
         plan.fail(e)
     finally:
@@ -597,7 +591,7 @@ def _worker(
         except BaseException as e:
             plan.fail(e)
         with contextlib.suppress(nbd.Error):
-            if reading or stalled:  # a shutdown would wait for replies that may not come
+            if h.aio_in_flight():  # a shutdown would wait for replies that may not come
                 h.aio_disconnect(0)
             else:
                 h.shutdown()
@@ -682,26 +676,22 @@ def copy(
         digests.seek(start.digest_bytes)
         running = threading.Semaphore(0)  # released by each worker as it ends
 
-        # Each worker owns its connection: one it drops is freed, its socket
-        # closed, so a server that takes a set number of clients (qemu-nbd
-        # --shared) has room for the new one.
-        owned: list[nbd.NBD | None] = list(handles)
-        del first, handles
+        # Each worker takes its connection from the list and owns it: one it
+        # drops is freed, its socket closed, so a server that takes a set number
+        # of clients (qemu-nbd --shared) has room for the new one.
+        del first
 
-        def take(i: int) -> nbd.NBD:
-            h, owned[i] = owned[i], None
-            assert h is not None
-            return h
-
-        def work(i: int) -> None:
+        def work() -> None:
             try:
-                _worker(url, take(i), plan, fd, throttle, pacer, progress, window, cached, stall)
+                _worker(
+                    url, handles.pop(), plan, fd, throttle, pacer, progress, window, cached, stall
+                )
             finally:
                 running.release()
 
         threads = [
-            threading.Thread(target=work, args=(i,), name=f"copy-{i}", daemon=True)
-            for i in range(len(owned))
+            threading.Thread(target=work, name=f"copy-{i}", daemon=True)
+            for i in range(len(handles))
         ]
         for t in threads:
             t.start()
