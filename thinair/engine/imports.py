@@ -407,6 +407,7 @@ def _bulk_copy(
         state.total = total
         progress.set(target, done, total)
 
+    began = time.monotonic()
     try:
         nbd_copy.copy(
             source,
@@ -428,6 +429,7 @@ def _bulk_copy(
         _mismatch(ctx, target, state, where)
     except (nbd_copy.CopyError, OSError) as e:
         raise BackendError(f"copying {target} stopped: {e}") from e
+    log.info("%s: copied %s in %.2f s", name, target, time.monotonic() - began)
     crash_point("import-copied", name)
 
 
