@@ -204,7 +204,7 @@ def test_the_engine_follows_the_bridges_that_run(
         guest = bridge.guest()
         _sequential(guest, image, 0, 24)
         guest.shutdown()
-        assert first.fetched > 0
+        _wait_fetched(first)
         assert max(n for _, n in reads(workdir / "source.log")) <= 16 * MiB
         began = time.monotonic()
         bridge.stop()  # the follower holds no connection open that nbdkit would wait for
@@ -220,9 +220,18 @@ def test_the_engine_follows_the_bridges_that_run(
         guest = bridge.guest()
         _sequential(guest, image, 0, 16)  # fetched again: the cache is new
         guest.shutdown()
-        assert again.fetched > 0
+        _wait_fetched(again)
     finally:
         engine.stop()
+
+
+def _wait_fetched(follower: readahead.Follower, timeout: float = 5) -> None:
+    """Until the follower has read ahead: its read may still be out when the
+    guest's last read is answered (the guest read those blocks itself)."""
+    deadline = time.monotonic() + timeout
+    while not follower.fetched:
+        assert time.monotonic() < deadline, "nothing read ahead"
+        time.sleep(0.01)
 
 
 def _wait_prefetched(follower: readahead.Follower, timeout: float = 30) -> None:
