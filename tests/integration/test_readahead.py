@@ -89,7 +89,10 @@ def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir
     seen = reads(workdir / "source.log")
     assert sum(n for _, n in seen) <= SIZE  # nothing twice, nothing past the end
     assert follower.fetched >= 48 * MiB, follower.fetched  # the guest's misses were few
-    assert len(seen) <= 24, seen  # against 64 without readahead
+    # Half the 64 requests without readahead, at most. Here 9-17; CI saw 26:
+    # the first window waits for the cache's lock behind the guest's reads
+    # (a mutex that is not fair), so a loaded machine misses more before it.
+    assert len(seen) <= 32, [n // MiB for _, n in seen]
     assert max(n for _, n in seen) > 4 * MiB  # the window grew
     # The log tells its reads from the guest's.
     tail = nbdkit.LogTail(bridge.log)
@@ -100,7 +103,7 @@ def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir
     # of one at either end would be a request, a round trip, of its own).
     requests = [r for r in logged if r.connection in tail.own]
     assert len(requests) == follower.windows, (requests, follower.windows)
-    assert sum(r.count for r in logged if r.connection not in tail.own) <= 24 * MiB
+    assert sum(r.count for r in logged if r.connection not in tail.own) <= 32 * MiB
 
 
 def test_without_it_each_block_is_a_round_trip(bridge: Bridge, image: Path, workdir: Path) -> None:
