@@ -51,17 +51,17 @@ class Settings:
     # besides the storage domains. Anyone with a read-write token can ask the
     # engine (root) to read a local path; this keeps /etc and /root out of reach.
     image_roots: str = "/srv:/var/lib/libvirt/images"
-    # An NBD source's bridge keeps what it read in a local cache (nbdkit's cache
-    # filter), fetching bridge_cache_block_kib at a time (a power of 2, >= 4), at
-    # most bridge_cache_max_mib (least recently used blocks go first; 0: no
-    # limit); with bridge_readahead, the engine fetches ahead of the guest's
-    # sequential reads into it, up to bridge_readahead_max_mib in one request
-    # (see thinair.engine.readahead).
+    # An NBD source's bridge keeps what it read in a local cache (nbdkit's cow
+    # filter), fetching bridge_cache_block_kib at a time (a power of 2, >= 4),
+    # until it fetched bridge_cache_max_mib (then it keeps no more; 0: no limit);
+    # with bridge_readahead, the engine streams into it ahead of the guest's
+    # sequential reads, at most bridge_readahead_max_mib at a time (see
+    # thinair.engine.readahead).
     bridge_cache: bool = True
     bridge_cache_block_kib: int = 1024
     bridge_cache_max_mib: int = 2048
     bridge_readahead: bool = True
-    bridge_readahead_max_mib: int = 32
+    bridge_readahead_max_mib: int = 128
     # ... and, while the guest leaves the link idle, fetches the rest of a far
     # source's data into it, up to 3/4 of bridge_cache_max_mib (see
     # thinair.engine.readahead).
@@ -77,11 +77,11 @@ class Settings:
     copy_on_read: bool = False
 
     def __post_init__(self) -> None:
-        # One read ahead is one NBD request: nbdkit takes at most 64 MiB.
-        if not 1 <= self.bridge_readahead_max_mib <= 64:
+        # What a guest that stops reading leaves fetched for nothing, at most.
+        if not 1 <= self.bridge_readahead_max_mib <= 1024:
             raise ValueError(
                 f"setting bridge_readahead_max_mib: {self.bridge_readahead_max_mib} "
-                "is not between 1 and 64"
+                "is not between 1 and 1024"
             )
 
     @property

@@ -270,9 +270,9 @@ def test_nbdkit_argv_for_each_source() -> None:
         "retry-delay=1",
         "retry-exponential=no",
     ]
-    cache = nbdkit.Cache(block_kib=256, max_mib=64, reads_log=Path("/l"))
+    cache = nbdkit.Cache(block_kib=256, max_mib=64, reads_log=Path("/l"), keep=Path("/k"))
     assert nbdkit.source_args("nbd://h/e", 1, cache) == [
-        "--filter=cache",
+        "--filter=cow",
         "--filter=log",
         "--filter=retry",
         "nbd",
@@ -280,9 +280,8 @@ def test_nbdkit_argv_for_each_source() -> None:
         "retries=1",
         "retry-delay=1",
         "retry-exponential=no",
-        "cache-on-read=true",
-        "cache-min-block-size=256K",
-        "cache-max-size=64M",
+        "cow-on-read=/k",
+        "cow-block-size=256K",
         "logfile=/l",
     ]
 

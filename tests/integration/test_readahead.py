@@ -77,8 +77,6 @@ def _sequential(h: nbd.NBD, image: Path, start: int, count: int) -> None:
 
 
 def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir: Path) -> None:
-    # 64 MiB at most: the first window is then what the guest's misses say
-    # the link carries in WINDOW_SECONDS, not a whole number of blocks.
     follower = readahead.Follower(bridge.socket, bridge.log, 64 * MiB).start()
     try:
         guest = bridge.guest()
@@ -87,23 +85,22 @@ def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir
     finally:
         follower.stop()
     seen = reads(workdir / "source.log")
-    assert sum(n for _, n in seen) <= SIZE  # nothing twice, nothing past the end
-    assert follower.fetched >= 48 * MiB, follower.fetched  # the guest's misses were few
-    # Half the 64 requests without readahead, at most. Here 9-17; CI saw 26:
-    # the first window waits for the cache's lock behind the guest's reads
-    # (a mutex that is not fair), so a loaded machine misses more before it.
-    assert len(seen) <= 32, [n // MiB for _, n in seen]
-    assert max(n for _, n in seen) > 4 * MiB  # the window grew
-    # The log tells its reads from the guest's.
+    assert sum(n for _, n in seen) <= SIZE  # nothing past the end
     tail = nbdkit.LogTail(bridge.log)
     logged = [r for r in tail.new() if r.answered is None]
-    own = sum(r.count for r in logged if r.connection in tail.own)
-    assert 40 * MiB <= own <= follower.fetched  # what it asked for, less what the guest had
-    # Each read ahead went to the source as one request: whole blocks (a part
-    # of one at either end would be a request, a round trip, of its own).
-    requests = [r for r in logged if r.connection in tail.own]
-    assert len(requests) == follower.windows, (requests, follower.windows)
-    assert sum(r.count for r in logged if r.connection not in tail.own) <= 32 * MiB
+    own = [r for r in logged if r.connection in tail.own]
+    theirs = [r for r in logged if r.connection not in tail.own]
+    # The guest's own misses were few: 5-6 here (the three that make a run,
+    # the block after them, the window's marker), 64 without a follower.
+    assert len(theirs) <= 16, [(r.offset // MiB, r.count // MiB) for r in theirs]
+    assert follower.fetched >= 48 * MiB, follower.fetched
+    assert follower.windows >= 2  # the guest's miss of the marker made it go on
+    # The stream's reads: whole blocks, a piece at most, none twice (the guest
+    # may ask for a block still on its way: then it is fetched twice).
+    assert all(r.offset % MiB == 0 and 0 < r.count <= readahead.PIECE for r in own), own
+    blocks = [r.offset // MiB + i for r in own for i in range(r.count // MiB)]
+    assert len(blocks) == len(set(blocks))
+    assert sum(r.count for r in own) == follower.fetched
 
 
 def test_without_it_each_block_is_a_round_trip(bridge: Bridge, image: Path, workdir: Path) -> None:
@@ -415,3 +412,37 @@ def test_a_near_source_gets_no_prefetch(image: Path, workdir: Path) -> None:
             else:
                 assert follower.prefetched == MiB  # its first read only, one block
             assert not follower.prefetch_done
+
+
+def test_the_cache_keeps_no_more_once_it_fetched_its_limit(
+    source: FarSource, image: Path, workdir: Path
+) -> None:
+    """The cow filter drops no block: past `limit` the follower removes the
+    bridge's keep file, and what is read then crosses the link each time;
+    what was kept before still does not."""
+    socket, pid_file, log = workdir / "k.sock", workdir / "k.pid", workdir / "k.reads"
+    keep = workdir / "k.keep"
+    nbdkit.start(source.url, socket, pid_file, 5, None, nbdkit.Cache(reads_log=log, keep=keep))
+    follower = readahead.Follower(
+        socket, log, 32 * MiB, ahead=False, keep=keep, limit=4 * MiB
+    ).start()
+    try:
+        assert keep.exists()
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={socket}")
+        with open(image, "rb") as f:
+            blocks = f.read(SIZE)
+        for i in (0, 2, 4, 6):  # 4 MiB fetched: the limit
+            assert h.pread(MiB, i * MiB) == blocks[i * MiB : (i + 1) * MiB]
+        deadline = time.monotonic() + 5
+        while keep.exists():
+            assert time.monotonic() < deadline, "the keep file is still there"
+            time.sleep(0.05)
+        for i in (10, 10, 0):
+            assert h.pread(MiB, i * MiB) == blocks[i * MiB : (i + 1) * MiB]
+        h.shutdown()
+    finally:
+        follower.stop()
+        nbdkit.stop(socket, pid_file)
+    seen = [offset // MiB for offset, _ in reads(workdir / "source.log")]
+    assert seen == [0, 2, 4, 6, 10, 10], seen

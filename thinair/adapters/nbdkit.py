@@ -13,10 +13,16 @@ a Unix socket rather than from the remote server itself, for two reasons:
 Over distance, every read the guest makes costs a round trip (QEMU's NBD client
 keeps at most 16 requests in flight, and a booting guest reads small blocks one
 after another). With a `Cache`, an NBD bridge keeps what it read in a local cache
-(the cache filter, `cache-on-read`) in blocks of `block_kib`: a miss fetches the
-whole block in one request, so the small reads after it cost no round trip, and
-no block crosses the link twice while the bridge runs (least recently used
-blocks go past `max_mib`). The cache is a deleted file in the bridge's
+in blocks of `block_kib`: a miss fetches the whole block in one request, so the
+small reads after it cost no round trip, and no block crosses the link twice
+while the bridge runs. The cache is nbdkit's cow filter with `cow-on-read`, not
+its cache filter: the cache filter (1.32) holds one lock for every connection
+across each fetch, so a guest's hits wait for whatever another connection
+fetches (a read ahead, a prefetch), where the cow filter locks only its map of
+blocks. It keeps blocks while the file `keep` exists (the cow filter's
+`cow-on-read=PATH`): the engine removes that file once the cache fetched
+`max_mib` (the cow filter drops no block), and what is read after that crosses
+the link each time. The cache is a deleted file in the bridge's
 directory. Below the cache, nbdkit's log filter writes every read that crosses
 the link (a miss) to `reads_log`: what a boot read, for
 thinair.engine.working_sets; where the guest's misses run one after another, so
@@ -62,10 +68,13 @@ class Cache:
     """Latency hiding for an NBD source (see the module's docstring)."""
 
     block_kib: int = 1024  # a power of 2, >= 4
-    max_mib: int = 2048  # 0: no limit
+    max_mib: int = 2048  # 0: no limit (kept by the engine: see `keep`)
     # Where to log what the cache fetches from the source (nbdkit's log filter
     # below the cache: misses only), for thinair.engine.working_sets and ReadsWatch.
     reads_log: Path | None = None
+    # The cache keeps what it fetched while this file exists (made by `start`);
+    # None: always.
+    keep: Path | None = None
 
 
 def start(
@@ -79,11 +88,13 @@ def start(
     """Start a read-only bridge to `uri` listening on `socket`; return its pid.
     `owner` (QEMU's user under qemu:///system) gets the socket."""
     socket.unlink(missing_ok=True)
+    if cache is not None and cache.keep is not None:
+        cache.keep.touch()
     argv = [_binary(), "--readonly", "--unix", str(socket), "--pidfile", str(pid_file)]
     argv += source_args(uri, window, cache)
     try:
         # nbdkit forks into the background once the socket is listening. The
-        # cache filter's file (deleted once open) goes beside the socket.
+        # cache's file (deleted once open) goes beside the socket.
         pid = start_detached(argv, pid_file, env={**os.environ, "TMPDIR": str(socket.parent)})
     except StartFailed as e:
         raise BridgeError(e.reason, argv, e.detail) from e
@@ -128,11 +139,10 @@ def source_args(uri: str, window: float, cache: Cache | None = None) -> list[str
         return ["--filter=retry", "nbd", *_plugin_args(uri), *retry]
     # Outermost first: the cache's misses go through the retry filter to the
     # source. (nbdkit's readahead filter gave nothing here: its prefetches are
-    # `.cache` calls, which the cache filter serves one block per round trip.)
-    params = ["cache-on-read=true", f"cache-min-block-size={cache.block_kib}K"]
-    if cache.max_mib > 0:
-        params.append(f"cache-max-size={cache.max_mib}M")
-    filters = ["--filter=cache"]
+    # `.cache` calls, which nbdkit's filters serve one block per round trip.)
+    keep = str(cache.keep) if cache.keep is not None else "true"
+    params = [f"cow-on-read={keep}", f"cow-block-size={cache.block_kib}K"]
+    filters = ["--filter=cow"]
     if cache.reads_log is not None:
         filters.append("--filter=log")
         params.append(f"logfile={cache.reads_log}")

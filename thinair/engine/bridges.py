@@ -97,7 +97,13 @@ def cache(ctx: EngineContext, disk_id: str) -> nbdkit.Cache | None:
     if not s.bridge_cache:
         return None
     reads = _reads_log(ctx, disk_id)  # for the working set, and guest_reads()
-    return nbdkit.Cache(s.bridge_cache_block_kib, s.bridge_cache_max_mib, reads)
+    return nbdkit.Cache(s.bridge_cache_block_kib, s.bridge_cache_max_mib, reads, keep_file(reads))
+
+
+def keep_file(reads_log: Path) -> Path:
+    """The file whose presence lets a bridge's cache keep what it fetches
+    (thinair.engine.readahead removes it once the cache is full)."""
+    return reads_log.with_suffix(".keep")
 
 
 def guest_reads(ctx: EngineContext, disk_id: str) -> nbdkit.ReadsWatch:
@@ -162,7 +168,7 @@ def stop(ctx: EngineContext, disk_id: str, url: str | None = None) -> None:
             working_sets.record(ctx, url, reads)
         except OSError as e:  # an optimization only
             log.warning("could not keep the working set of %s: %s", url, e)
-    for path in (socket, pid_file, socket.with_suffix(".log"), reads):
+    for path in (socket, pid_file, socket.with_suffix(".log"), reads, keep_file(reads)):
         path.unlink(missing_ok=True)
 
 
@@ -171,8 +177,7 @@ def temporary(ctx: EngineContext, url: str, window: float = 1) -> Iterator[str]:
     """A short-lived bridge, for reading a source only a bridge can read (NBD
     over TLS, a tar member) or that libnbd should read (an OVA over HTTP);
     yields the URL to give QEMU's tools or libnbd. It has no cache: a bulk
-    copy through a disk's own (cached) bridge would go one block at a time
-    (nbdkit 1.32's cache filter locks every block) and fill its cache."""
+    copy through a disk's own (cached) bridge would fill its cache."""
     name = f"probe-{uuid.uuid4().hex[:12]}"
     socket, pid_file = _paths(ctx, name)
     try:
@@ -200,7 +205,8 @@ def reconcile(ctx: EngineContext, wanted: dict[str, tuple[str, str | None]]) -> 
             sock = next(w for w in line.split() if w.endswith(".sock"))
             sock = sock.removeprefix("--socket=")
             procfs.terminate(pid, PROGRAMS, sock)
-            for path in (Path(sock), *(Path(sock).with_suffix(s) for s in (".pid", ".reads"))):
+            suffixes = (".pid", ".reads", ".keep")
+            for path in (Path(sock), *(Path(sock).with_suffix(s) for s in suffixes)):
                 path.unlink(missing_ok=True)
             actions.append(f"stopped orphan bridge {pid}")
     return actions

@@ -3,32 +3,34 @@
 Over distance, a guest reading a file one block after another pays one round
 trip per block of its bridge's cache (1 MiB per 25 ms is 40 MiB/s), whatever
 the link carries. nbdkit 1.32 has no readahead that helps: its readahead filter
-prefetches with `.cache` calls, which the cache filter serves one block per
-round trip, under the one lock it takes for every block. So the engine follows
-each cached bridge's reads log (below the cache: misses only) and, where RUN
-misses came one after another (a sequential run), reads the next window of
-bytes through the bridge in one request, on a connection of its own: the cache
-filter fetches them from the source in one request (its runs of missing blocks
-go as one read) and keeps them, so the guest's next reads hit. Each window
-is `most` bytes in whole cache blocks (a part of a block is a request of its
-own to the source: a round trip more), kept to what the link carries in
-WINDOW_SECONDS (the fastest of the follower's last reads; until it has one,
-the guest's misses, which count the round trip in), because the fetch holds
-the cache's lock and every guest read, hits included, waits behind it (on a
-100 Mbit/s link a 32 MiB fetch would be 2.7 s of a stalled guest). That lock
-bounds what a read ahead gives: the guest waits for each fetch, so a
-sequential reader gets at most the bridge's fetch rate against its own local
-one (here 32 MiB came through the bridge in about 180 ms, the source's part
-of it 34 ms, and the guest read as much from the cache in about 170 ms: 64
-MiB from 25 ms away came to 0.44-0.48x the speed with no delay, whether the
-windows started at 8 MiB and doubled or were `most` from the first). It
-reads only what the source's allocation map says is data (asked once per
-bridge), never zeros. Random reads fetch nothing
-ahead, and neither does a source as near as the cache (the guest's misses take
-less than NEAR): there the guest's own reads are as quick, and a read ahead
-only makes them wait.
+prefetches with `.cache` calls, which its filters serve one block per round
+trip. So the engine follows each cached bridge's reads log (below the cache:
+misses only) and, where RUN misses came one after another (a sequential run),
+streams the next window of the source's data into the cache ahead of the
+guest: reads of PIECE bytes, queued in order on STREAMS connections of its own,
+so that the blocks the guest reads next come first and the link stays busy
+(one request at a time per connection: the bridge's retry filter serializes
+each connection's requests). The bridge's cache (nbdkit's cow filter) locks no
+fetch, so the guest's hits never wait for a read ahead. The stream starts one
+block after the miss that made the run: the guest asks for that block before a
+read of it would be answered. The guest's hits do not reach the log, so the
+stream goes on only when the guest misses again near its end (it caught up):
+each window is what the link carries in FIRST_SECONDS, and twice the last one
+while the run goes on, up to MOST_SECONDS of the link and `most` bytes (a
+guest that stops reading leaves at most that much fetched for nothing, and on a
+thin link a read ahead makes the guest's other reads wait for the link). What
+the link carries is the rate of the follower's last windows (until it has one,
+the guest's misses, which count the round trip in). It reads only what the
+source's allocation map says is data (asked once per bridge), never zeros.
+Random reads fetch nothing ahead, and neither does a source as near as the
+cache (the guest's misses take less than NEAR): there the guest's own reads are
+as quick. A miss of the guest in a new place drops what is still queued.
 
-Its connection opens the export READAHEAD_EXPORT, so the log tells its reads
+The cow filter drops no block, so the follower also stops the cache from
+keeping more once it fetched `limit` bytes (it removes the bridge's `keep`
+file); what the guest reads after that crosses the link each time.
+
+Its connections open the export READAHEAD_EXPORT, so the log tells its reads
 from the guest's. An import's copier counts them as the guest's (they are done
 for it) and reads what they fetched from the bridge's cache, not over the link
 again. One follower thread per bridge, found by its files under
@@ -43,18 +45,19 @@ link left idle (REST), from the start of the data to its end, only while the
 guest's bridge has no read of its own out and had none for QUIET seconds, and
 only from a far source (as the guest's misses say, or, before it had two, the
 prefetch's own first miss, one block). A guest read that comes while a piece
-is out waits for it (the cache's lock, and the link); REST halves how often
-that happens (100 Mbit/s, a read every 0.5-1.5 s: a median read as with no
-prefetch, against 2.4x without REST). Then the guest's later reads are
-local, and an import of the disk reads them from the cache, not over the link
-again. It stops where the cache would start to drop blocks (`budget`), and
-while an import of the disk copies the source (`paused`: the copier reads
-what the cache holds from it, the rest from the source).
+is out waits for the link; REST halves how often that happens (100 Mbit/s, a
+read every 0.5-1.5 s: a median read as with no prefetch, against 2.4x without
+REST). Then the guest's later reads are local, and an import of the disk reads
+them from the cache, not over the link again. It stops where the cache would
+stop keeping blocks (`budget`), and while an import of the disk copies the
+source (`paused`: the copier reads what the cache holds from it, the rest from
+the source).
 """
 
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -81,21 +84,25 @@ MiB = 2**20
 # makes the guest's next read wait for it.
 RUN = 3
 ENDS = 16  # the guest's last misses remembered
-WINDOW_SECONDS = 0.5
+# A stream's windows: what the link carries in FIRST_SECONDS, then twice the
+# last one while the run goes on, up to MOST_SECONDS of the link.
+FIRST_SECONDS = 1.0
+MOST_SECONDS = 2.0
+PIECE = 2 * MiB  # one read of a stream (whole cache blocks)
+STREAMS = 8  # connections a stream's reads are queued on
 NEAR = 0.008  # seconds: a miss this quick is from a source as near as the cache
 POLL = 0.005  # seconds between looks at a log that is being written to
 IDLE_POLL = 0.05  # ... at one that has been quiet for IDLE seconds
 IDLE = 2.0
 FIND = 1.0  # seconds between looks for bridges started or gone
 CONNECT_TIMEOUT = 5.0
-# Seconds the connection stays open after a read ahead. Opening one takes the
-# cache's lock (its handshake asks the size), behind the guest's reads; one
-# left open for good would keep the bridge from exiting when it is stopped
-# (nbdkit waits for its clients).
+# Seconds the connections stay open after a read ahead (opening one is a
+# round trip more); one left open for good would keep the bridge from exiting
+# when it is stopped (nbdkit waits for its clients).
 HOLD = 0.5
-# The prefetch: each read is what the link carries in PREFETCH_SECONDS (it
-# holds the cache's lock, so that is what a guest read that comes meanwhile
-# waits at most), and it reads only once the guest has had no miss for QUIET.
+# The prefetch: each read is what the link carries in PREFETCH_SECONDS (so that
+# is what a guest read that comes meanwhile waits for the link at most), and it
+# reads only once the guest has had no miss for QUIET.
 PREFETCH_SECONDS = 0.1
 QUIET = 0.5
 REST = 1.0  # after each piece, the link is left idle for as long as it took
@@ -110,6 +117,13 @@ class Prefetch:
     paused: Callable[[], bool] = lambda: False  # an import of the disk copies it
 
 
+class _Window:
+    """A stream's window: its reads queued, for what the link carries."""
+
+    def __init__(self, size: int, pieces: int) -> None:
+        self.size, self.left, self.began = size, pieces, time.monotonic()
+
+
 class Follower:
     """Reads ahead of one bridge's guest (see the module's docstring)."""
 
@@ -121,23 +135,36 @@ class Follower:
         prefetch: Prefetch | None = None,
         ahead: bool = True,
         block: int = MiB,
+        keep: Path | None = None,
+        limit: int = 0,
     ) -> None:
         self.socket = socket
         self.tail = nbdkit.LogTail(reads_log)
         self.block = block  # the cache's: what is read ahead is whole blocks
         self.most = max(most - most % block, block)
+        self.piece = max(block, PIECE - PIECE % block)
+        self.keep, self.limit = keep, limit  # the cache keeps blocks while `keep` exists
         self.stopping = threading.Event()
         # Where the guest's last misses ended, and how many misses in a row led there.
         self.ends: OrderedDict[int, int] = OrderedDict()
-        self.behind, self.ahead = 0, 0  # the last read ahead: [behind, ahead)
-        self.cap = self.most  # what the link carries in WINDOW_SECONDS
+        self.behind, self.ahead = 0, 0  # the stream of the run that goes on: [behind, ahead)
+        self.window = 0  # its last window's size
+        self.marker = 0  # the block its last window left for the guest to miss
+        self.rate: float | None = None  # bytes/s the link carries, as last measured
         self.took: deque[float] = deque(maxlen=4)  # the guest's last misses, seconds each
         self.own_took: deque[float] = deque(maxlen=4)  # ... and this follower's own
-        self.own_rates: deque[float] = deque(maxlen=4)  # bytes/s of its own last misses
-        self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # own misses unanswered
+        self.own_rates: deque[float] = deque(maxlen=4)  # bytes/s of its own last reads
+        self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # misses unanswered
         self.fetched = 0  # bytes read ahead, for the log and tests
-        self.windows = 0  # reads ahead, for tests
+        self.windows = 0  # windows streamed, for tests
         self.handle: nbd.NBD | None = None  # open while a run goes on (see HOLD)
+        # The stream's reads, their connections (those not reading), and what is queued.
+        self.pool = concurrent.futures.ThreadPoolExecutor(STREAMS, "readahead-stream")
+        self.lock = threading.Lock()  # for the three below, which the stream's reads change
+        # Each with a buffer of its own: a new one for each read (the bindings'
+        # pread) made the reads fault in fresh pages, the CPU the guest's wanted.
+        self.idle: list[tuple[nbd.NBD, nbd.Buffer]] = []
+        self.queued: list[concurrent.futures.Future[None]] = []
         self.data: list[tuple[int, int]] | None = None  # the source's data: [start, end)
         self.ahead_on = ahead  # read ahead of sequential runs
         self.prefetch = prefetch
@@ -170,8 +197,14 @@ class Follower:
                 start = self.step()
                 now = time.monotonic()
                 if start is not None:
-                    self._fetch(start)
-                    fetched_at = time.monotonic()
+                    self._stream(*start)
+                    fetched_at = now
+                elif self._streaming():
+                    fetched_at = now
+                elif self.data is None and self.ahead_on and self.far:
+                    # The source's allocation map, before a run needs it
+                    # (asking it takes round trips).
+                    self._map()
                 elif self._prefetch_due(now) and self._prefetch_next():
                     fetched_at = time.monotonic()
                 elif now - fetched_at > HOLD:
@@ -180,22 +213,24 @@ class Follower:
                     quiet_since, seen = now, self.tail.offset
                 self.stopping.wait(POLL if now - quiet_since < IDLE else IDLE_POLL)
         finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self._disconnect()
         if self.fetched:
             log.info("read ahead %d MiB for the guest of %s", self.fetched // MiB, self.socket)
         if self.prefetched and not self.prefetch_done:
             log.info("prefetched %d MiB for %s", self.prefetched // MiB, self.socket)
 
-    def step(self) -> int | None:
-        """Look at what the log says since the last look: where to read ahead
-        from, if a sequential run goes on past what is cached."""
+    def step(self) -> tuple[int, bool] | None:
+        """Look at what the log says since the last look: where to stream from
+        if a sequential run goes on past what is cached, and whether that is
+        the stream of the run going on."""
         found = self.tail.new()
         if self.tail.restarted:  # a bridge started again: an empty cache
             self.ends.clear()
             self.sent.clear()
             self.behind, self.ahead = 0, 0
             self.cursor, self.missed, self.prefetch_done = 0, 0, False
-        start = None
+        start, onward = None, False
         for read in found:
             self._measure(read)
             if read.answered is None:
@@ -206,17 +241,35 @@ class Follower:
                 continue
             end = read.offset + read.count
             if self.ahead and self.behind <= read.offset <= self.ahead:
-                # The guest read on to (or, first, into) what was fetched ahead.
-                start = max(end, self.ahead)
+                # In the stream: a block still on its way, or the window's
+                # marker (or its end): the guest reached it, the stream goes on.
+                if read.offset >= self.marker:
+                    start, onward = self.ahead, True
                 self.ends[end] = RUN
                 continue
             run = self.ends.pop(read.offset, 0) + 1
-            if run >= RUN and not self.behind < end <= self.ahead:  # a new run
-                start = end
+            if run >= RUN:  # a new run
+                start, onward = end, False
             self.ends[end] = run
             while len(self.ends) > ENDS:
                 self.ends.popitem(last=False)
-        return start if self.far and self.ahead_on else None
+        self._keep_within_limit()
+        if start is None or not (self.far and self.ahead_on):
+            return None
+        return start, onward
+
+    def _keep_within_limit(self) -> None:
+        """Once the cache fetched `limit` bytes, it keeps no more (see the
+        module's docstring)."""
+        if self.keep is None or not self.limit or self.missed < self.limit:
+            return
+        if self.keep.exists():
+            self.keep.unlink(missing_ok=True)
+            log.info(
+                "the cache of %s fetched %d MiB: it keeps no more blocks",
+                self.socket,
+                self.missed // MiB,
+            )
 
     @property
     def far(self) -> bool:
@@ -225,12 +278,11 @@ class Follower:
         return len(self.took) >= 2 and min(self.took) >= NEAR
 
     def _measure(self, read: nbdkit.Logged) -> None:
-        """How far the source is and what the link carries, from the log's
-        times of each miss (the time the source took, not the time a read
-        waited for the cache's lock): the guest's tell whether the source is
-        near (see `far`: then no read ahead pays), this follower's own what the
-        link carries (the guest's small ones until then: they count the round
-        trip in)."""
+        """How far the source is, from the log's times of each miss: the
+        guest's tell whether the source is near (see `far`: then no read ahead
+        pays) and, until the follower measured its own reads, what the link
+        carries (they count the round trip in); its own, for the prefetch,
+        whether the source is far."""
         key = (read.connection, read.id)
         if read.answered is None:
             self.sent[key] = read
@@ -241,18 +293,24 @@ class Follower:
         took = read.at - began.at
         own = read.connection in self.tail.own
         (self.own_took if own else self.took).append(took)
-        if own:
-            # The fastest of the last few: a one-block read is mostly round
-            # trip, and taken alone it would shrink the next window to what
-            # a round trip carries (40 MiB/s at 25 ms: 20 MiB windows).
-            self.own_rates.append(began.count / took)
-            self._cap(max(self.own_rates))
-        elif not self.own_rates:
-            self._cap(began.count / took)
+        if not own and not self.own_rates:
+            self.rate = began.count / took
 
-    def _cap(self, rate: float) -> None:
-        cap = int(rate * WINDOW_SECONDS)
-        self.cap = max(self.block, min(self.most, cap - cap % self.block))
+    def _measured(self, size: int, took: float) -> None:
+        """One of the follower's own reads (a window, a piece of the
+        prefetch): the fastest of the last few is what the link carries (a
+        one-block read is mostly round trip, and taken alone it would shrink
+        the next window to what a round trip carries)."""
+        if took > 0:
+            with self.lock:
+                self.own_rates.append(size / took)
+                self.rate = max(self.own_rates)
+
+    def _bytes(self, seconds: float, most: int) -> int:
+        """What the link carries in `seconds`, in whole blocks, at least one,
+        at most `most` (all of it, before anything was measured)."""
+        n = most if self.rate is None else min(most, int(self.rate * seconds))
+        return max(self.block, n - n % self.block)
 
     def _connect(self) -> tuple[nbd.NBD, list[tuple[int, int]]]:
         """The follower's own connection to the bridge, and the source's data."""
@@ -265,29 +323,91 @@ class Follower:
             self.data = [(e.offset, e.offset + e.length) for e in extents]
         return self.handle, self.data
 
-    def _fetch(self, start: int) -> None:
-        """Read [start, start + most) through the bridge (less on a thin link),
-        in whole blocks: a part of one is a request of its own to the source,
-        and a round trip more."""
+    def _map(self) -> None:
+        with contextlib.suppress(nbd.Error, nbd_client.NBDProbeError, CopyError):
+            self._connect()
+
+    def _stream(self, start: int, onward: bool) -> None:
+        """Queue the reads of the next window (see the module's docstring):
+        the run's stream going on from `start`, or a new run's, one block past
+        `start` (what was still queued for another run is dropped). One block
+        half way through the window is left out: the guest's miss of it says
+        it reached it, and the next window is queued then."""
         try:
-            handle, data = self._connect()
-            # Only data: what reads as zeros would cross the link for nothing.
-            i = bisect.bisect_right(data, (start, float("inf"))) - 1
-            if i < 0 or start >= data[i][1]:
-                return
-            start = max(start - start % self.block, data[i][0])
-            length = min(self.cap, data[i][1] - start)
-            began = time.monotonic()
-            handle.pread(length, start)
-            took = time.monotonic() - began
+            _, data = self._connect()
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
             log.debug("reading ahead at %d through %s: %s", start, self.socket, e)
             self._disconnect()  # connect again next time (a bridge started again)
             return
-        self.behind, self.ahead = start, start + length
-        self.fetched += length
+        if onward:
+            size = min(2 * self.window, self._bytes(MOST_SECONDS, self.most))
+        else:
+            self._drop_queued()
+            size = self._bytes(FIRST_SECONDS, self.most)
+            self.behind = start  # the guest reads that block itself
+            start += self.block
+        # Only data: what reads as zeros would cross the link for nothing.
+        i = bisect.bisect_right(data, (start, float("inf"))) - 1
+        if i < 0 or start >= data[i][1]:
+            i += 1  # in a hole: from the next extent on
+            if i == len(data):
+                return
+            start = data[i][0]
+        start = max(start - start % self.block, data[i][0])
+        end = min(start + size, data[i][1])
+        self.ahead, self.window = end, end - start
+        half = (end - start) // 2
+        self.marker = start + half - half % self.block
+        if self.marker == start:  # a window of one block
+            self.marker = end
+        pieces = [
+            (at, min(self.piece, stop - at))
+            for first, stop in ((start, self.marker), (self.marker + self.block, end))
+            for at in range(first, stop, self.piece)
+        ]
+        window = _Window(sum(n for _, n in pieces), len(pieces))
+        with self.lock:
+            self.queued = [f for f in self.queued if not f.done()]
+            for at, length in pieces:
+                self.queued.append(self.pool.submit(self._read, at, length, window))
         self.windows += 1
-        log.debug("read ahead %d MiB at %d MiB in %.3f s", length // MiB, start // MiB, took)
+        log.debug("streaming %d MiB at %d MiB", (end - start) // MiB, start // MiB)
+
+    def _read(self, offset: int, length: int, window: _Window) -> None:
+        """One read of a stream, on a connection not reading."""
+        with self.lock:
+            handle, buffer = self.idle.pop() if self.idle else (None, nbd.Buffer(self.piece))
+        try:
+            if handle is None:
+                url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
+                handle = nbd_client.connect(url, CONNECT_TIMEOUT)
+            into = buffer if length == self.piece else nbd.Buffer(length)
+            cookie = handle.aio_pread(into, offset)
+            while not handle.aio_command_completed(cookie):
+                handle.poll(-1)
+        except (nbd.Error, nbd_client.NBDProbeError) as e:
+            log.debug("reading ahead at %d through %s: %s", offset, self.socket, e)
+            if handle is not None:
+                with contextlib.suppress(nbd.Error):
+                    handle.shutdown()
+            return
+        with self.lock:
+            self.idle.append((handle, buffer))
+            self.fetched += length
+            window.left -= 1
+            done = window.left == 0
+        if done:
+            self._measured(window.size, time.monotonic() - window.began)
+
+    def _streaming(self) -> bool:
+        with self.lock:
+            return any(not f.done() for f in self.queued)
+
+    def _drop_queued(self) -> None:
+        with self.lock:
+            for f in self.queued:
+                f.cancel()
+            self.queued = [f for f in self.queued if not f.done()]
 
     def _prefetch_due(self, now: float) -> bool:
         """Whether the prefetch may read now: the guest has nothing out and
@@ -301,7 +421,7 @@ class Follower:
             return False
         if any(connection not in self.tail.own for connection, _ in self.sent):
             return False  # a miss of the guest is out (a slow one)
-        return not self.prefetch.paused()
+        return not self._streaming() and not self.prefetch.paused()
 
     def _far_for_prefetch(self) -> bool | None:
         """Whether the source is far, for the prefetch: as the guest's misses
@@ -330,10 +450,10 @@ class Follower:
             # until a read was a miss (not one the guest had fetched): its time
             # tells whether the source is far.
             block = self.block
-            blocks = max(1, int(self.cap * PREFETCH_SECONDS / WINDOW_SECONDS) // block)
+            size = self._bytes(PREFETCH_SECONDS, self.most)
             if self._far_for_prefetch() is None:
-                blocks = 1
-            end = min(self.cursor - self.cursor % block + blocks * block, data[i][1])
+                size = block
+            end = min(self.cursor - self.cursor % block + size, data[i][1])
             length = end - self.cursor
             budget = self.prefetch.budget
             if budget and self.missed + length > budget:
@@ -345,6 +465,7 @@ class Follower:
             handle.pread(length, self.cursor)
             ended = time.monotonic()
             took = ended - began
+            self._measured(length, took)
             self.prefetch_next_at = ended + took * REST
             log.debug("prefetched %d KiB at %d in %.3f s", length // 1024, self.cursor, took)
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
@@ -367,10 +488,15 @@ class Follower:
         )
 
     def _disconnect(self) -> None:
+        """Close the follower's connections (those of the stream not reading)."""
+        with self.lock:
+            handles, self.idle = [h for h, _ in self.idle], []
         if self.handle is not None:
-            with contextlib.suppress(nbd.Error):
-                self.handle.shutdown()
+            handles.append(self.handle)
             self.handle = None
+        for handle in handles:
+            with contextlib.suppress(nbd.Error):
+                handle.shutdown()
 
 
 class Readahead:
@@ -380,6 +506,7 @@ class Readahead:
         self.ctx = ctx
         self.most = ctx.settings.bridge_readahead_max_mib * MiB
         self.block = ctx.settings.bridge_cache_block_kib * 1024
+        self.limit = ctx.settings.bridge_cache_max_mib * MiB
         self.ahead = ctx.settings.bridge_readahead
         # Three quarters of the cache: what the guest read stays in it.
         self.budget = ctx.settings.bridge_cache_max_mib * MiB * 3 // 4
@@ -417,5 +544,14 @@ class Readahead:
                 if self.prefetch:
                     record = import_state.path(self.ctx, socket.stem)  # the socket is the disk's
                     prefetch = Prefetch(self.budget, record.exists)
-                follower = Follower(socket, reads_log, self.most, prefetch, self.ahead, self.block)
+                follower = Follower(
+                    socket,
+                    reads_log,
+                    self.most,
+                    prefetch,
+                    self.ahead,
+                    self.block,
+                    bridges.keep_file(reads_log),
+                    self.limit,
+                )
                 self.followers[socket] = follower.start()
