@@ -18,10 +18,14 @@ import pytest
 
 from tests.support.far_source import FarSource, blocks_sent, reads
 from thinair.adapters import nbdkit
+from thinair.config import Settings
 from thinair.engine import readahead
 
 MiB = 2**20
 SIZE = 96 * MiB
+# The most one read ahead fetches, as the engine's followers have it (the
+# prefetch's pieces were once sized up to it, past what nbdkit takes).
+MOST = Settings().bridge_readahead_max_mib * MiB
 
 
 @pytest.fixture
@@ -251,7 +255,7 @@ def test_a_quiet_guest_gets_the_whole_source_prefetched(
     from a guest that read only its first block (firmware finding nothing to
     boot), from the prefetch's own first miss (its first read is a hit)."""
     prefetch = readahead.Prefetch()
-    follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, prefetch).start()
+    follower = readahead.Follower(bridge.socket, bridge.log, MOST, prefetch).start()
     try:
         guest = bridge.guest()
         with open(image, "rb") as f:
@@ -281,7 +285,7 @@ def test_the_prefetch_waits_for_the_guest_and_for_an_import(
     while an import copies it (`paused`); it starts once both are over."""
     importing = [True]
     prefetch = readahead.Prefetch(paused=lambda: importing[0])
-    follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, prefetch).start()
+    follower = readahead.Follower(bridge.socket, bridge.log, MOST, prefetch).start()
     try:
         guest = bridge.guest()
         rng = random.Random(6)
@@ -321,7 +325,7 @@ def test_the_prefetch_leaves_the_cache_room_and_reads_no_holes(workdir: Path) ->
         bridge = Bridge(far, workdir)
         bridge.start()
         try:
-            whole = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, readahead.Prefetch())
+            whole = readahead.Follower(bridge.socket, bridge.log, MOST, readahead.Prefetch())
             whole.start()
             try:
                 guest = bridge.guest()
@@ -339,7 +343,7 @@ def test_the_prefetch_leaves_the_cache_room_and_reads_no_holes(workdir: Path) ->
         try:
             log_file.write_text("")
             some = readahead.Prefetch(budget=12 * MiB)
-            part = readahead.Follower(bridge.socket, bridge.log, 32 * MiB, some).start()
+            part = readahead.Follower(bridge.socket, bridge.log, MOST, some).start()
             try:
                 guest = bridge.guest()
                 guest.pread(4096, 85 * MiB)
@@ -395,7 +399,7 @@ def test_a_near_source_gets_no_prefetch(image: Path, workdir: Path) -> None:
             bridge.start()
             try:
                 follower = readahead.Follower(
-                    bridge.socket, bridge.log, 32 * MiB, readahead.Prefetch()
+                    bridge.socket, bridge.log, MOST, readahead.Prefetch()
                 ).start()
                 try:
                     guest = bridge.guest()

@@ -101,9 +101,11 @@ CONNECT_TIMEOUT = 5.0
 # when it is stopped (nbdkit waits for its clients).
 HOLD = 0.5
 # The prefetch: each read is what the link carries in PREFETCH_SECONDS (so that
-# is what a guest read that comes meanwhile waits for the link at most), and it
-# reads only once the guest has had no miss for QUIET.
+# is what a guest read that comes meanwhile waits for the link at most), at
+# most PREFETCH_MOST (nbdkit takes at most 64 MiB in one request), and it reads
+# only once the guest has had no miss for QUIET.
 PREFETCH_SECONDS = 0.1
+PREFETCH_MOST = 32 * MiB
 QUIET = 0.5
 REST = 1.0  # after each piece, the link is left idle for as long as it took
 
@@ -118,10 +120,12 @@ class Prefetch:
 
 
 class _Window:
-    """A stream's window: its reads queued, for what the link carries."""
+    """A stream's window: its reads queued, for what the link carries (from
+    its first read's start: a window queued behind another waits for it)."""
 
     def __init__(self, size: int, pieces: int) -> None:
-        self.size, self.left, self.began = size, pieces, time.monotonic()
+        self.size, self.left = size, pieces
+        self.began: float | None = None
 
 
 class Follower:
@@ -145,15 +149,18 @@ class Follower:
         self.piece = max(block, PIECE - PIECE % block)
         self.keep, self.limit = keep, limit  # the cache keeps blocks while `keep` exists
         self.stopping = threading.Event()
+        self.stop_at = 0.0  # when stop() was called
         # Where the guest's last misses ended, and how many misses in a row led there.
         self.ends: OrderedDict[int, int] = OrderedDict()
         self.behind, self.ahead = 0, 0  # the stream of the run that goes on: [behind, ahead)
         self.window = 0  # its last window's size
         self.marker = 0  # the block its last window left for the guest to miss
-        self.rate: float | None = None  # bytes/s the link carries, as last measured
+        self.rate: float | None = None  # bytes/s the link carries, for the stream
         self.took: deque[float] = deque(maxlen=4)  # the guest's last misses, seconds each
         self.own_took: deque[float] = deque(maxlen=4)  # ... and this follower's own
-        self.own_rates: deque[float] = deque(maxlen=4)  # bytes/s of its own last reads
+        self.window_rates: deque[float] = deque(maxlen=4)  # bytes/s of the last windows
+        self.miss_rates: deque[float] = deque(maxlen=4)  # ... of its own last misses
+        self.map_at = 0.0  # not before: asking the allocation map failed
         self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # misses unanswered
         self.fetched = 0  # bytes read ahead, for the log and tests
         self.windows = 0  # windows streamed, for tests
@@ -184,6 +191,7 @@ class Follower:
         return self
 
     def stop(self) -> None:
+        self.stop_at = time.monotonic()
         self.stopping.set()
         self.thread.join()
 
@@ -201,7 +209,7 @@ class Follower:
                     fetched_at = now
                 elif self._streaming():
                     fetched_at = now
-                elif self.data is None and self.ahead_on and self.far:
+                elif self.data is None and self.ahead_on and self.far and now >= self.map_at:
                     # The source's allocation map, before a run needs it
                     # (asking it takes round trips).
                     self._map()
@@ -293,23 +301,26 @@ class Follower:
         took = read.at - began.at
         own = read.connection in self.tail.own
         (self.own_took if own else self.took).append(took)
-        if not own and not self.own_rates:
+        if own:
+            self.miss_rates.append(began.count / took)
+        elif not self.window_rates:
             self.rate = began.count / took
 
     def _measured(self, size: int, took: float) -> None:
-        """One of the follower's own reads (a window, a piece of the
-        prefetch): the fastest of the last few is what the link carries (a
-        one-block read is mostly round trip, and taken alone it would shrink
-        the next window to what a round trip carries)."""
+        """A stream's window, all its reads done: the fastest of the last few
+        is what the link carries (a small window is mostly round trip, and
+        taken alone it would shrink the next one to what a round trip carries)."""
         if took > 0:
             with self.lock:
-                self.own_rates.append(size / took)
-                self.rate = max(self.own_rates)
+                self.window_rates.append(size / took)
+                self.rate = max(self.window_rates)
 
-    def _bytes(self, seconds: float, most: int) -> int:
-        """What the link carries in `seconds`, in whole blocks, at least one,
-        at most `most` (all of it, before anything was measured)."""
-        n = most if self.rate is None else min(most, int(self.rate * seconds))
+    def _bytes(self, seconds: float, most: int, rate: float | None = None) -> int:
+        """What the link carries in `seconds` at `rate` (the stream's, by
+        default), in whole blocks, at least one, at most `most` (all of it,
+        before anything was measured)."""
+        rate = self.rate if rate is None else rate
+        n = most if rate is None else min(most, int(rate * seconds))
         return max(self.block, n - n % self.block)
 
     def _connect(self) -> tuple[nbd.NBD, list[tuple[int, int]]]:
@@ -324,8 +335,12 @@ class Follower:
         return self.handle, self.data
 
     def _map(self) -> None:
-        with contextlib.suppress(nbd.Error, nbd_client.NBDProbeError, CopyError):
+        try:
             self._connect()
+        except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
+            log.debug("asking the allocation map through %s: %s", self.socket, e)
+            self._disconnect()
+            self.map_at = time.monotonic() + CONNECT_TIMEOUT  # a bridge gone, say
 
     def _stream(self, start: int, onward: bool) -> None:
         """Queue the reads of the next window (see the module's docstring):
@@ -377,14 +392,21 @@ class Follower:
         """One read of a stream, on a connection not reading."""
         with self.lock:
             handle, buffer = self.idle.pop() if self.idle else (None, nbd.Buffer(self.piece))
+            if window.began is None:
+                window.began = time.monotonic()
         try:
             if handle is None:
                 url = NbdAddress.unix(str(self.socket), export=nbdkit.READAHEAD_EXPORT).url()
                 handle = nbd_client.connect(url, CONNECT_TIMEOUT)
             into = buffer if length == self.piece else nbd.Buffer(length)
             cookie = handle.aio_pread(into, offset)
+            # A read the bridge holds (its source gone, retried) is given up
+            # CONNECT_TIMEOUT after the follower was told to stop: stop()
+            # waits for this thread.
             while not handle.aio_command_completed(cookie):
-                handle.poll(-1)
+                if self.stopping.is_set() and time.monotonic() > self.stop_at + CONNECT_TIMEOUT:
+                    raise nbd.Error("the follower stopped", 0)
+                handle.poll(1000)
         except (nbd.Error, nbd_client.NBDProbeError) as e:
             log.debug("reading ahead at %d through %s: %s", offset, self.socket, e)
             if handle is not None:
@@ -396,7 +418,7 @@ class Follower:
             self.fetched += length
             window.left -= 1
             done = window.left == 0
-        if done:
+        if done and window.began is not None:
             self._measured(window.size, time.monotonic() - window.began)
 
     def _streaming(self) -> bool:
@@ -448,10 +470,14 @@ class Follower:
                 self.cursor = data[i][0]
             # Whole cache blocks (the cache fetches whole blocks anyway), one
             # until a read was a miss (not one the guest had fetched): its time
-            # tells whether the source is far.
+            # tells whether the source is far. What the link carries comes
+            # from the log's times of the follower's own misses: a read's own
+            # time counts what it found in the cache (a piece the guest had
+            # fetched came back in 1 ms: 100 MiB, more than nbdkit takes).
             block = self.block
-            size = self._bytes(PREFETCH_SECONDS, self.most)
-            if self._far_for_prefetch() is None:
+            rate = max(self.miss_rates) if self.miss_rates else self.rate
+            size = self._bytes(PREFETCH_SECONDS, PREFETCH_MOST, rate)
+            if self._far_for_prefetch() is None or rate is None:
                 size = block
             end = min(self.cursor - self.cursor % block + size, data[i][1])
             length = end - self.cursor
@@ -465,7 +491,6 @@ class Follower:
             handle.pread(length, self.cursor)
             ended = time.monotonic()
             took = ended - began
-            self._measured(length, took)
             self.prefetch_next_at = ended + took * REST
             log.debug("prefetched %d KiB at %d in %.3f s", length // 1024, self.cursor, took)
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
