@@ -318,8 +318,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner.start_polling()
         ctx.outages = OutageWatcher(ctx)
         ctx.outages.start()
-        follow = settings.bridge_readahead or settings.bridge_prefetch
-        readahead = Readahead(ctx) if settings.bridge_cache and follow else None
+        # The followers also keep each bridge's cache within its limit (the
+        # cow filter drops nothing), so they run with the readahead and the
+        # prefetch off too.
+        readahead = Readahead(ctx) if settings.bridge_cache else None
         if readahead is not None:
             readahead.start()
         app.state.ctx = ctx
