@@ -270,7 +270,7 @@ def test_nbdkit_argv_for_each_source() -> None:
         "retry-delay=1",
         "retry-exponential=no",
     ]
-    cache = nbdkit.Cache(block_kib=256, max_mib=64, reads_log=Path("/l"), keep=Path("/k"))
+    cache = nbdkit.Cache(block_kib=256, reads_log=Path("/l"), keep=Path("/k"))
     assert nbdkit.source_args("nbd://h/e", 1, cache) == [
         "--filter=cow",
         "--filter=log",

@@ -20,9 +20,9 @@ its cache filter: the cache filter (1.32) holds one lock for every connection
 across each fetch, so a guest's hits wait for whatever another connection
 fetches (a read ahead, a prefetch), where the cow filter locks only its map of
 blocks. It keeps blocks while the file `keep` exists (the cow filter's
-`cow-on-read=PATH`): the engine removes that file once the cache fetched
-`max_mib` (the cow filter drops no block), and what is read after that crosses
-the link each time. The cache is a deleted file in the bridge's
+`cow-on-read=PATH`): the cow filter drops no block, so the engine removes that
+file once the cache fetched its limit, and what is read after that crosses the
+link each time. The cache is a deleted file in the bridge's
 directory. Below the cache, nbdkit's log filter writes every read that crosses
 the link (a miss) to `reads_log`: what a boot read, for
 thinair.engine.working_sets; where the guest's misses run one after another, so
@@ -68,7 +68,6 @@ class Cache:
     """Latency hiding for an NBD source (see the module's docstring)."""
 
     block_kib: int = 1024  # a power of 2, >= 4
-    max_mib: int = 2048  # 0: no limit (kept by the engine: see `keep`)
     # Where to log what the cache fetches from the source (nbdkit's log filter
     # below the cache: misses only), for thinair.engine.working_sets and ReadsWatch.
     reads_log: Path | None = None

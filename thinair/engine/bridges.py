@@ -97,7 +97,7 @@ def cache(ctx: EngineContext, disk_id: str) -> nbdkit.Cache | None:
     if not s.bridge_cache:
         return None
     reads = _reads_log(ctx, disk_id)  # for the working set, and guest_reads()
-    return nbdkit.Cache(s.bridge_cache_block_kib, s.bridge_cache_max_mib, reads, keep_file(reads))
+    return nbdkit.Cache(s.bridge_cache_block_kib, reads, keep_file(reads))
 
 
 def keep_file(reads_log: Path) -> Path:
