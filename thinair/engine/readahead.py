@@ -40,8 +40,10 @@ optimization only: a read ahead that fails costs the time it took.
 
 With a `Prefetch`, a follower also fetches the rest of the source's data into
 the cache, at the lowest priority: one read of what the link carries in
-PREFETCH_SECONDS at a time (whole cache blocks), then as long again with the
-link left idle (REST), from the start of the data to its end, only while the
+PREFETCH_SECONDS at a time (whole cache blocks, at most PREFETCH_MOST; the
+link's rate from the log's times of the follower's own misses, which a block
+already cached does not shorten), then as long again with the link left idle
+(REST), from the start of the data to its end, only while the
 guest's bridge has no read of its own out and had none for QUIET seconds, and
 only from a far source (as the guest's misses say, or, before it had two, the
 prefetch's own first miss, one block). A guest read that comes while a piece
