@@ -107,6 +107,25 @@ def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir
     assert sum(r.count for r in own) == follower.fetched
 
 
+def test_nothing_is_streamed_while_the_disk_is_imported(
+    bridge: Bridge, image: Path, workdir: Path
+) -> None:
+    """An import copies the source (a mirror reads it through the bridge, one
+    block after another): the follower streams nothing meanwhile."""
+    follower = readahead.Follower(bridge.socket, bridge.log, MOST, importing=lambda: True)
+    follower.start()
+    try:
+        guest = bridge.guest()
+        _sequential(guest, image, 0, 16)
+        guest.shutdown()
+        time.sleep(3 * readahead.POLL)
+    finally:
+        follower.stop()
+    assert follower.far  # it would have streamed
+    assert follower.fetched == 0 and follower.windows == 0
+    assert reads(workdir / "source.log") == [(i * MiB, MiB) for i in range(16)]
+
+
 def test_without_it_each_block_is_a_round_trip(bridge: Bridge, image: Path, workdir: Path) -> None:
     """The case above's reference: the same reads, no follower."""
     guest = bridge.guest()

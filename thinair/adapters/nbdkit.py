@@ -170,10 +170,13 @@ def running(socket: Path, pid_file: Path) -> int | None:
 
 def stop(socket: Path, pid_file: Path) -> None:
     pid = running(socket, pid_file)
+    # The socket goes first: nbdkit exits only once its clients have left, and
+    # the engine's readahead lets go of a bridge whose socket is gone (its
+    # reads still out kept a stopped bridge alive until it was killed, 5 s on).
+    socket.unlink(missing_ok=True)
     if pid is not None:
         procfs.terminate(pid, PROGRAMS, str(socket))
-    for path in (socket, pid_file):
-        path.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
 
 
 # The log filter's lines for a read: "connection=C Read id=N ..." when it

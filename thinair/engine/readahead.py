@@ -25,6 +25,14 @@ source's allocation map says is data (asked once per bridge), never zeros.
 Random reads fetch nothing ahead, and neither does a source as near as the
 cache (the guest's misses take less than NEAR): there the guest's own reads are
 as quick. A miss of the guest in a new place drops what is still queued.
+Nothing is streamed while an import of the disk copies the source
+(`importing`): a mirror's reads through the bridge are sequential, and on a
+loaded machine even a near source's misses took NEAR (16 mirrors at once, 2
+cores), so its streams added connections to the source and load for nothing.
+A stream has at most STREAMS connections (and the follower one more, for the
+allocation map and the prefetch): a source serves a few clients only
+(`qemu-nbd --shared=8`, as vdsm's exports), and the guest and an import's
+copier need theirs.
 
 The cow filter drops no block, so the follower also stops the cache from
 keeping more once it fetched `limit` bytes (it removes the bridge's `keep`
@@ -90,8 +98,10 @@ ENDS = 16  # the guest's last misses remembered
 # last one while the run goes on, up to MOST_SECONDS of the link.
 FIRST_SECONDS = 1.0
 MOST_SECONDS = 2.0
-PIECE = 2 * MiB  # one read of a stream (whole cache blocks)
-STREAMS = 8  # connections a stream's reads are queued on
+# A stream's reads: 4 of 4 MiB in flight carried as much per round trip as 8
+# of 2 MiB (the bench's sequential reads alike) on half the source's clients.
+PIECE = 4 * MiB  # one read of a stream (whole cache blocks)
+STREAMS = 4  # connections a stream's reads are queued on
 NEAR = 0.008  # seconds: a miss this quick is from a source as near as the cache
 POLL = 0.005  # seconds between looks at a log that is being written to
 IDLE_POLL = 0.05  # ... at one that has been quiet for IDLE seconds
@@ -143,6 +153,7 @@ class Follower:
         block: int = MiB,
         keep: Path | None = None,
         limit: int = 0,
+        importing: Callable[[], bool] = lambda: False,
     ) -> None:
         self.socket = socket
         self.tail = nbdkit.LogTail(reads_log)
@@ -150,6 +161,9 @@ class Follower:
         self.most = max(most - most % block, block)
         self.piece = max(block, PIECE - PIECE % block)
         self.keep, self.limit = keep, limit  # the cache keeps blocks while `keep` exists
+        # An import of the disk copies the source: no stream then (see the
+        # module's docstring).
+        self.importing = importing
         self.stopping = threading.Event()
         self.stop_at = 0.0  # when stop() was called
         # Where the guest's last misses ended, and how many misses in a row led there.
@@ -206,7 +220,7 @@ class Follower:
             while not self.stopping.is_set() and self.socket.exists():
                 start = self.step()
                 now = time.monotonic()
-                if start is not None:
+                if start is not None and not self.importing():
                     self._stream(*start)
                     fetched_at = now
                 elif self._streaming():
@@ -403,17 +417,23 @@ class Follower:
             into = buffer if length == self.piece else nbd.Buffer(length)
             cookie = handle.aio_pread(into, offset)
             # A read the bridge holds (its source gone, retried) is given up
-            # CONNECT_TIMEOUT after the follower was told to stop: stop()
-            # waits for this thread.
+            # CONNECT_TIMEOUT after the follower was told to stop (stop()
+            # waits for this thread), and at once when the bridge is stopped
+            # (its socket gone first: nbdkit waits for its clients to leave).
             while not handle.aio_command_completed(cookie):
                 if self.stopping.is_set() and time.monotonic() > self.stop_at + CONNECT_TIMEOUT:
                     raise nbd.Error("the follower stopped", 0)
-                handle.poll(1000)
+                if not self.socket.exists():
+                    raise nbd.Error("the bridge stopped", 0)
+                handle.poll(100)
         except (nbd.Error, nbd_client.NBDProbeError) as e:
             log.debug("reading ahead at %d through %s: %s", offset, self.socket, e)
             if handle is not None:
+                # Its read given up may still be out: a shutdown would wait
+                # for its reply (libnbd 1.14 has no close(); the handle is
+                # freed with this frame).
                 with contextlib.suppress(nbd.Error):
-                    handle.shutdown()
+                    handle.aio_disconnect(0)
             return
         with self.lock:
             self.idle.append((handle, buffer))
@@ -567,10 +587,8 @@ class Readahead:
                 del self.followers[socket]
         for socket, reads_log in bridges.logged(self.ctx):
             if socket not in self.followers:
-                prefetch = None
-                if self.prefetch:
-                    record = import_state.path(self.ctx, socket.stem)  # the socket is the disk's
-                    prefetch = Prefetch(self.budget, record.exists)
+                record = import_state.path(self.ctx, socket.stem)  # the socket is the disk's
+                prefetch = Prefetch(self.budget, record.exists) if self.prefetch else None
                 follower = Follower(
                     socket,
                     reads_log,
@@ -580,5 +598,6 @@ class Readahead:
                     self.block,
                     bridges.keep_file(reads_log),
                     self.limit,
+                    record.exists,
                 )
                 self.followers[socket] = follower.start()
