@@ -88,7 +88,15 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            r = self._http.request(method, path, **kwargs)
+            try:
+                r = self._http.request(method, path, **kwargs)
+            except httpx.RemoteProtocolError:
+                # A kept-alive connection the engine closed as the request went
+                # out (uvicorn closes idle ones after 5 s): sent again on a new
+                # one, as urllib3 does, if it changes nothing.
+                if method not in ("GET", "HEAD"):
+                    raise
+                r = self._http.request(method, path, **kwargs)
         except httpx.TransportError as e:
             raise EngineUnreachable(self.url, str(e) or type(e).__name__) from None
         if r.status_code >= 400:
