@@ -301,10 +301,11 @@ def test_the_prefetch_waits_for_the_guest_and_for_an_import(
     bridge: Bridge, image: Path, workdir: Path
 ) -> None:
     """Nothing is prefetched while the guest keeps reading from the source, nor
-    while an import copies it (`paused`); it starts once both are over."""
+    while an import copies it (`importing`); it starts once both are over."""
     importing = [True]
-    prefetch = readahead.Prefetch(paused=lambda: importing[0])
-    follower = readahead.Follower(bridge.socket, bridge.log, MOST, prefetch).start()
+    follower = readahead.Follower(
+        bridge.socket, bridge.log, MOST, readahead.Prefetch(), importing=lambda: importing[0]
+    ).start()
     try:
         guest = bridge.guest()
         rng = random.Random(6)
@@ -401,9 +402,9 @@ def test_the_engine_pauses_a_prefetch_while_the_disk_is_imported(workdir: Path) 
         assert follower.prefetch is not None and not follower.ahead_on
         assert follower.prefetch.budget == 768 * MiB
         assert follower.block == 256 * 1024
-        assert not follower.prefetch.paused()
+        assert not follower.importing()
         (workdir / "imports" / "d7.json").write_text("{}")
-        assert follower.prefetch.paused()
+        assert follower.importing()
     finally:
         (workdir / "bridges" / "d7.sock").unlink()
         engine.stop()

@@ -60,7 +60,7 @@ read every 0.5-1.5 s: a median read as with no prefetch, against 2.4x without
 REST). Then the guest's later reads are local, and an import of the disk reads
 them from the cache, not over the link again. It stops where the cache would
 stop keeping blocks (`budget`), and while an import of the disk copies the
-source (`paused`: the copier reads what the cache holds from it, the rest from
+source (`importing`: the copier reads what the cache holds from it, the rest from
 the source).
 """
 
@@ -128,7 +128,6 @@ class Prefetch:
     module's docstring)."""
 
     budget: int = 0  # bytes the cache may fetch in all before it drops blocks; 0: no limit
-    paused: Callable[[], bool] = lambda: False  # an import of the disk copies it
 
 
 class _Window:
@@ -161,8 +160,8 @@ class Follower:
         self.most = max(most - most % block, block)
         self.piece = max(block, PIECE - PIECE % block)
         self.keep, self.limit = keep, limit  # the cache keeps blocks while `keep` exists
-        # An import of the disk copies the source: no stream then (see the
-        # module's docstring).
+        # An import of the disk copies the source: no stream and no prefetch
+        # then (see the module's docstring).
         self.importing = importing
         self.stopping = threading.Event()
         self.stop_at = 0.0  # when stop() was called
@@ -465,7 +464,7 @@ class Follower:
             return False
         if any(connection not in self.tail.own for connection, _ in self.sent):
             return False  # a miss of the guest is out (a slow one)
-        return not self._streaming() and not self.prefetch.paused()
+        return not self._streaming() and not self.importing()
 
     def _far_for_prefetch(self) -> bool | None:
         """Whether the source is far, for the prefetch: as the guest's misses
@@ -588,7 +587,7 @@ class Readahead:
         for socket, reads_log in bridges.logged(self.ctx):
             if socket not in self.followers:
                 record = import_state.path(self.ctx, socket.stem)  # the socket is the disk's
-                prefetch = Prefetch(self.budget, record.exists) if self.prefetch else None
+                prefetch = Prefetch(self.budget) if self.prefetch else None
                 follower = Follower(
                     socket,
                     reads_log,
