@@ -94,8 +94,8 @@ def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir
     logged = [r for r in tail.new() if r.answered is None]
     own = [r for r in logged if r.connection in tail.own]
     theirs = [r for r in logged if r.connection not in tail.own]
-    # The guest's own misses were few: 5-6 here (the three that make a run,
-    # the block after them, the window's marker), 64 without a follower.
+    # The guest's own misses were few: 4-6 here (the two that start a probe,
+    # the block after them, the windows' markers), 64 without a follower.
     assert len(theirs) <= 16, [(r.offset // MiB, r.count // MiB) for r in theirs]
     assert follower.fetched >= 48 * MiB, follower.fetched
     assert follower.windows >= 2  # the guest's miss of the marker made it go on
@@ -105,6 +105,42 @@ def test_sequential_reads_are_fetched_ahead(bridge: Bridge, image: Path, workdir
     blocks = [r.offset // MiB + i for r in own for i in range(r.count // MiB)]
     assert len(blocks) == len(set(blocks))
     assert sum(r.count for r in own) == follower.fetched
+    # None holds a whole aligned 2 MiB range (the cache's one write of it would
+    # take a 2 MiB page of the page cache, see readahead.PIECE).
+    huge = readahead.HUGE
+    assert all(-(-r.offset // huge) * huge + huge > r.offset + r.count for r in own), own
+
+
+def test_two_misses_in_a_row_probe_past_the_guests_next_block(
+    bridge: Bridge, image: Path, workdir: Path
+) -> None:
+    """After two misses in a row the follower reads a few blocks one past the
+    guest's next one: the guest's third block is its own miss (it asks before
+    a read of it would come back), the blocks after it are hits; a run that
+    goes on then gets its first window after the probe."""
+    follower = readahead.Follower(bridge.socket, bridge.log, MOST).start()
+    try:
+        guest = bridge.guest()
+        _sequential(guest, image, 40 * MiB, 1)  # two misses tell the source is far
+        _sequential(guest, image, 60 * MiB, 1)
+        _sequential(guest, image, 8 * MiB, 3)  # blocks 8, 9 (the probe's), 10
+        deadline = time.monotonic() + 5
+        while follower.windows == 0:  # the third miss made the run
+            assert time.monotonic() < deadline, (follower.probes, follower.fetched)
+            time.sleep(readahead.POLL)
+        time.sleep(0.5)  # the probe's reads, queued first, are answered
+        _sequential(guest, image, 11 * MiB, 2)
+        guest.shutdown()
+    finally:
+        follower.stop()
+    assert follower.probes == 1
+    tail = nbdkit.LogTail(bridge.log)
+    logged = [r for r in tail.new() if r.answered is None]
+    theirs = [r.offset // MiB for r in logged if r.connection not in tail.own]
+    own = [(r.offset // MiB, r.count // MiB) for r in logged if r.connection in tail.own]
+    assert theirs == [40, 60, 8, 9, 10], theirs
+    fetched = sorted(b for o, n in own for b in range(o, o + n))
+    assert fetched[:2] == [11, 12], own  # the probe: one block past the guest's next
 
 
 def test_nothing_is_streamed_while_the_disk_is_imported(
@@ -173,25 +209,35 @@ def test_a_near_source_gets_no_readahead(image: Path, workdir: Path) -> None:
     assert not follower.far
 
 
-def test_random_reads_fetch_nothing_ahead(bridge: Bridge, image: Path, workdir: Path) -> None:
+def test_random_reads_fetch_at_most_a_probe_ahead(
+    bridge: Bridge, image: Path, workdir: Path
+) -> None:
     """Random reads, two neighbours now and then (as among many random reads
-    over a small disk), but never three in a row: no read ahead."""
+    over a small disk), but never three in a row: a lone read fetches nothing
+    ahead, a pair a probe (a few blocks), never a window."""
     starts = list(range(0, SIZE // MiB, 3))
     random.Random(4).shuffle(starts)
-    blocks = [b + i for b in starts[:12] for i in (0, 1)]  # pairs of neighbours
+    blocks = starts[:8] + [b + i for b in starts[8:20] for i in (0, 1)]  # 8 alone, 12 pairs
     follower = readahead.Follower(bridge.socket, bridge.log, 32 * MiB).start()
     try:
         guest = bridge.guest()
         with open(image, "rb") as f:
-            for b in blocks:
+            for n, b in enumerate(blocks):
                 f.seek(b * MiB + 4096)
                 assert guest.pread(4096, b * MiB + 4096) == f.read(4096)
+                if n == 7:  # the lone reads
+                    time.sleep(3 * readahead.POLL)
+                    assert follower.fetched == 0 and follower.probes == 0
         guest.shutdown()
         time.sleep(3 * readahead.POLL)
     finally:
         follower.stop()
-    assert follower.fetched == 0
-    assert len(reads(workdir / "source.log")) == 24
+    assert follower.windows == 0
+    assert 0 < follower.probes <= 12
+    assert follower.fetched <= follower.probes * readahead.PROBE_MOST
+    sent = [o // MiB + i for o, n in reads(workdir / "source.log") for i in range(n // MiB)]
+    assert len(sent) == len(set(sent))  # nothing fetched twice
+    assert len(sent) * MiB <= 32 * MiB + follower.fetched
 
 
 def test_the_engine_follows_the_bridges_that_run(

@@ -7,12 +7,14 @@ prefetches with `.cache` calls, which its filters serve one block per round
 trip. So the engine follows each cached bridge's reads log (below the cache:
 misses only) and, where RUN misses came one after another (a sequential run),
 streams the next window of the source's data into the cache ahead of the
-guest: reads of PIECE bytes, queued in order on STREAMS connections of its own,
-so that the blocks the guest reads next come first and the link stays busy
-(one request at a time per connection: the bridge's retry filter serializes
-each connection's requests). The bridge's cache (nbdkit's cow filter) locks no
-fetch, so the guest's hits never wait for a read ahead. The stream starts one
-block after the miss that made the run: the guest asks for that block before a
+guest: reads of PIECE bytes at most, queued in order on STREAMS connections of
+its own, so that the blocks the guest reads next come first and the link stays
+busy (one request at a time per connection: the bridge's retry filter
+serializes each connection's requests). The bridge's cache (nbdkit's cow
+filter) locks no fetch, so the guest's hits never wait for a read ahead. Two
+misses in a row already start a small probe, so that the run's first window is
+on its way before the guest has read the probe. A probe or a stream starts one
+block after the miss that made it: the guest asks for that block before a
 read of it would be answered. The guest's hits do not reach the log, so the
 stream goes on only when the guest misses again near its end (it caught up):
 each window is what the link carries in FIRST_SECONDS, and twice the last one
@@ -76,6 +78,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import nbd
 
@@ -93,15 +96,32 @@ MiB = 2**20
 # the last 16, here 1 MiB blocks of 512 MiB), and on a thin link a read ahead
 # makes the guest's next read wait for it.
 RUN = 3
+# Two misses in a row start a probe: what the link carries in PROBE_SECONDS
+# (a block at least, PROBE_MOST at most), one block past the guest's next one,
+# so that if the guest's next miss makes a run, the guest reads the probe while
+# the stream's first window is on its way (with no probe, the guest's fourth
+# block was a round trip too; with 3 MiB, its seventh often was). Among random
+# reads a probe is fetched for nothing now and then: PROBE_SECONDS bounds what
+# that costs the guest's next read on a thin link.
+PROBE_SECONDS = 0.2
 ENDS = 16  # the guest's last misses remembered
 # A stream's windows: what the link carries in FIRST_SECONDS, then twice the
 # last one while the run goes on, up to MOST_SECONDS of the link.
 FIRST_SECONDS = 1.0
 MOST_SECONDS = 2.0
-# A stream's reads: 4 of 4 MiB in flight carried as much per round trip as 8
-# of 2 MiB (the bench's sequential reads alike) on half the source's clients.
-PIECE = 4 * MiB  # one read of a stream (whole cache blocks)
+# A stream's reads: whole cache blocks, PIECE at most, and none that holds a
+# whole aligned HUGE range: each is cut at the middle of a HUGE range. The
+# cache writes what a read fetched in one write to its file, and Linux keeps a
+# write that covers an aligned 2 MiB range in one 2 MiB page (a folio) of its
+# page cache; in a VM such a page can cost the host backing it: 256 MiB written
+# in 4 MiB writes took 0.6 s of CPU here, in 1 MiB writes or 2 MiB ones at odd
+# MiB offsets 0.04 s (bench/page_cache_writes.py). With 4 MiB reads the bridge
+# spent 2 ms of CPU per MiB streamed, on 2 cores the guest's, and the bench's
+# sequential reads ran at half the speed.
+PIECE = 2 * MiB
+HUGE = 2 * MiB
 STREAMS = 4  # connections a stream's reads are queued on
+PROBE_MOST = 4 * PIECE  # one read on each connection
 NEAR = 0.008  # seconds: a miss this quick is from a source as near as the cache
 POLL = 0.005  # seconds between looks at a log that is being written to
 IDLE_POLL = 0.05  # ... at one that has been quiet for IDLE seconds
@@ -120,6 +140,9 @@ PREFETCH_SECONDS = 0.1
 PREFETCH_MOST = 32 * MiB
 QUIET = 0.5
 REST = 1.0  # after each piece, the link is left idle for as long as it took
+
+# What a stream's next window is (see Follower._stream).
+Kind = Literal["probe", "run", "onward"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +202,7 @@ class Follower:
         self.sent: dict[tuple[bytes, bytes], nbdkit.Logged] = {}  # misses unanswered
         self.fetched = 0  # bytes read ahead, for the log and tests
         self.windows = 0  # windows streamed, for tests
+        self.probes = 0  # ... and probes
         self.handle: nbd.NBD | None = None  # open while a run goes on (see HOLD)
         # The stream's reads, their connections (those not reading), and what is queued.
         self.pool = concurrent.futures.ThreadPoolExecutor(STREAMS, "readahead-stream")
@@ -243,17 +267,18 @@ class Follower:
         if self.prefetched and not self.prefetch_done:
             log.info("prefetched %d MiB for %s", self.prefetched // MiB, self.socket)
 
-    def step(self) -> tuple[int, bool] | None:
+    def step(self) -> tuple[int, Kind] | None:
         """Look at what the log says since the last look: where to stream from
-        if a sequential run goes on past what is cached, and whether that is
-        the stream of the run going on."""
+        if a sequential run goes on past what is cached, and how (a probe, a
+        new run's first window, the next window of the run going on)."""
         found = self.tail.new()
         if self.tail.restarted:  # a bridge started again: an empty cache
             self.ends.clear()
             self.sent.clear()
             self.behind, self.ahead = 0, 0
             self.cursor, self.missed, self.prefetch_done = 0, 0, False
-        start, onward = None, False
+        start: int | None = None
+        kind: Kind = "run"
         for read in found:
             self._measure(read)
             if read.answered is None:
@@ -267,19 +292,19 @@ class Follower:
                 # In the stream: a block still on its way, or the window's
                 # marker (or its end): the guest reached it, the stream goes on.
                 if read.offset >= self.marker:
-                    start, onward = self.ahead, True
+                    start, kind = self.ahead, "onward"
                 self.ends[end] = RUN
                 continue
             run = self.ends.pop(read.offset, 0) + 1
-            if run >= RUN:  # a new run
-                start, onward = end, False
+            if run >= RUN - 1:
+                start, kind = end, "run" if run >= RUN else "probe"
             self.ends[end] = run
             while len(self.ends) > ENDS:
                 self.ends.popitem(last=False)
         self._keep_within_limit()
         if start is None or not (self.far and self.ahead_on):
             return None
-        return start, onward
+        return start, kind
 
     def _keep_within_limit(self) -> None:
         """Once the cache fetched `limit` bytes, it keeps no more (see the
@@ -357,23 +382,28 @@ class Follower:
             self._disconnect()
             self.map_at = time.monotonic() + CONNECT_TIMEOUT  # a bridge gone, say
 
-    def _stream(self, start: int, onward: bool) -> None:
+    def _stream(self, start: int, kind: Kind) -> None:
         """Queue the reads of the next window (see the module's docstring):
-        the run's stream going on from `start`, or a new run's, one block past
-        `start` (what was still queued for another run is dropped). One block
-        half way through the window is left out: the guest's miss of it says
-        it reached it, and the next window is queued then."""
+        the run's stream going on from `start`, or a new run's or a probe's, one
+        block past `start` (what was still queued for another run is dropped).
+        One block half way through a run's window is left out: the guest's miss
+        of it says it reached it, and the next window is queued then. A probe
+        leaves none out: the guest's next miss (of the block before it) makes the
+        run, and the run's first window comes after the probe."""
         try:
             _, data = self._connect()
         except (nbd.Error, nbd_client.NBDProbeError, CopyError) as e:
             log.debug("reading ahead at %d through %s: %s", start, self.socket, e)
             self._disconnect()  # connect again next time (a bridge started again)
             return
-        if onward:
+        if kind == "onward" and self.window:
             size = min(2 * self.window, self._bytes(MOST_SECONDS, self.most))
-        else:
-            self._drop_queued()
+        elif kind == "probe":
+            size = min(PROBE_MOST, self._bytes(PROBE_SECONDS, self.most))
+        else:  # a run's first window (after its probe, or not)
             size = self._bytes(FIRST_SECONDS, self.most)
+        if kind != "onward":  # a new place
+            self._drop_queued()
             self.behind = start  # the guest reads that block itself
             start += self.block
         # Only data: what reads as zeros would cross the link for nothing.
@@ -390,18 +420,32 @@ class Follower:
         self.marker = start + half - half % self.block
         if self.marker == start:  # a window of one block
             self.marker = end
-        pieces = [
-            (at, min(self.piece, stop - at))
-            for first, stop in ((start, self.marker), (self.marker + self.block, end))
-            for at in range(first, stop, self.piece)
-        ]
+        if kind == "probe":
+            self.window, self.marker = 0, self.behind
+            self.probes += 1
+        parts: tuple[tuple[int, int], ...] = ((start, self.marker), (self.marker + self.block, end))
+        if kind == "probe":
+            parts = ((start, end),)
+        pieces = [piece for first, stop in parts for piece in self._pieces(first, stop)]
         window = _Window(sum(n for _, n in pieces), len(pieces))
         with self.lock:
             self.queued = [f for f in self.queued if not f.done()]
             for at, length in pieces:
                 self.queued.append(self.pool.submit(self._read, at, length, window))
-        self.windows += 1
+        self.windows += kind != "probe"
         log.debug("streaming %d MiB at %d MiB", (end - start) // MiB, start // MiB)
+
+    def _pieces(self, first: int, stop: int) -> list[tuple[int, int]]:
+        """[first, stop) in reads of whole blocks, PIECE at most, each cut at
+        the middle of a HUGE range (see PIECE), where the cache's blocks allow."""
+        pieces = []
+        while first < stop:
+            end = min(stop, first + self.piece)
+            if (HUGE // 2) % self.block == 0:
+                end = min(end, first - (first - HUGE // 2) % HUGE + HUGE)
+            pieces.append((first, end - first))
+            first = end
+        return pieces
 
     def _read(self, offset: int, length: int, window: _Window) -> None:
         """One read of a stream, on a connection not reading."""
