@@ -415,24 +415,24 @@ class Follower:
             start = data[i][0]
         start = max(start - start % self.block, data[i][0])
         end = min(start + size, data[i][1])
-        self.ahead, self.window = end, end - start
-        half = (end - start) // 2
-        self.marker = start + half - half % self.block
-        if self.marker == start:  # a window of one block
-            self.marker = end
-        if kind == "probe":
+        self.ahead = end
+        if kind == "probe":  # its marker: the guest's next block, before it
             self.window, self.marker = 0, self.behind
             self.probes += 1
-        parts: tuple[tuple[int, int], ...] = ((start, self.marker), (self.marker + self.block, end))
-        if kind == "probe":
-            parts = ((start, end),)
-        pieces = [piece for first, stop in parts for piece in self._pieces(first, stop)]
+            pieces = self._pieces(start, end)
+        else:
+            self.window = end - start
+            half = (end - start) // 2
+            self.marker = start + half - half % self.block
+            if self.marker == start:  # a window of one block
+                self.marker = end
+            pieces = self._pieces(start, self.marker) + self._pieces(self.marker + self.block, end)
+            self.windows += 1
         window = _Window(sum(n for _, n in pieces), len(pieces))
         with self.lock:
             self.queued = [f for f in self.queued if not f.done()]
             for at, length in pieces:
                 self.queued.append(self.pool.submit(self._read, at, length, window))
-        self.windows += kind != "probe"
         log.debug("streaming %d MiB at %d MiB", (end - start) // MiB, start // MiB)
 
     def _pieces(self, first: int, stop: int) -> list[tuple[int, int]]:
